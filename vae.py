@@ -1,0 +1,705 @@
+"""
+A variational autoencoder on MNIST, in one file, to be read top to bottom.
+
+    python vae.py --device cuda          # train, evaluate (nats per test image), draw pictures
+    python vae.py --eval-only --eval-samples 5000     # the literature's NLL protocol on runs/vae/ckpt.pt
+    python vae.py --preset iwae          # Burda et al. 2015, Table 1, one stochastic layer
+    python vae.py --help                 # every option
+
+The model (Kingma & Welling 2014): an encoder q(z|x) = N(mu(x), diag exp(logvar(x))), a prior
+p(z) = N(0, I) and a decoder p(x|z), by default a product of Bernoullis on dynamically binarized
+pixels, so that every reported number is a log-likelihood in nats per test image, comparable with
+the literature (Burda et al. 2015, Table 1). Training maximises the evidence lower bound (ELBO), or
+the importance-weighted bound with --train-samples K, or the beta-VAE objectives (--beta,
+--capacity). Evaluation reports the test -ELBO, the test negative log-likelihood estimated with
+K importance samples, the active units, the aggregate posterior and, with --fid, a Frechet
+Inception distance. Everything lands in --out: ckpt.pt, metrics.jsonl and four pictures.
+
+Sections: config, data, model, the math, training, evaluation, pictures, entry point.
+"""
+
+import argparse
+import contextlib
+import gzip
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+# -----------------------------------------------------------------------------
+# config
+
+PRESETS = {
+    # Burda, Grosse & Salakhutdinov 2015 (IWAE), Table 1, one stochastic layer: tanh MLP
+    # 784-200-200-50, batch 20, Adam (eps 1e-4), 3^i epochs at lr 1e-3 * 10^(-i/7), i = 0..7.
+    "iwae": dict(arch="mlp", hidden=[200, 200], latent_dim=50, activation="tanh", batch_size=20,
+                 lr=1e-3, lr_schedule="iwae", adam_eps=1e-4, epochs=3280),
+}
+TEST_SEED = 0  # the test set is binarized once with this seed, and evaluation draws from it too
+MODEL_KEYS = ("arch", "hidden", "latent_dim", "activation", "likelihood")  # what a checkpoint fixes
+
+
+class UserError(Exception):
+    """A mistake in how the program was called: main() prints it as one line and exits with 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we want one line, like our own errors
+        raise UserError(f"{message} (see --help)")
+
+
+def _number(kind, low, inclusive):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if not (value >= low if inclusive else value > low) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        return value
+    return parse
+
+
+positive_int, positive_float, nonnegative_float = _number(int, 0, False), _number(float, 0, False), _number(float, 0, True)
+
+
+def parse_args(argv=None):
+    p = Parser(description="Train and evaluate a VAE on MNIST; numbers are nats per test image.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published setup; flags given explicitly still win")
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--data-dir", default="./data", help="MNIST lives in DATA_DIR/MNIST/raw (downloaded if missing)")
+    g.add_argument("--out", default=None, help="run folder for ckpt.pt, metrics.jsonl, pictures (default runs/vae; with --eval-only, the checkpoint's folder)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="mlp", choices=["mlp", "conv"], help="mlp, or conv encoder + transposed-conv decoder")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[512, 512], help="hidden layer widths of the encoder MLP (the decoder mirrors them)")
+    g.add_argument("--latent-dim", type=positive_int, default=32)
+    g.add_argument("--activation", default="relu", choices=["relu", "tanh", "elu"])
+    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
+                   help="bernoulli: dynamically binarized pixels; gaussian: dequantized grey levels, learned variance")
+    g = p.add_argument_group("objective")
+    g.add_argument("--beta", type=nonnegative_float, default=1.0, help="beta-VAE (Higgins et al. 2017): -log p(x|z) + beta * KL")
+    g.add_argument("--capacity", type=nonnegative_float, default=None, metavar="C_MAX",
+                   help="Burgess et al. 2018: -log p(x|z) + gamma * |KL - C|, C rising linearly to C_MAX nats")
+    g.add_argument("--capacity-iters", type=positive_int, default=100_000, help="steps for C to reach C_MAX")
+    g.add_argument("--gamma", type=nonnegative_float, default=1000.0, help="weight of |KL - C|")
+    g.add_argument("--train-samples", type=positive_int, default=1, help="K of the importance-weighted bound trained on (1: the ELBO)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=60)
+    g.add_argument("--batch-size", type=positive_int, default=128)
+    g.add_argument("--lr", type=positive_float, default=1e-3)
+    g.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "iwae"],
+                   help="per epoch; iwae: stages i = 0.. of 3^i epochs at lr * 10^(-i/7)")
+    g.add_argument("--adam-eps", type=positive_float, default=1e-8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--amp", action="store_true", help="bf16 autocast for the networks on CUDA (the math stays float32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt without training")
+    g.add_argument("--ckpt", default=None, help="checkpoint for --eval-only (default OUT/ckpt.pt)")
+    g.add_argument("--eval-samples", type=positive_int, default=1000, help="K of the importance-sampled test NLL (the literature uses 5000)")
+    g.add_argument("--fid", action="store_true", help="also compute FID (needs torchvision's Inception-v3 weights)")
+    g.add_argument("--fid-samples", type=_number(int, 2, True), default=10_000, help="prior samples for FID, against as many test images")
+
+    preset = p.parse_known_args(argv)[0].preset  # a preset changes the defaults, explicit flags still win
+    if preset:
+        p.set_defaults(**PRESETS[preset])
+    cfg = p.parse_args(argv)
+    if cfg.capacity is not None and cfg.beta != 1.0:
+        raise UserError("--capacity and --beta are two different objectives: pass one of them")
+    if cfg.train_samples > 1 and (cfg.capacity is not None or cfg.beta != 1.0):
+        raise UserError("--train-samples K > 1 trains the importance-weighted bound, which has no beta or capacity form: drop one")
+    if cfg.out is None:
+        cfg.out = (os.path.dirname(cfg.ckpt) or ".") if cfg.eval_only and cfg.ckpt else os.path.join("runs", "vae")
+    cfg.ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    return cfg
+
+
+def get_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False); use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
+    return torch.device(name)
+
+# -----------------------------------------------------------------------------
+# data
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def load_mnist(data_dir, device):
+    """Both splits of MNIST as float tensors (N, 784) of intensities in [0, 1], on `device`.
+
+    Read through torchvision from DATA_DIR/MNIST/raw, downloaded there when missing; gzipped IDX
+    files put there by hand are unpacked first. Each split is loaded once: training batches are
+    then taken from it by indexing, with no DataLoader and no per-image transforms.
+    """
+    raw = os.path.join(data_dir, "MNIST", "raw")
+    for name in MNIST_FILES:
+        path = os.path.join(raw, name)
+        if not os.path.exists(path) and os.path.exists(path + ".gz"):
+            with gzip.open(path + ".gz") as src, open(path + ".tmp", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(path + ".tmp", path)
+    missing = not all(os.path.exists(os.path.join(raw, name)) for name in MNIST_FILES)
+    if missing:
+        print(f"downloading MNIST into {raw}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            splits = [torchvision.datasets.MNIST(data_dir, train=train, download=missing).data for train in (True, False)]
+    except (RuntimeError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not get MNIST ({reason}); put the four IDX files ({', '.join(MNIST_FILES)}, "
+                        f"gzipped or not) into {raw}, or pass --data-dir")
+    return [s.reshape(len(s), -1).to(device=device, dtype=torch.float32) / 255 for s in splits]
+
+
+def prepare(x, likelihood, generator=None):
+    """Turn intensities in [0, 1] into what the likelihood models, with fresh noise on every call.
+
+    bernoulli: dynamic binarization, x ~ Bernoulli(intensity) (Burda et al. 2015).
+    gaussian: uniform dequantization, x = (255 * intensity + u) / 256, u ~ U[0, 1) (Theis et al.
+    2016), so that a density on [0, 1]^784 bounds the likelihood of the 8-bit images.
+    """
+    if likelihood == "bernoulli":
+        return torch.bernoulli(x, generator=generator)
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    return (x * 255 + u) / 256
+
+
+def prepare_test_set(x_test, likelihood):
+    """The test set, binarized (or dequantized) once with a fixed seed: the same on every run and device."""
+    return prepare(x_test.cpu(), likelihood, torch.Generator().manual_seed(TEST_SEED)).to(x_test.device)
+
+# -----------------------------------------------------------------------------
+# model
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
+
+
+def mlp(sizes, activation, bias_last=True):
+    """Linear layers of the given sizes with `activation` between them (not after the last)."""
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        last = i == len(sizes) - 2
+        layers += [nn.Linear(n_in, n_out, bias=bias_last or not last)] + ([] if last else [activation()])
+    return nn.Sequential(*layers)
+
+
+class VAE(nn.Module):
+    """q(z|x) = N(mu(x), diag exp(logvar(x))),  p(z) = N(0, I),  p(x|z) from decode(z).
+
+    decode(z) gives, per pixel, Bernoulli logits (likelihood "bernoulli") or the mean of a Gaussian
+    (likelihood "gaussian"). The Gaussian's variance is one learned scalar, exp(dec_logvar), shared
+    by all pixels and trained with the rest (the calibrated decoder of Rybkin et al. 2021): a fixed
+    variance of 1 would make the reconstruction term negligible against the KL, and the learned
+    one settles at the mean squared error. Both decoders end in a per-pixel bias, `out_bias`,
+    which init_output_bias() sets from the training data.
+
+    arch "mlp": x -> MLP(hidden) -> (mu, logvar); z -> MLP(reversed hidden) -> 784.
+    arch "conv": two stride-2 4x4 convolutions (28 -> 14 -> 7, 32 and 64 channels) then the MLP;
+    the decoder mirrors it with transposed convolutions.
+    """
+
+    def __init__(self, arch="mlp", hidden=(512, 512), latent_dim=32, activation="relu", likelihood="bernoulli"):
+        super().__init__()
+        act, hidden = ACTIVATIONS[activation], list(hidden)
+        if arch == "mlp":
+            self.encoder = mlp([784, *hidden, 2 * latent_dim], act)
+            self.decoder = mlp([latent_dim, *hidden[::-1], 784], act, bias_last=False)
+        else:
+            self.encoder = nn.Sequential(
+                nn.Unflatten(-1, (1, 28, 28)),
+                nn.Conv2d(1, 32, 4, 2, 1), act(), nn.Conv2d(32, 64, 4, 2, 1), act(), nn.Flatten(),
+                mlp([64 * 7 * 7, *hidden, 2 * latent_dim], act))
+            self.decoder = nn.Sequential(
+                mlp([latent_dim, *hidden[::-1], 64 * 7 * 7], act), act(), nn.Unflatten(-1, (64, 7, 7)),
+                nn.ConvTranspose2d(64, 32, 4, 2, 1), act(), nn.ConvTranspose2d(32, 1, 4, 2, 1, bias=False),
+                nn.Flatten())
+        self.out_bias = nn.Parameter(torch.zeros(784))
+        self.latent_dim, self.likelihood = latent_dim, likelihood
+        if likelihood == "gaussian":
+            self.dec_logvar = nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        """x (..., 784) -> mu, logvar (..., latent_dim), in float32 even under autocast."""
+        h = self.encoder(x.reshape(-1, 784)).float()
+        mu, logvar = h.reshape(*x.shape[:-1], -1).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z):
+        """z (..., latent_dim) -> per-pixel logits or Gaussian means (..., 784), float32."""
+        out = self.decoder(z.reshape(-1, z.shape[-1])).float()
+        return out.reshape(*z.shape[:-1], 784) + self.out_bias
+
+    def log_likelihood(self, x, z):
+        """log p(x|z) in nats, summed over the 784 pixels: shape z.shape[:-1]."""
+        out = self.decode(z)
+        if self.likelihood == "bernoulli":
+            return log_bernoulli(x, out)
+        return log_normal(x, out, self.dec_logvar)
+
+    def mean(self, z):
+        """E[x|z] in [0, 1], for pictures and FID."""
+        out = self.decode(z)
+        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out.clamp(0, 1)
+
+
+@torch.no_grad()
+def init_output_bias(model, x_train):
+    """Start the decoder at the mean training image: Bernoulli logit of the mean pixel, clipped
+    to [0.001, 0.999] as in Burda et al.'s code, or the mean itself for the Gaussian."""
+    p = x_train.mean(0)
+    model.out_bias.copy_(torch.logit(p.clamp(1e-3, 1 - 1e-3)) if model.likelihood == "bernoulli" else p)
+
+# -----------------------------------------------------------------------------
+# the math: every formula of the paper, in nats
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def reparameterize(mu, logvar):
+    """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I): a sample of N(mu, diag exp(logvar)) that is
+    differentiable in mu and logvar (Kingma & Welling 2014, section 2.4). Same shape as mu."""
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) = 1/2 sum_j (mu_j^2 + exp(logvar_j) - 1 - logvar_j)
+    (Kingma & Welling 2014, appendix B), in nats, summed over the last (latent) dimension."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
+
+
+def log_bernoulli(x, logits):
+    """log p(x | logits) = sum_d x_d log s(l_d) + (1 - x_d) log(1 - s(l_d)),  s = sigmoid,
+    written as sum_d x_d l_d - softplus(l_d), which is exact and stays finite for any logit.
+    In nats, summed over the last (pixel) dimension."""
+    return (x * logits - F.softplus(logits)).sum(-1)
+
+
+def log_normal(x, mu, logvar):
+    """log N(x; mu, diag exp(logvar)) = -1/2 sum_d (log 2 pi + logvar_d + (x_d - mu_d)^2 / exp(logvar_d)),
+    in nats, summed over the last dimension (mu and logvar broadcast against x)."""
+    return -0.5 * (LOG_2PI + logvar + (x - mu).pow(2) * torch.exp(-logvar)).sum(-1)
+
+
+def elbo(x, mu, logvar, log_likelihood):
+    """ELBO(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z)) <= log p(x), nats per example.
+
+    q(z|x) = N(mu, diag exp(logvar)), p(z) = N(0, I). The expectation is estimated with one
+    reparameterized sample, the KL is exact. `log_likelihood(x, z)` is any decoder's log p(x|z),
+    summed over data dimensions. Returns (elbo, log p(x|z), KL), each of shape mu.shape[:-1]:
+    the beta-VAE and capacity objectives weight the two terms differently.
+    """
+    z = reparameterize(mu, logvar)
+    log_px_z = log_likelihood(x, z)
+    kl = gaussian_kl(mu, logvar)
+    return log_px_z - kl, log_px_z, kl
+
+
+def iwae_bound(x, mu, logvar, log_likelihood, k):
+    """L_K(x) = E[log (1/K) sum_k p(x, z_k) / q(z_k|x)], z_1..z_K ~ q(z|x) i.i.d. (Burda et al. 2015).
+
+    One draw of the K samples; log-mean-exp = logsumexp_k(log w_k) - log K, in nats per example.
+    L_1 is the ELBO, L_K grows with K and tends to log p(x). Shape mu.shape[:-1].
+    """
+    z = reparameterize(mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape))
+    zero = torch.zeros((), device=z.device)
+    log_w = log_likelihood(x, z) + log_normal(z, zero, zero) - log_normal(z, mu, logvar)
+    return torch.logsumexp(log_w, dim=0) - math.log(k)
+
+
+def beta_vae_loss(log_px_z, kl, beta):
+    """Higgins et al. 2017: -log p(x|z) + beta * KL, nats per example (both terms summed over
+    their dimensions, so beta = 1 is the negative ELBO; a beta from a paper that averages the
+    reconstruction over pixels corresponds to beta / 784 here)."""
+    return -log_px_z + beta * kl
+
+
+def capacity_loss(log_px_z, kl, gamma, capacity):
+    """Burgess et al. 2018: -log p(x|z) + gamma * |KL - C|, nats per example, with C in nats."""
+    return -log_px_z + gamma * (kl - capacity).abs()
+
+
+def capacity_at(step, c_max, iters):
+    """C = C_max * min(1, step / iters): rises linearly from 0 and stays at C_max after `iters` steps."""
+    return c_max * min(1.0, step / iters)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}), between N(mu1, S1) and N(mu2, S2).
+
+    Tr((S1 S2)^{1/2}) is the sum of the square roots of the eigenvalues of S1^{1/2} S2 S1^{1/2},
+    a symmetric positive semi-definite matrix with the same spectrum as S1 S2; both steps use
+    symmetric eigendecompositions in float64, so the result is real and finite even for singular
+    covariances (fewer samples than dimensions). Units of the features squared; returns a float.
+    """
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    w, v = torch.linalg.eigh(sigma1)
+    sqrt1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = sqrt1 @ sigma2 @ sqrt1
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    d2 = (mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
+    return max(d2.item(), 0.0)  # d^2 >= 0; a negative value is float rounding
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def lr_at(epoch, cfg):
+    """Learning rate for 0-based `epoch`: constant, cosine from lr towards 0 over the run, or the
+    IWAE stages (3^i epochs at lr * 10^(-i/7), i = 0, 1, ..., staying in the last one reached)."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.lr_schedule == "iwae":
+        stage, end = 0, 1
+        while epoch >= end and stage < 7:
+            stage += 1
+            end += 3 ** stage
+        return cfg.lr * 10 ** (-stage / 7)
+    return cfg.lr
+
+
+def train_terms(model, x, k):
+    """What one training step needs, per example: (log p(x|z), KL) for the ELBO family (k = 1),
+    or (L_K, KL) for the importance-weighted bound (k > 1; the KL is then only logged)."""
+    mu, logvar = model.encode(x)
+    if k > 1:
+        return iwae_bound(x, mu, logvar, model.log_likelihood, k), gaussian_kl(mu, logvar)
+    _, log_px_z, kl = elbo(x, mu, logvar, model.log_likelihood)
+    return log_px_z, kl
+
+
+def train_epoch(model, opt, x_train, cfg, epoch, terms_fn=train_terms):
+    """One pass over a fresh permutation of the training set. Batches are slices of one tensor on
+    the device; nothing leaves the device until the sums are read at the end.
+    Returns the means of the training loss, of the bound (-ELBO, or -L_K when K > 1) and of
+    the KL, in nats per example."""
+    model.train()
+    n, bs = len(x_train), cfg.batch_size
+    steps = n // bs  # the remainder of the permutation is dropped; it changes every epoch
+    x_epoch = prepare(x_train[torch.randperm(n, device=x_train.device)], cfg.likelihood)
+    sums = torch.zeros(3, device=x_train.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp)
+    for i in range(steps):
+        x = x_epoch[i * bs:(i + 1) * bs]
+        with autocast:
+            first, kl = terms_fn(model, x, cfg.train_samples)
+        if cfg.train_samples > 1:  # first is L_K
+            loss = bound = -first.mean()
+        else:  # first is log p(x|z)
+            bound = (kl - first).mean()
+            if cfg.capacity is not None:
+                c = capacity_at(epoch * steps + i, cfg.capacity, cfg.capacity_iters)
+                loss = capacity_loss(first, kl, cfg.gamma, c).mean()
+            else:
+                loss = beta_vae_loss(first, kl, cfg.beta).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sums += torch.stack([loss, bound, kl.mean()]).detach()
+    return (sums / steps).tolist()
+
+
+@torch.no_grad()
+def test_elbo(model, x_test, batch_size=2000):
+    """Test -ELBO and KL, nats per example (one-sample estimate of the expectation)."""
+    model.eval()
+    sums = torch.zeros(2, device=x_test.device)
+    for x in x_test.split(batch_size):
+        mu, logvar = model.encode(x)
+        value, _, kl = elbo(x, mu, logvar, model.log_likelihood)
+        sums += torch.stack([-value.sum(), kl.sum()])
+    return (sums / len(x_test)).tolist()
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, model, opt, cfg, epoch):
+    """Everything needed to continue exactly: weights, optimizer, config, epoch, RNG states.
+    Written to a temporary file and renamed, so a crash never leaves a half-written ckpt.pt."""
+    state = {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(cfg), "epoch": epoch,
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first, or pass --ckpt PATH")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds of errors for a file that is not a checkpoint
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+    if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= ckpt.keys():
+        raise UserError(f"{path} is not a vae.py checkpoint (it lacks model, config or epoch)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    config = ckpt["config"]
+    try:
+        model = VAE(**{key: config[key] for key in MODEL_KEYS})
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path} does not hold a model vae.py can build ({type(e).__name__}: {str(e).strip().splitlines()[0]})")
+    return model
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def test_nll(model, x_test, k, rows=2 ** 16):
+    """-log p(x) estimated by -L_K with K importance samples, nats per example (an upper bound on
+    the NLL that tightens as K grows; Burda et al. use K = 5000). The K samples are drawn in
+    chunks of at most `rows` decoder evaluations and combined exactly:
+    log (1/K) sum_k w_k = logsumexp_c(L_{K_c} + log K_c) - log K over chunks c of K_c samples."""
+    model.eval()
+    chunk = min(k, rows)
+    total = torch.zeros((), dtype=torch.float64, device=x_test.device)
+    for x in x_test.split(max(1, rows // chunk)):
+        mu, logvar = model.encode(x)
+        parts = [iwae_bound(x, mu, logvar, model.log_likelihood, min(chunk, k - start)) + math.log(min(chunk, k - start))
+                 for start in range(0, k, chunk)]
+        total -= (torch.logsumexp(torch.stack(parts), 0) - math.log(k)).double().sum()
+    return total.item() / len(x_test)
+
+
+@torch.no_grad()
+def posterior_means(model, x, batch_size=2000):
+    """mu(x) and logvar(x) of q(z|x) for every row of x."""
+    model.eval()
+    mus, logvars = zip(*(model.encode(b) for b in x.split(batch_size)))
+    return torch.cat(mus), torch.cat(logvars)
+
+
+def active_units(mu, threshold=0.01):
+    """Burda et al. 2015: latent dimension i is active when Cov_x(E_q(z|x)[z_i]) > 0.01,
+    the variance over the data of the posterior mean. mu: (N, latent_dim)."""
+    return int((mu.var(0) > threshold).sum())
+
+
+def aggregate_posterior(mu, logvar):
+    """Mean and std per dimension of q(z) = (1/N) sum_n q(z|x_n): E[z] = mean_n mu_n and
+    Var[z] = mean_n exp(logvar_n) + Var_n(mu_n) (law of total variance). For p(z) they are 0 and 1."""
+    return mu.mean(0), (logvar.exp().mean(0) + mu.var(0, correction=0)).sqrt()
+
+
+INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
+
+
+def load_inception(device):
+    """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
+    try:
+        state = torch.hub.load_state_dict_from_url(INCEPTION.url, progress=False, check_hash=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt file
+        raise UserError(f"--fid needs torchvision's Inception-v3 weights and could not get them ({type(e).__name__}); "
+                        f"put {os.path.basename(INCEPTION.url)} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    net.load_state_dict(state)
+    net.fc = nn.Identity()
+    return net.eval().to(device)
+
+
+@torch.no_grad()
+def inception_features(net, images, batch_size=200):
+    """images (N, 784) in [0, 1] -> (N, 2048) float64: grey repeated to RGB, bilinear resize to
+    299 x 299, ImageNet normalisation (torchvision's weights expect it)."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=images.device).view(1, 3, 1, 1)
+    feats = []
+    for x in images.split(batch_size):
+        x = F.interpolate(x.view(-1, 1, 28, 28).expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", align_corners=False)
+        feats.append(net((x - mean) / std).double())
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def fid(model, x_test, n, inception):
+    """FID between n decoded prior samples E[x|z], z ~ N(0, I), and n test images (grey levels).
+    torchvision's Inception weights: comparable between runs of this code, not with pytorch-fid."""
+    model.eval()
+    z = torch.randn(n, model.latent_dim, device=x_test.device)
+    fake = torch.cat([model.mean(b) for b in z.split(1000)])
+    stats = []
+    for images in (fake, x_test[:n]):
+        f = inception_features(inception, images)
+        stats += [f.mean(0), torch.cov(f.T)]
+    return frechet_distance(*stats)
+
+
+def evaluate(model, x_test_grey, x_test, cfg, inception=None):
+    """The final record: test -ELBO, test NLL (K = eval_samples), active units, aggregate
+    posterior, and FID when an Inception network is given. Seeded, so the same checkpoint always
+    gives the same numbers, at the end of training and with --eval-only."""
+    torch.manual_seed(TEST_SEED)
+    nelbo, kl = test_elbo(model, x_test)
+    t0 = time.time()
+    nll = test_nll(model, x_test, cfg.eval_samples)
+    mu, logvar = posterior_means(model, x_test)
+    q_mean, q_std = aggregate_posterior(mu, logvar)
+    record = {"kind": "eval", "test_nelbo": nelbo, "test_kl": kl, "test_nll": nll, "eval_samples": cfg.eval_samples,
+              "nll_seconds": time.time() - t0, "active_units": active_units(mu), "latent_dim": mu.shape[1],
+              "posterior_mean": q_mean.tolist(), "posterior_std": q_std.tolist()}
+    if inception is not None:
+        record["fid"] = fid(model, x_test_grey, min(cfg.fid_samples, len(x_test_grey)), inception)
+        record["fid_samples"] = min(cfg.fid_samples, len(x_test_grey))
+    return record
+
+# -----------------------------------------------------------------------------
+# pictures
+
+
+def save_grid(images, path, nrow):
+    """(N, 784) in [0, 1] -> one PNG grid."""
+    grid = torchvision.utils.make_grid(images.detach().float().view(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1)
+    torchvision.io.write_png((grid[:1] * 255).round().to(torch.uint8), path)
+
+
+@torch.no_grad()
+def save_pictures(model, x_test, out):
+    """samples.png (64 prior samples), reconstructions.png (test inputs above their reconstructions),
+    interpolations.png (straight lines between posterior means of test pairs) and, for 2 latents,
+    manifold.png (Kingma & Welling 2014, figure 4)."""
+    model.eval()
+    latent_dim = model.latent_dim
+    torch.manual_seed(TEST_SEED)
+    save_grid(model.mean(torch.randn(64, latent_dim, device=x_test.device)), os.path.join(out, "samples.png"), 8)
+    x = x_test[:32]
+    mu, _ = model.encode(x)
+    save_grid(torch.cat([x[:16], model.mean(mu[:16]), x[16:], model.mean(mu[16:])]), os.path.join(out, "reconstructions.png"), 16)
+    a, b = mu[:8], mu[8:16]
+    t = torch.linspace(0, 1, 10, device=mu.device).view(1, 10, 1)
+    save_grid(model.mean(a[:, None] + t * (b - a)[:, None]).reshape(-1, 784), os.path.join(out, "interpolations.png"), 10)
+    if latent_dim == 2:
+        q = torch.special.ndtri(torch.linspace(0.05, 0.95, 20, device=mu.device))
+        grid = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), -1).reshape(-1, 2)
+        save_grid(model.mean(grid), os.path.join(out, "manifold.png"), 20)
+
+# -----------------------------------------------------------------------------
+# entry point
+
+
+def run(cfg):
+    device = get_device(cfg.device)
+    if cfg.amp and device.type != "cuda":
+        raise UserError("--amp (bf16 autocast) is for --device cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only or cfg.resume else None
+    if ckpt is None and os.path.exists(cfg.ckpt):
+        raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, or another --out for a new run")
+    if cfg.eval_only:  # the checkpoint decides the model
+        for key in MODEL_KEYS:
+            setattr(cfg, key, ckpt["config"].get(key))
+    elif ckpt is not None:
+        mismatch = [key for key in MODEL_KEYS if ckpt["config"].get(key) != getattr(cfg, key)]
+        if mismatch:
+            raise UserError(f"{cfg.ckpt} was trained with " + ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in mismatch)
+                            + ": pass the same options to --resume it, or another --out for a new run")
+    inception = load_inception(device) if cfg.fid else None  # fail before training, not after it
+    x_train, x_test_grey = load_mnist(cfg.data_dir, device)
+    if cfg.batch_size > len(x_train):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(x_train)} images)")
+    x_test = prepare_test_set(x_test_grey, cfg.likelihood)
+    os.makedirs(cfg.out, exist_ok=True)
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
+
+    torch.manual_seed(cfg.seed)
+    if ckpt is None:
+        model = VAE(cfg.arch, cfg.hidden, cfg.latent_dim, cfg.activation, cfg.likelihood).to(device)
+        init_output_bias(model, x_train)
+        open(metrics, "w").close()
+        epoch = 0
+    else:
+        model = model_from_checkpoint(ckpt, cfg.ckpt).to(device)
+        epoch = ckpt["epoch"]
+    print(f"{cfg.arch} VAE, {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.likelihood} likelihood, on {device}")
+
+    if not cfg.eval_only:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=device.type == "cuda")
+        if ckpt is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["cpu"])
+            if device.type == "cuda" and ckpt["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            if os.path.exists(metrics):  # forget epochs that were logged after the checkpoint was written
+                with open(metrics) as f:
+                    records = [json.loads(line) for line in f if line.strip()]
+                with open(metrics + ".tmp", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records if r.get("kind") != "epoch" or r["epoch"] <= epoch)
+                os.replace(metrics + ".tmp", metrics)
+            print(f"resuming {cfg.ckpt} after epoch {epoch}")
+        terms_fn = torch.compile(train_terms) if cfg.compile else train_terms
+        images = len(x_train) // cfg.batch_size * cfg.batch_size
+        label = "-ELBO" if cfg.train_samples == 1 else f"-L_{cfg.train_samples}"  # train_bound in metrics.jsonl
+        for e in range(epoch, cfg.epochs):  # e counts from 0; the log and the checkpoint count finished epochs
+            lr = lr_at(e, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            t0 = time.time()
+            loss, bound, train_kl = train_epoch(model, opt, x_train, cfg, e, terms_fn)  # reads the sums: syncs once
+            seconds = time.time() - t0
+            if not math.isfinite(loss):
+                raise UserError(f"the training loss became {loss} in epoch {e + 1}; {cfg.ckpt} holds the last good epoch: try a lower --lr")
+            nelbo, kl = test_elbo(model, x_test)
+            append_jsonl(metrics, {"kind": "epoch", "epoch": e + 1, "lr": lr, "train_loss": loss, "train_bound": bound,
+                                   "train_kl": train_kl, "test_nelbo": nelbo, "test_kl": kl, "seconds": seconds, "images_per_s": images / seconds})
+            save_checkpoint(cfg.ckpt, model, opt, cfg, e + 1)  # after the log line: a resume drops lines past the checkpoint
+            print(f"epoch {e + 1:4d}/{cfg.epochs} | train {label} {bound:7.2f} | test -ELBO {nelbo:7.2f} | KL {kl:6.2f} | "
+                  f"{seconds:6.2f} s | {images / seconds:9,.0f} img/s", flush=True)
+        epoch = max(epoch, cfg.epochs)
+
+    record = evaluate(model, x_test_grey, x_test, cfg, inception)
+    record["epoch"] = epoch
+    append_jsonl(metrics, record)
+    save_pictures(model, x_test, cfg.out)
+    fid_text = f" | FID {record['fid']:.2f} (torchvision Inception)" if "fid" in record else ""
+    print(f"test -ELBO {record['test_nelbo']:.2f} | test NLL (K={cfg.eval_samples}) {record['test_nll']:.2f} nats | "
+          f"active units {record['active_units']}/{record['latent_dim']}{fid_text}")
+    q_mean, q_std = torch.tensor(record["posterior_mean"]), torch.tensor(record["posterior_std"])
+    print(f"aggregate posterior q(z): |mean| <= {q_mean.abs().max():.2f}, std from {q_std.min():.2f} to {q_std.max():.2f} "
+          f"per dimension (the prior N(0, I): 0 and 1)")
+    print(f"wrote {cfg.out}/: ckpt.pt, metrics.jsonl, samples.png, reconstructions.png, interpolations.png"
+          + (", manifold.png" if record["latent_dim"] == 2 else ""))
+    return record
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(argv))
+    except UserError as e:
+        print(f"vae.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("vae.py: interrupted; the checkpoint of the last finished epoch is kept", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
