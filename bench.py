@@ -77,7 +77,7 @@ def main():
 
     def fresh():
         torch.manual_seed(0)
-        model = vae.VAE(hidden=[400], latent_dim=20).to(device)
+        model = vae.VAE(hidden=[400], latent_dim=20, activation="relu").to(device)
         return model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
 
     dataset = torchvision.datasets.MNIST(args.data_dir, train=True, transform=torchvision.transforms.ToTensor())

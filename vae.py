@@ -15,7 +15,7 @@ the importance-weighted bound with --train-samples K, or the beta-VAE objectives
 K importance samples, the active units, the aggregate posterior and, with --fid, a Frechet
 Inception distance. Everything lands in --out: ckpt.pt, metrics.jsonl and four pictures.
 
-Sections: config, data, model, the math, training, evaluation, pictures, entry point.
+Sections: config, data, model, the math, training, checkpoints, evaluation, pictures, entry point.
 """
 
 import argparse
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     g.add_argument("--arch", default="mlp", choices=["mlp", "conv"], help="mlp, or conv encoder + transposed-conv decoder")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=[512, 512], help="hidden layer widths of the encoder MLP (the decoder mirrors them)")
     g.add_argument("--latent-dim", type=positive_int, default=32)
-    g.add_argument("--activation", default="relu", choices=["relu", "tanh", "elu"])
+    g.add_argument("--activation", default="elu", choices=["relu", "tanh", "elu"])
     g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
                    help="bernoulli: dynamically binarized pixels; gaussian: dequantized grey levels, learned variance")
     g = p.add_argument_group("objective")
@@ -94,7 +94,7 @@ def parse_args(argv=None):
     g.add_argument("--gamma", type=nonnegative_float, default=1000.0, help="weight of |KL - C|")
     g.add_argument("--train-samples", type=positive_int, default=1, help="K of the importance-weighted bound trained on (1: the ELBO)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=60)
+    g.add_argument("--epochs", type=positive_int, default=100)
     g.add_argument("--batch-size", type=positive_int, default=128)
     g.add_argument("--lr", type=positive_float, default=1e-3)
     g.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "iwae"],
@@ -106,7 +106,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt without training")
-    g.add_argument("--ckpt", default=None, help="checkpoint for --eval-only (default OUT/ckpt.pt)")
+    g.add_argument("--ckpt", default=None, help="checkpoint to evaluate or resume (default OUT/ckpt.pt)")
     g.add_argument("--eval-samples", type=positive_int, default=1000, help="K of the importance-sampled test NLL (the literature uses 5000)")
     g.add_argument("--fid", action="store_true", help="also compute FID (needs torchvision's Inception-v3 weights)")
     g.add_argument("--fid-samples", type=_number(int, 2, True), default=10_000, help="prior samples for FID, against as many test images")
@@ -214,7 +214,7 @@ class VAE(nn.Module):
     the decoder mirrors it with transposed convolutions.
     """
 
-    def __init__(self, arch="mlp", hidden=(512, 512), latent_dim=32, activation="relu", likelihood="bernoulli"):
+    def __init__(self, arch="mlp", hidden=(512, 512), latent_dim=32, activation="elu", likelihood="bernoulli"):
         super().__init__()
         act, hidden = ACTIVATIONS[activation], list(hidden)
         if arch == "mlp":
@@ -285,9 +285,9 @@ def gaussian_kl(mu, logvar):
 
 def log_bernoulli(x, logits):
     """log p(x | logits) = sum_d x_d log s(l_d) + (1 - x_d) log(1 - s(l_d)),  s = sigmoid,
-    written as sum_d x_d l_d - softplus(l_d), which is exact and stays finite for any logit.
-    In nats, summed over the last (pixel) dimension."""
-    return (x * logits - F.softplus(logits)).sum(-1)
+    computed as sum_d x_d l_d + log s(-l_d) (since log s(l) - log s(-l) = l and 1 - s(l) = s(-l)),
+    which is exact and finite for any logit. In nats, summed over the last (pixel) dimension."""
+    return (x * logits + F.logsigmoid(-logits)).sum(-1)
 
 
 def log_normal(x, mu, logvar):
@@ -317,15 +317,15 @@ def iwae_bound(x, mu, logvar, log_likelihood, k):
     L_1 is the ELBO, L_K grows with K and tends to log p(x). Shape mu.shape[:-1].
     """
     z = reparameterize(mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape))
-    zero = torch.zeros((), device=z.device)
+    zero = z.new_zeros(())
     log_w = log_likelihood(x, z) + log_normal(z, zero, zero) - log_normal(z, mu, logvar)
     return torch.logsumexp(log_w, dim=0) - math.log(k)
 
 
 def beta_vae_loss(log_px_z, kl, beta):
     """Higgins et al. 2017: -log p(x|z) + beta * KL, nats per example (both terms summed over
-    their dimensions, so beta = 1 is the negative ELBO; a beta from a paper that averages the
-    reconstruction over pixels corresponds to beta / 784 here)."""
+    their dimensions, so beta = 1 is the negative ELBO; a paper that averages the reconstruction
+    over the 784 pixels instead and weights the summed KL by b has beta = 784 * b here)."""
     return -log_px_z + beta * kl
 
 
