@@ -1,17 +1,26 @@
 """
-Time one training epoch of vae.py's loop against the classic DataLoader loop, side by side.
+Side-by-side timings of our two programs against the code they replace, in one run each.
 
-    python bench.py --device cpu
+    python bench.py --device cpu                      # vae.py's epoch against the classic DataLoader loop
     python bench.py --device cuda [--compile] [--amp]
+    python bench.py kl --device cpu --preset tiny --batch-size 8 --resolution 64
+    python bench.py kl --device cuda --preset sd --batch-size 8 --resolution 256 --amp --channels-last
 
-Both train the same model, pytorch/examples' 784-400-20 ReLU VAE, with batch 128 and Adam 1e-3 on
+vae: both train the same model, pytorch/examples' 784-400-20 ReLU VAE, with batch 128 and Adam 1e-3 on
 the real MNIST training set (60,000 images in --data-dir, as for vae.py). The classic loop is
 written the way pytorch/examples `vae/main.py` feeds it: a DataLoader over torchvision's MNIST with
 a per-image ToTensor() transform (num_workers 1 and pinned memory on CUDA), a copy to the device
 per batch, BCE on grey levels, and `loss.item()` after every step. vae.py's loop is
 `vae.train_epoch`: the data on the device once, one permutation per epoch, batches by slicing,
-dynamic binarization on the device, one host sync per epoch. Each loop runs --warmup epochs first,
-then --repeats timed epochs; the median is reported.
+dynamic binarization on the device, one host sync per epoch.
+
+kl: one training step (forward, backward, Adam) of kl_autoencoder.py's AutoencoderKL against
+diffusers' AutoencoderKL (which must be installed) at the same config, batch and resolution, with
+the same loss: L1 reconstruction of a posterior sample + 1e-6 * KL. diffusers runs in its default
+float32; ours optionally with bf16 autocast (--amp) and channels_last memory (--channels-last).
+On CUDA it also reports peak memory, and the inference time of encode + decode of one image.
+
+Each side runs --warmup epochs (or steps) first, then --repeats timed ones; the median is reported.
 """
 
 import argparse
@@ -22,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import kl_autoencoder as kl
 import vae
 
 
@@ -56,24 +66,18 @@ def timed(fn, device, warmup, repeats):
     return statistics.median(times)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="for vae.py's loop")
-    p.add_argument("--amp", action="store_true", help="for vae.py's loop")
-    args = p.parse_args()
+def describe(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
+    return f"device: {name}; torch {torch.__version__}"
+
+
+def bench_vae(args, device):
     try:
-        device = vae.get_device(args.device)
         cfg = vae.parse_args(["--hidden", "400", "--latent-dim", "20", "--batch-size", "128", "--lr", "1e-3"]
                              + ["--compile"] * args.compile + ["--amp"] * args.amp)
         x_train, _ = vae.load_mnist(args.data_dir, device)
     except vae.UserError as e:
         raise SystemExit(f"bench.py: error: {e}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     def fresh():
         torch.manual_seed(0)
@@ -91,13 +95,99 @@ def main():
     ours = timed(lambda: vae.train_epoch(model, opt, x_train, cfg, 0, terms_fn), device, args.warmup, args.repeats)
 
     n = len(dataset)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; median of {args.repeats} epochs after {args.warmup} warm-up")
+    print(f"{describe(device)}; median of {args.repeats} epochs after {args.warmup} warm-up")
     suffix = " (compiled)" * args.compile + " (bf16)" * args.amp
     for label, seconds, images in [("DataLoader + ToTensor loop (pytorch/examples)", classic, n),
                                    ("vae.py loop" + suffix, ours, len(x_train) // 128 * 128)]:
         print(f"{label:<48} {seconds:7.3f} s/epoch {images / seconds:10,.0f} img/s")
     print(f"speed-up: {classic / ours:.1f}x")
+
+
+def kl_step(encode, decode, opt, x):
+    """L1 reconstruction of a posterior sample + 1e-6 KL; forward, backward, Adam."""
+    posterior = encode(x)
+    loss = (decode(posterior.sample()) - x).abs().mean() + 1e-6 * posterior.kl().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def bench_kl(args, device):
+    try:
+        import diffusers
+    except ImportError:
+        raise SystemExit("bench.py: error: bench.py kl compares with diffusers: pip install diffusers")
+    config = kl.PRESETS[args.preset]
+    n = len(config["block_out_channels"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
+    results = {}
+    for side in ("diffusers", "ours"):
+        torch.manual_seed(0)
+        if side == "diffusers":
+            model = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                                            **{k: v for k, v in config.items() if k != "scaling_factor"}).to(device)
+            encode, decode, inputs = (lambda x: model.encode(x).latent_dist), (lambda z: model.decode(z).sample), x
+            autocast = torch.autocast(device.type, enabled=False)
+        else:
+            model = kl.build(args.preset).to(device)
+            inputs = x
+            if args.channels_last:
+                model, inputs = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            encode, decode = model.encode, model.decode
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def step():
+            with autocast:
+                kl_step(encode, decode, opt, inputs)
+        seconds = timed(step, device, args.warmup, args.repeats)
+        memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+        results[side] = (seconds, memory)
+        del model, opt
+    label = f"{args.preset}, batch {args.batch_size}, {args.resolution}x{args.resolution}"
+    print(f"{describe(device)}; {label}; median of {args.repeats} steps after {args.warmup} warm-up")
+    ours_label = "kl_autoencoder.py" + " bf16" * args.amp + " channels_last" * args.channels_last
+    for name, (seconds, memory) in [("diffusers AutoencoderKL fp32", results["diffusers"]), (ours_label, results["ours"])]:
+        mem = f"  peak {memory:6.2f} GiB" if device.type == "cuda" else ""
+        print(f"{name:<48} {seconds:7.3f} s/step {args.batch_size / seconds:9.1f} img/s{mem}")
+    print(f"speed-up: {results['diffusers'][0] / results['ours'][0]:.2f}x")
+    if device.type == "cuda":
+        model = kl.build(args.preset).to(device).eval()
+        image = torch.rand(1, 3, 512, 512, device=device) * 2 - 1
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
+            seconds = timed(lambda: model.decode(model.encode(image).mode()), device, args.warmup, args.repeats)
+        print(f"{args.preset}: encode + decode of one 512x512 image: {seconds * 1000:.1f} ms")
+
+
+def main():
+    p = argparse.ArgumentParser(description="Side-by-side timings; see the top of bench.py.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", nargs="?", default="vae", choices=["vae", "kl"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for our side (CUDA)")
+    g = p.add_argument_group("vae")
+    g.add_argument("--data-dir", default="./data")
+    g.add_argument("--compile", action="store_true", help="torch.compile vae.py's forward")
+    g = p.add_argument_group("kl")
+    g.add_argument("--preset", default="tiny", choices=sorted(kl.PRESETS))
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--resolution", type=int, default=64)
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory for our side")
+    args = p.parse_args()
+    try:
+        device = vae.get_device(args.device)
+    except vae.UserError as e:
+        raise SystemExit(f"bench.py: error: {e}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    (bench_kl if args.what == "kl" else bench_vae)(args, device)
 
 
 if __name__ == "__main__":

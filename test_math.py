@@ -13,6 +13,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import kl_autoencoder as kl
 import vae
 
 N = 200_000  # Monte Carlo samples per check
@@ -354,3 +355,72 @@ def test_active_units_counts_dimensions_whose_mean_varies(stds):
     signs = t([1.0, -1.0]).repeat(n // 2)
     mu = torch.stack([s * signs + j for j, s in enumerate(stds)], dim=1)
     assert vae.active_units(mu) == sum(s ** 2 * n / (n - 1) > 0.01 for s in stds)
+
+# ----------------------------------------------------------------------------- 9. kl_autoencoder.py: the posterior
+
+
+def latent_shapes(max_elements):
+    return st.sampled_from([(c, h, w) for c in (1, 2, 4) for h in (1, 2) for w in (1, 2) if c * h * w <= max_elements])
+
+
+def gaussian_params(shape):
+    """mean and logvar, each (1, C, H, W), of a DiagonalGaussianDistribution."""
+    return st.tuples(st.tuples(*[mus] * math.prod(shape)).map(lambda v: t(v).view(1, *shape)),
+                     st.tuples(*[logvars] * math.prod(shape)).map(lambda v: t(v).view(1, *shape)))
+
+
+def diagonal_gaussians(max_elements=8):
+    return latent_shapes(max_elements).flatmap(gaussian_params)
+
+
+def posterior(mean, logvar, n=1):
+    return kl.DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1).expand(n, -1, -1, -1))
+
+
+def log_density(z, mean, logvar):
+    """log N(z; mean, diag exp(logvar)) summed over (C, H, W), written out independently."""
+    return (-0.5 * (math.log(2 * math.pi) + logvar + (z - mean) ** 2 / logvar.exp())).sum(dim=(1, 2, 3))
+
+
+@given(diagonal_gaussians())
+@settings(max_examples=40)
+def test_posterior_kl_to_the_prior_equals_monte_carlo(q):
+    mean, logvar = q
+    torch.manual_seed(7)
+    z = posterior(mean, logvar, N).sample()
+    mc = log_density(z, mean, logvar) - log_density(z, torch.zeros_like(mean), torch.zeros_like(logvar))
+    assert_mc(mc, posterior(mean, logvar).kl().item(), "KL to N(0, I)")
+
+
+@given(latent_shapes(4).flatmap(lambda s: st.tuples(gaussian_params(s), gaussian_params(s))))
+@settings(max_examples=40)
+def test_posterior_kl_between_two_gaussians_equals_monte_carlo(qr):
+    q, r = qr
+    torch.manual_seed(8)
+    z = posterior(*q, N).sample()
+    mc = log_density(z, *q) - log_density(z, *r)
+    assert_mc(mc, posterior(*q).kl(posterior(*r)).item(), "KL(q || r)")
+    assert posterior(*q).kl(posterior(*q)).abs().item() < 1e-12
+
+
+@given(diagonal_gaussians(), st.integers(0, 2 ** 32 - 1))
+def test_posterior_nll_is_the_gaussian_negative_log_density(q, seed):
+    mean, logvar = q
+    x = t(np.random.default_rng(seed).normal(0, 3, mean.shape))
+    expected = -torch.distributions.Normal(mean, (0.5 * logvar).exp()).log_prob(x).sum()
+    assert torch.allclose(posterior(mean, logvar).nll(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@given(mus, logvars)
+@settings(max_examples=30)
+def test_posterior_samples_have_the_right_mean_and_variance(mu, logvar):
+    p = posterior(t([[[[mu]]]]), t([[[[logvar]]]]), N)
+    z = p.sample(generator=torch.Generator().manual_seed(9)).flatten()
+    assert_mc(z, mu, "mean")
+    assert abs(z.var().item() - math.exp(logvar)) <= SE * math.exp(logvar) * math.sqrt(2 / (N - 1))
+    assert torch.equal(p.mode(), p.mean) and torch.allclose(p.std ** 2, p.var)
+
+
+def test_posterior_clamps_logvar_like_ldm():
+    p = posterior(t([[[[0.0]], [[0.0]]]]).view(1, 2, 1, 1), t([[[[-50.0]], [[50.0]]]]).view(1, 2, 1, 1))
+    assert p.logvar.flatten().tolist() == [-30.0, 20.0]

@@ -14,10 +14,13 @@ import urllib.error
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 import torchvision
 
+import kl_autoencoder as kl
 import vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -368,3 +371,253 @@ def test_corrupt_checkpoint_is_one_line_error(data_dir, tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
     assert run_main(["--eval-only", "--ckpt", str(tmp_path / "ckpt.pt"), "--data-dir", data_dir, "--device", "cpu"]) == 2
     one_line_error(capsys, "ckpt.pt")
+
+
+# ============================================================================= kl_autoencoder.py
+
+KL_CONFIGS = {
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1),
+    "three-levels": dict(block_out_channels=(32, 64, 64), layers_per_block=2),
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+}
+
+
+def diffusers_autoencoder(config, seed=0):
+    """diffusers' AutoencoderKL at `config`, seeded. Its GroupNorm scales and all biases start at
+    1 and 0, where swapping two norms or dropping a bias would go unnoticed: draw them too."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    n = len(config["block_out_channels"])
+    ref = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                                  latent_channels=4, **config)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return ref.eval()
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name, size", [("tiny", 32), ("three-levels", 32), ("sd", 64)])
+def test_parity_with_diffusers(name, size):
+    ref = diffusers_autoencoder(KL_CONFIGS[name])
+    ours = kl.AutoencoderKL(latent_channels=4, **KL_CONFIGS[name]).eval()
+    assert list(ours.state_dict()) == list(ref.state_dict())  # the same keys, in the same order
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        theirs, mine = ref.encode(x).latent_dist, ours.encode(x)
+        z = theirs.mean
+        pairs = {"mean": (mine.mean, theirs.mean), "logvar": (mine.logvar, theirs.logvar), "kl": (mine.kl(), theirs.kl()),
+                 "decoded": (ours.decode(z), ref.decode(z).sample), "forward": (ours(x), ref(x).sample)}
+    for what, (a, b) in pairs.items():
+        assert a.shape == b.shape, what
+        assert relative_error(a, b) <= 1e-5, f"{what}: relative error {relative_error(a, b):.2e}"
+
+
+def test_sd_preset_has_the_published_size():
+    model = kl.build("sd")
+    assert sum(p.numel() for p in model.parameters()) == 83_653_863
+    assert len(model.state_dict()) == 248
+    assert model.downsampling_factor == 8 and kl.build("sdxl").scaling_factor == 0.13025
+
+
+def test_optional_quant_convs_and_from_config():
+    model = kl.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False)
+    assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in model.state_dict())
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+    config = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
+              "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "latent_channels": 4, "sample_size": 32}
+    assert kl.AutoencoderKL.from_config(config).encode(torch.zeros(1, 3, 16, 16)).mean.shape == (1, 4, 8, 8)
+    with pytest.raises(kl.UserError, match="act_fn"):
+        kl.AutoencoderKL.from_config({**config, "act_fn": "gelu"})
+
+
+def test_legacy_attention_names_and_4d_weights_load():
+    ref = diffusers_autoencoder(KL_CONFIGS["tiny"])
+    legacy = {}
+    for name, tensor in ref.state_dict().items():
+        for new, old in [("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")]:
+            if f".attentions.0.{new}." in name:
+                name = name.replace(f".{new}.", f".{old}.")
+                tensor = tensor[:, :, None, None] if tensor.ndim == 2 else tensor
+        legacy[name] = tensor
+    assert any(".query." in n for n in legacy) and any(v.ndim == 4 and ".proj_attn." in n for n, v in legacy.items())
+    ours = kl.load_weights(kl.build("tiny").eval(), legacy)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert relative_error(ours(x), ref(x).sample) <= 1e-5
+
+
+def test_load_weights_names_what_does_not_fit():
+    state = kl.build("tiny").state_dict()
+    with pytest.raises(kl.UserError, match=r"1 missing, e.g. decoder.conv_out.bias"):
+        kl.load_weights(kl.build("tiny"), {k: v for k, v in state.items() if k != "decoder.conv_out.bias"})
+    with pytest.raises(kl.UserError, match=r"1 unexpected, e.g. extra.weight"):
+        kl.load_weights(kl.build("tiny"), {**state, "extra.weight": torch.zeros(1)})
+    with pytest.raises(kl.UserError, match=r"keys .* missing"):  # weights of another preset
+        kl.load_weights(kl.build("small"), state, preset="small")
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+SAFETENSORS_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+                      torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+def sample_tensors(dtype):
+    torch.manual_seed(0)
+    values = torch.randn(3, 5, 2) * 50
+    return {"weights": values.to(dtype).clone(), "scalar": torch.tensor(7).to(dtype), "empty": torch.zeros(0, 4, dtype=dtype),
+            "row": values[0, :, 0].to(dtype).clone()}
+
+
+@pytest.mark.parametrize("dtype", SAFETENSORS_DTYPES)
+def test_safetensors_reader_matches_the_safetensors_package(tmp_path, dtype):
+    st = pytest.importorskip("safetensors.torch")
+    tensors = sample_tensors(dtype)
+    st.save_file(tensors, str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
+    loaded = kl.load_safetensors(str(tmp_path / "a.safetensors"))
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == dtype and torch.equal(loaded[name], t), name
+    # and our writer produces what the package reads
+    kl.save_safetensors(tensors, str(tmp_path / "b.safetensors"), metadata={"format": "pt"})
+    for name, t in st.load_file(str(tmp_path / "b.safetensors")).items():
+        assert torch.equal(t, tensors[name]), name
+
+
+def test_safetensors_round_trip_without_the_package(tmp_path):
+    tensors = {f"t{i}": t for i, t in enumerate(sample_tensors(torch.bfloat16).values())}
+    kl.save_safetensors(tensors, str(tmp_path / "w.safetensors"))
+    loaded = kl.load_safetensors(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def raw_safetensors(header, data, length=None):
+    blob = json.dumps(header).encode()
+    return (length if length is not None else len(blob)).to_bytes(8, "little") + blob + data
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, "b": {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]}}
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda good: good[:-5], "truncated"),
+    (lambda good: good[:5], "shorter than the 8-byte header"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [100], "data_offsets": [0, 400]}}, bytes(16)), "truncated"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                                   "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(24)), "overlapping"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16)), "gap"),
+    (lambda good: raw_safetensors({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)), "unknown dtype"),
+    (lambda good: raw_safetensors(GOOD, bytes(24), length=2 ** 60), "header length"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, bytes(16)), "needs 12"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, bytes(16)), "invalid shape"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, bytes(16)), "invalid data_offsets"),
+    (lambda good: b"\x10" + bytes(7) + b"not json at all!" + bytes(8), "not valid JSON"),
+    (lambda good: raw_safetensors([1, 2], b""), "not a JSON object"),
+    (lambda good: good + b"extra", "trailing bytes"),
+])
+def test_malformed_safetensors_are_rejected(tmp_path, make, words):
+    good = raw_safetensors(GOOD, bytes(24))
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(make(good))
+    with pytest.raises(kl.SafetensorsError, match=words):
+        kl.load_safetensors(str(path))
+
+
+def test_duplicate_names_are_rejected(tmp_path):
+    blob = b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}'
+    (tmp_path / "dup.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(2))
+    with pytest.raises(kl.SafetensorsError, match="duplicate"):
+        kl.load_safetensors(str(tmp_path / "dup.safetensors"))
+
+
+@given(st.data())
+@settings(max_examples=200)
+def test_corrupted_safetensors_never_crash_the_reader(tmp_path_factory, data):
+    """Any byte flipped or any cut: the reader either returns tensors or raises SafetensorsError."""
+    good = bytearray(raw_safetensors(GOOD, bytes(range(24))))
+    for _ in range(data.draw(st.integers(1, 4))):
+        good[data.draw(st.integers(0, len(good) - 1))] = data.draw(st.integers(0, 255))
+    blob = bytes(good[:data.draw(st.integers(0, len(good)))])
+    path = tmp_path_factory.mktemp("fuzz") / "f.safetensors"
+    path.write_bytes(blob)
+    try:
+        tensors = kl.load_safetensors(str(path))
+    except kl.SafetensorsError:
+        return
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) <= len(blob)
+
+
+# ----------------------------------------------------------------------------- the reconstruct command
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
+    kl.save_safetensors(kl.build("tiny").state_dict(), path)
+    return path
+
+
+def write_test_image(path, h, w):
+    torch.manual_seed(0)
+    torchvision.io.write_png(torch.randint(0, 256, (3, h, w), dtype=torch.uint8), str(path))
+
+
+def test_reconstruct_end_to_end(tiny_weights, tmp_path, capsys):
+    write_test_image(tmp_path / "in.png", 24, 32)
+    quality = kl.main(["reconstruct", "--weights", tiny_weights, "--preset", "tiny", "--image", str(tmp_path / "in.png"),
+                       "--out", str(tmp_path / "out.png"), "--device", "cpu"])
+    out = torchvision.io.read_image(str(tmp_path / "out.png"))
+    assert out.shape == (3, 24, 32) and out.dtype == torch.uint8
+    printed = capsys.readouterr().out
+    assert "latent [1, 4, 12, 16]" in printed and "PSNR" in printed
+    # the printed PSNR is that of the written file against the input
+    x = torchvision.io.read_image(str(tmp_path / "in.png")).float() / 255
+    expected = 10 * math.log10(1 / (out.float() / 255 - x).pow(2).mean().item())
+    assert quality == pytest.approx(expected, abs=1e-3)
+
+
+def kl_error(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kl_autoencoder.py: error: "), err
+    for word in words:
+        assert word in err, err
+
+
+@pytest.mark.parametrize("case, words", [
+    ("odd size", ["31x32", "multiples of 2", "30x32 or 32x32"]),
+    ("wrong preset", ["does not fit", "preset small"]),
+    ("no weights", ["no weights file"]),
+    ("no image", ["no image"]),
+    ("not an image", ["cannot decode"]),
+    ("missing key", ["1 missing", "decoder.conv_out.weight"]),
+])
+def test_reconstruct_user_mistakes_are_one_line_errors(tiny_weights, tmp_path, capsys, case, words):
+    image, weights, preset = tmp_path / "in.png", tiny_weights, "tiny"
+    write_test_image(image, 32, 32)
+    if case == "odd size":
+        write_test_image(image, 31, 32)
+    elif case == "wrong preset":
+        preset = "small"
+    elif case == "no weights":
+        weights = str(tmp_path / "nothing.safetensors")
+    elif case == "no image":
+        image = tmp_path / "nothing.png"
+    elif case == "not an image":
+        image.write_bytes(b"this is text")
+    elif case == "missing key":
+        state = kl.load_safetensors(tiny_weights)
+        del state["decoder.conv_out.weight"]
+        weights = str(tmp_path / "partial.safetensors")
+        kl.save_safetensors(state, weights)
+    with pytest.raises(SystemExit) as e:
+        kl.main(["reconstruct", "--weights", weights, "--preset", preset, "--image", str(image), "--out", str(tmp_path / "o.png"),
+                 "--device", "cpu"])
+    assert e.value.code == 2
+    kl_error(capsys, *words)
