@@ -10,11 +10,16 @@ with `latent_channels` channels and 1/f of the image's height and width (f = 2^(
 SD); decoding z (the posterior mean, or a sample) gives the reconstruction. Diffusion models work on
 z * scaling_factor, a number chosen so that the scaled latents have unit standard deviation.
 
-Sections: config, images, model, weights (safetensors), the math, commands, entry point.
+Sections: config, images, data, model, weights (safetensors), the math, training, evaluation, commands.
 """
 
 import argparse
+import contextlib
+import copy
+import hashlib
 import inspect
+import io
+import itertools
 import json
 import math
 import os
@@ -22,7 +27,9 @@ import struct
 import sys
 import time
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -87,6 +94,154 @@ def write_image(x, path):
         torchvision.io.write_jpeg(image, path, quality=95)
     else:
         torchvision.io.write_png(image, path)
+
+# -----------------------------------------------------------------------------
+# data: image sets for training and evaluation, as uint8 (3, r, r) tensors
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+TORCHVISION_DATASETS = {  # name: (class, keyword arguments for the training split)
+    "cifar10": (torchvision.datasets.CIFAR10, {"train": True}),
+    "mnist": (torchvision.datasets.MNIST, {"train": True}),
+    "celeba": (torchvision.datasets.CelebA, {"split": "all"}),
+}
+
+
+def fit(images, resolution):
+    """uint8 (N, C, H, W) -> uint8 (N, C, r, r): the shorter side resized to r (bilinear,
+    antialiased), then the centre cropped. Images that are r x r already are left alone."""
+    if images.shape[-2:] == (resolution, resolution):
+        return images
+    h, w = images.shape[-2:]
+    size = (max(resolution, round(h * resolution / min(h, w))), max(resolution, round(w * resolution / min(h, w))))
+    out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return out[..., top:top + resolution, left:left + resolution].round().clamp(0, 255).to(torch.uint8)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded with torchvision.io when asked for (in the DataLoader's workers)."""
+
+    def __init__(self, files, resolution):
+        self.files, self.resolution = files, resolution
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        image = torchvision.io.read_image(self.files[i], mode=torchvision.io.ImageReadMode.RGB)
+        return fit(image[None], self.resolution)[0]
+
+
+class ImageTensor(torch.utils.data.Dataset):
+    """Images already in memory, uint8 (N, 3, r, r)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def load_images(spec, resolution, root):
+    """--data SPEC -> (a Dataset of uint8 (3, r, r) images, their labels or None).
+
+    SPEC is a folder of images (searched recursively), an .npz file whose `images` are uint8
+    N x H x W x C (and whose `labels`, if any, stratify the held-out split), or the name of a
+    torchvision dataset (cifar10, mnist, celeba: its training split) kept under ROOT and downloaded
+    when missing. Arrays are resized once, here; grey images are repeated to three channels."""
+    if spec in TORCHVISION_DATASETS:
+        return torchvision_images(spec, root, resolution)
+    if spec.endswith(".npz"):
+        if not os.path.isfile(spec):
+            raise UserError(f"--data {spec}: no such file")
+        with np.load(spec) as f:
+            if "images" not in f.files:
+                raise UserError(f"{spec} has no 'images' array (it has: {', '.join(f.files)})")
+            images, labels = f["images"], (torch.as_tensor(f["labels"]) if "labels" in f.files else None)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C, not {images.dtype} {images.shape}")
+        return image_tensor(torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2), resolution), labels
+    if os.path.isdir(spec):
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise UserError(f"--data {spec}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
+        return ImageFiles(files, resolution), None
+    raise UserError(f"--data {spec}: not a folder, an .npz file, or one of {', '.join(TORCHVISION_DATASETS)}")
+
+
+def image_tensor(images, resolution):
+    """uint8 (N, 1 or 3, H, W) -> ImageTensor of RGB images at the resolution."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return ImageTensor(fit(images.contiguous(), resolution))
+
+
+def torchvision_images(name, root, resolution):
+    cls, kwargs = TORCHVISION_DATASETS[name]
+    try:
+        try:
+            dataset = cls(root, download=False, **kwargs)
+        except RuntimeError:  # "Dataset not found": fetch it
+            print(f"downloading {name} into {root}")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                dataset = cls(root, download=True, **kwargs)
+    except (RuntimeError, OSError, ValueError) as e:  # no network (URLError is an OSError), bad files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not get {name} ({reason}); put its files where torchvision.datasets.{cls.__name__}"
+                        f"(root={root!r}) looks for them, or pass --data-root")
+    if name == "celeba":
+        folder = os.path.join(root, dataset.base_folder, "img_align_celeba")
+        return ImageFiles([os.path.join(folder, f) for f in dataset.filename], resolution), None
+    images = torch.as_tensor(dataset.data)
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST N x H x W, CIFAR N x H x W x C
+    return image_tensor(images, resolution), torch.as_tensor(dataset.targets)
+
+
+def split(n, val_size, labels=None, seed=0):
+    """(train indices, held-out indices), the held-out set of val_size items drawn with a fixed
+    seed; stratified when labels are given (each class contributes its share, largest remainders
+    rounded up)."""
+    if not 0 < val_size < n:
+        raise UserError(f"--val-size {val_size} must be between 1 and {n - 1}, the number of images minus one")
+    g = torch.Generator().manual_seed(seed)
+    if labels is None:
+        perm = torch.randperm(n, generator=g)
+        return perm[val_size:], perm[:val_size]
+    classes = labels.unique()
+    members = [torch.nonzero(labels == c).flatten() for c in classes]
+    share = torch.tensor([len(m) * val_size / n for m in members])
+    take = share.floor().long()
+    take[torch.argsort(share - take, descending=True)[:val_size - int(take.sum())]] += 1
+    val = torch.cat([m[torch.randperm(len(m), generator=g)[:k]] for m, k in zip(members, take)])
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[val] = False
+    return torch.nonzero(mask).flatten(), val.sort().values
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (one permutation per epoch from the seed, this rank's share of it) that
+    can start an epoch part-way through, so that --resume sees the batches it would have seen."""
+
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
+def to_model_input(batch, device, flip_seed=None):
+    """uint8 (B, 3, r, r) -> float in [-1, 1] on the device; with flip_seed, a random half of the
+    batch mirrored left-right, drawn from that seed (so a resumed run flips the same images)."""
+    x = batch.to(device, non_blocking=True).float() / 127.5 - 1
+    if flip_seed is not None:
+        flip = torch.rand(len(x), generator=torch.Generator().manual_seed(flip_seed)) < 0.5
+        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+    return x
 
 # -----------------------------------------------------------------------------
 # model: the modules, in the order an image meets them, named as diffusers names them
@@ -327,6 +482,99 @@ def build(preset, **overrides):
     """The AutoencoderKL of a named preset, with keyword overrides."""
     return AutoencoderKL(**{**PRESETS[preset], **overrides})
 
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN discriminator (Isola et al. 2017) as in taming-transformers and LDM: a grid of
+    real/fake logits, one per overlapping patch. Conv(4x4, stride 2) + LeakyReLU(0.2), then
+    n_layers Conv(4x4, stride 2, 2, 1) + BatchNorm + LeakyReLU with 2x, 4x, 8x the channels,
+    then Conv(4x4) to one channel. Weights N(0, 0.02), BatchNorm scales N(1, 0.02).
+    2,765,633 parameters for 3 input channels."""
+
+    def __init__(self, in_channels=3, ndf=64, n_layers=3):
+        super().__init__()
+        layers, mult = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        self.main = nn.Sequential(*layers, nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+VGG_SLICES = (4, 9, 16, 23, 30)  # torchvision vgg16().features[:i] ends at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+VGG_CHANNELS = (64, 128, 256, 512, 512)
+
+
+def load_vgg16():
+    """torchvision's ImageNet VGG16 convolutional layers (downloaded by torchvision on first use)."""
+    weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+    try:
+        state = torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt file
+        raise UserError(f"the perceptual loss needs torchvision's VGG16 weights and could not get them ({type(e).__name__}); "
+                        f"put {os.path.basename(weights.url)} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}, "
+                        f"or train without it: --perceptual-weight 0")
+    vgg = torchvision.models.vgg16(weights=None)
+    vgg.load_state_dict(state)
+    return vgg.features
+
+
+class Perceptual(nn.Module):
+    """LPIPS-style perceptual distance (Zhang et al. 2018), per image:
+
+        d(x, y) = sum_l mean_hw sum_c w_lc (f_lchw(x) / n_lhw(x) - f_lchw(y) / n_lhw(y))^2,
+        n_lhw = sqrt(sum_c f_lchw^2 + eps),
+
+    with f_l the VGG16 features at relu1_2 ... relu5_3 of the input scaled as LPIPS scales it, and
+    w_l >= 0 one weight per channel: all 1 by default, or the calibrated "lin" weights of the LPIPS
+    project (load_lpips_weights). eps sits inside the square root, so an all-zero feature vector
+    gives a finite gradient (LPIPS adds it outside, which gives NaN there). The VGG is frozen; the
+    distance still has gradients with respect to both images."""
+
+    def __init__(self, vgg_features):
+        super().__init__()
+        bounds = (0, *VGG_SLICES)
+        self.slices = nn.ModuleList([vgg_features[a:b] for a, b in zip(bounds, bounds[1:])])
+        self.weights = nn.ParameterList([nn.Parameter(torch.ones(c), requires_grad=False) for c in VGG_CHANNELS])
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+
+    def forward(self, x, y, eps=1e-10):
+        """x, y: (B, 3, H, W) in [-1, 1] -> (B,)."""
+        h = torch.cat([x, y]).sub(self.shift).div(self.scale)
+        total = 0
+        for block, w in zip(self.slices, self.weights):
+            h = block(h)
+            f = h / torch.sqrt(h.float().pow(2).sum(1, keepdim=True) + eps)
+            fx, fy = f.chunk(2)
+            total = total + ((fx - fy).pow(2) * w.view(1, -1, 1, 1)).sum(1).mean(dim=(1, 2))
+        return total
+
+
+def load_lpips_weights(perceptual, path):
+    """The LPIPS project's calibrated per-channel weights (v0.1 vgg.pth: lin0..lin4.model.1.weight,
+    shapes [1, C, 1, 1]) into a Perceptual module."""
+    if not os.path.isfile(path):
+        raise UserError(f"--lpips-weights {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for i, w in enumerate(perceptual.weights):
+            value = state[f"lin{i}.model.1.weight"].flatten()
+            if value.shape != w.shape or (value < 0).any():
+                raise ValueError(f"lin{i} has {value.numel()} weights (need {w.numel()}, all >= 0)")
+            w.data.copy_(value)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise UserError(f"--lpips-weights {path} is not LPIPS v0.1 vgg weights ({type(e).__name__}: {e})")
+
 # -----------------------------------------------------------------------------
 # weights: a safetensors reader, and the names older files use
 
@@ -481,6 +729,473 @@ def psnr(x, y):
     mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3))
     return 10 * torch.log10(1 / mse)
 
+
+def ssim(x, y, window=11, sigma=1.5):
+    """Structural similarity (Wang et al. 2004) per image, for values in [0, 1]:
+
+        SSIM = mean over positions and channels of
+               (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)),
+
+    with local means, variances and covariance under a Gaussian window (11 x 11, sigma 1.5) at
+    every position where it fits (no padding), C1 = 0.01^2, C2 = 0.03^2. (B, C, H, W) -> (B,)."""
+    c = x.shape[1]
+    g = torch.exp(-(torch.arange(window, dtype=torch.float32, device=x.device) - (window - 1) / 2) ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum())
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+
+    def blur(t):
+        return F.conv2d(t, kernel, groups=c)
+    x, y = x.float(), y.float()
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}) between N(mu1, S1) and N(mu2, S2),
+    with Tr((S1 S2)^{1/2}) = sum of the square roots of the eigenvalues of S1^{1/2} S2 S1^{1/2}
+    (symmetric, same spectrum as S1 S2), by symmetric eigendecompositions in float64: real and
+    finite even for singular covariances. (The same formula as vae.py's: each file stands alone.)"""
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    w, v = torch.linalg.eigh(sigma1)
+    sqrt1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = sqrt1 @ sigma2 @ sqrt1
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return max(((mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean).item(), 0.0)
+
+
+def reconstruction_loss(x, x_rec, kind="l1"):
+    """Per element: |x - x_rec| (L1) or (x - x_rec)^2 (MSE), in the [-1, 1] image units."""
+    return (x - x_rec).abs() if kind == "l1" else (x - x_rec).pow(2)
+
+
+def nll_loss(rec, logvar):
+    """LDM's negative log-likelihood with one learned log-variance s (a Laplace or Gaussian scale,
+    up to constants): sum over pixels of rec / exp(s) + s, averaged over the batch. rec: (B, C, H, W)
+    per-element reconstruction (+ perceptual) loss. s must be in the optimizer; LDM forgets it."""
+    return (rec / torch.exp(logvar) + logvar).sum() / rec.shape[0]
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """The discriminator's hinge loss: 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def generator_loss(logits_fake):
+    """The autoencoder's adversarial loss: -mean D(x_rec)."""
+    return -logits_fake.mean()
+
+
+def adaptive_weight(nll, g_loss, last_layer, max_weight=1e4):
+    """LDM's balance of the adversarial term (Esser et al. 2021): lambda = ||grad_L nll|| /
+    (||grad_L g|| + 1e-4), clamped to [0, 1e4], with L the decoder's last layer; no gradient
+    flows through lambda. Stays on the device (no host sync)."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+# -----------------------------------------------------------------------------
+# training
+
+
+class Trainable(nn.Module):
+    """What the autoencoder's optimizer trains, and what DistributedDataParallel wraps: the
+    autoencoder and the learned log-variance of the NLL (a parameter here, so that the optimizer
+    and DDP both see it; LDM leaves it out of its optimizer and it never moves)."""
+
+    def __init__(self, autoencoder):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.logvar = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        """x -> (reconstruction of a posterior sample, KL to N(0, I) per example)."""
+        posterior = self.autoencoder.encode(x)
+        return self.autoencoder.decode(posterior.sample()), posterior.kl()
+
+
+def setup_distributed(device_name):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): one process per device,
+    NCCL on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, get_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = get_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_mean(tensors, world):
+    """Average tensors over the ranks, in place."""
+    if world > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(world)
+
+
+def gather(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] (every rank must call it)."""
+    if world == 1:
+        return [obj]
+    objects = [None] * world
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def weights_digest(module):
+    """sha256 of every parameter's bytes: equal on two ranks only if their weights are identical."""
+    h = hashlib.sha256()
+    for p in module.parameters():
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds of errors for a file that is not a checkpoint
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
+        raise UserError(f"{path} is not a kl_autoencoder.py checkpoint (it lacks model, config or step)")
+    return ckpt
+
+
+def model_config(args):
+    """AutoencoderKL keywords from --preset, overridden by explicit sizes."""
+    config = dict(PRESETS[args.preset])
+    for key in ("block_out_channels", "layers_per_block", "latent_channels"):
+        if getattr(args, key) is not None:
+            config[key] = tuple(getattr(args, key)) if key == "block_out_channels" else getattr(args, key)
+    return config
+
+
+def check_resolution(resolution, config, disc_weight):
+    f = 2 ** (len(config["block_out_channels"]) - 1)
+    if resolution % f:
+        raise UserError(f"--resolution {resolution} is not a multiple of {f}, this model's downsampling factor: "
+                        f"use {max(f, resolution // f * f)} or {-(-resolution // f) * f}")
+    if disc_weight > 0 and resolution < 24:
+        raise UserError(f"--resolution {resolution}: the PatchGAN discriminator needs at least 24; use --disc-weight 0 below that")
+
+
+def train(args):
+    """The LDM autoencoder objective, per step (sums over pixels and latents, means over the batch):
+
+        loss = nll + kl_weight * KL + disc_factor * disc_weight * lambda * g,
+        nll  = sum (rec + perceptual_weight * perceptual) / exp(s) + s,
+
+    with s the learned log-variance, lambda the adaptive weight and g = -mean D(x_rec); the
+    discriminator (from step --disc-start on) minimises the hinge loss on x and x_rec. With terms
+    averaged over elements instead of summed, the same balance needs kl_weight * N_latent / N_pixels
+    (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels)."""
+    rank, world, device = setup_distributed(args.device)
+    main_process = rank == 0
+    try:
+        return _train(args, rank, world, device, main_process)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(args, rank, world, device, main_process):
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    config = model_config(args)
+    check_resolution(args.resolution, config, args.disc_weight)
+    ckpt_path, metrics = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is None and os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or another --out for a new run")
+    if ckpt is not None and ckpt["config"]["model"] != {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}:
+        raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: pass its sizes, or another --out")
+    perceptual = Perceptual(load_vgg16()).to(device) if args.perceptual_weight > 0 else None  # downloads fail here, early
+    if perceptual is not None and args.lpips_weights:
+        load_lpips_weights(perceptual, args.lpips_weights)
+    inception = load_inception(device) if args.fid and main_process else None
+
+    data, val = datasets(args)
+    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=args.workers,
+                                         pin_memory=cuda, persistent_workers=args.workers > 0,
+                                         generator=torch.Generator())  # its seed draw must not touch the global RNG: resume
+
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {args.batch_size} is more than the {len(sampler)} training images of each of the {world} processes")
+    total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
+
+    torch.manual_seed(args.seed + rank)  # each rank draws its own posterior samples
+    model = Trainable(AutoencoderKL(**config)).to(device)
+    disc = NLayerDiscriminator().to(device)
+    if world > 1 and cuda:
+        disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    if cuda:
+        model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    ema = copy.deepcopy(model.autoencoder).requires_grad_(False) if args.ema else None
+    step = 0
+    if ckpt is not None:
+        model.autoencoder.load_state_dict(ckpt["model"])
+        model.logvar.data.copy_(ckpt["logvar"])
+        disc.load_state_dict(ckpt["disc"])
+        opt.load_state_dict(ckpt["opt"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
+        step = ckpt["step"]
+        if rank < len(ckpt["rng"]):
+            torch.set_rng_state(ckpt["rng"][rank])
+        if main_process:
+            drop_records_after(metrics, step)
+            print(f"resuming {ckpt_path} at step {step}")
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    if args.compile:
+        ddp.compile()
+    last_layer = model.autoencoder.decoder.conv_out.weight
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if main_process:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            open(metrics, "w").close()
+        n_params = sum(p.numel() for p in model.autoencoder.parameters())
+        print(f"AutoencoderKL {config['block_out_channels']}, {n_params:,} parameters; {len(data):,} training and {len(val):,} "
+              f"held-out images at {args.resolution}x{args.resolution}; {world} process(es) on {device}; {total:,} steps")
+
+    names = ["loss", "rec", "perceptual", "nll", "kl", "g", "lambda", "d"]
+    sums, since_log, images, t0 = torch.zeros(len(names), device=device), 0, 0, time.perf_counter()
+    if ckpt is not None:  # the log line in progress, so that a resumed run logs what an uninterrupted one would
+        sums, since_log = ckpt["log_sums"].to(device), ckpt["since_log"]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    while step < total:
+        sampler.set_epoch(step // steps_per_epoch)
+        sampler.start = (step % steps_per_epoch) * args.batch_size
+        for batch in loader:
+            x = to_model_input(batch, device, hash((args.seed, step, rank)) if args.hflip else None)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            disc_on = args.disc_weight > 0 and step >= args.disc_start
+            # the autoencoder's step
+            with autocast:
+                x_rec, kl = ddp(x)
+                rec = reconstruction_loss(x, x_rec.float(), args.rec_loss)
+                p_loss = perceptual(x, x_rec).float() if perceptual is not None else rec.new_zeros(len(x))
+                nll = nll_loss(rec + args.perceptual_weight * p_loss.view(-1, 1, 1, 1), model.logvar)
+                loss = nll + args.kl_weight * kl.mean()
+                g = lam = torch.zeros((), device=device)
+                if disc_on:
+                    disc.requires_grad_(False)
+                    g = generator_loss(disc(x_rec).float())
+                    lam = adaptive_weight(nll, g, last_layer)
+                    loss = loss + args.disc_weight * lam * g
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            if ema is not None:
+                torch._foreach_lerp_(list(ema.parameters()), list(model.autoencoder.parameters()), 1 - args.ema)
+            # the discriminator's step
+            d = torch.zeros((), device=device)
+            if disc_on:
+                disc.requires_grad_(True)
+                with autocast:
+                    d = hinge_d_loss(disc(x.detach()).float(), disc(x_rec.detach()).float())
+                opt_d.zero_grad(set_to_none=True)
+                d.backward()
+                all_reduce_mean([p.grad for p in disc.parameters()], world)
+                opt_d.step()
+                if world > 1 and not cuda:  # plain BatchNorm on the CPU: keep rank 0's running statistics everywhere
+                    for b in disc.buffers():
+                        dist.broadcast(b, 0)
+            sums += torch.stack([loss.detach(), rec.detach().mean(), p_loss.detach().mean(), nll.detach(), kl.detach().mean(),
+                                 g.detach(), lam, d.detach()]).float()
+            step, since_log, images = step + 1, since_log + 1, images + len(x) * world
+            log_now, save_now = step % args.log_every == 0 or step == total, step % args.ckpt_every == 0 or step == total
+            if log_now or save_now:
+                values = sums / since_log
+                all_reduce_mean([values], world)
+                values = values.tolist()  # the only host sync of the loop
+                if not all(math.isfinite(v) for v in values):  # stop before a bad state is saved
+                    raise UserError(f"the loss became {values[0]} by step {step}; {ckpt_path} holds the last good step: try a lower --lr")
+            if log_now:
+                record = {"kind": "train", "step": step, **dict(zip(names, values)), "logvar": model.logvar.item(),
+                          "images_per_s": images / (time.perf_counter() - t0)}
+                if cuda:
+                    record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                if main_process:
+                    append_jsonl(metrics, record)
+                    print(f"step {step:6d} | " + " | ".join(f"{k} {record[k]:.4g}" for k in names + ["logvar"])
+                          + f" | {record['images_per_s']:.1f} img/s" + (f" | {record['peak_gib']:.2f} GiB" if cuda else ""), flush=True)
+                sums.zero_()
+                since_log, images, t0 = 0, 0, time.perf_counter()
+            if save_now:
+                rng = gather(torch.get_rng_state(), world)
+                if main_process:
+                    save_checkpoint(ckpt_path, {
+                        "model": model.autoencoder.state_dict(), "logvar": model.logvar.detach().cpu(), "disc": disc.state_dict(),
+                        "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                        "step": step, "rng": rng, "log_sums": sums.cpu(), "since_log": since_log, "config": checkpoint_config(args, config)})
+            if args.eval_every and step % args.eval_every == 0 and step < total and main_process:
+                evaluate(ema or model.autoencoder, val, args, device, None, os.path.join(args.out, "reconstructions.png"), metrics, step)
+                model.train()
+            if step >= total:
+                break
+    if world > 1:
+        digests = gather(weights_digest(model), world)
+        if main_process:
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"the ranks ended with different weights: {digests}")
+            print(f"weights identical on all {world} ranks (sha256 {digests[0][:16]})")
+    if main_process:
+        final = ema or model.autoencoder
+        record = evaluate(final, val, args, device, inception, os.path.join(args.out, "reconstructions.png"), metrics, step)
+        if args.export:
+            export(final, args.export, args.resolution)
+        return record
+
+
+def checkpoint_config(args, config):
+    """What a checkpoint records: the model's keywords and the options of the run."""
+    return {"model": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "func"}}
+
+
+def datasets(args):
+    """(training set, held-out set) from --data, with --val-data or a --val-size split (stratified
+    by label when the data has labels; fixed by --seed)."""
+    data, labels = load_images(args.data, args.resolution, args.data_root)
+    if args.val_data:
+        val, _ = load_images(args.val_data, args.resolution, args.data_root)
+        return data, val
+    train_idx, val_idx = split(len(data), args.val_size, labels, args.seed)
+    return torch.utils.data.Subset(data, train_idx.tolist()), torch.utils.data.Subset(data, val_idx.tolist())
+
+
+def export(autoencoder, path, sample_size):
+    """The weights as a diffusers-format safetensors file, with diffusers' config.json beside it, so that
+    diffusers.AutoencoderKL.from_pretrained(folder of FILE) loads them (name FILE diffusion_pytorch_model.safetensors)."""
+    c = autoencoder.config
+    n = len(c["block_out_channels"])
+    config = {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
+              "up_block_types": ["UpDecoderBlock2D"] * n, "mid_block_add_attention": True, "sample_size": sample_size,
+              **{k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            if json.load(f) != config:
+                raise UserError(f"{config_path} exists and describes another model: export into another folder")
+    save_safetensors(autoencoder.state_dict(), path, metadata={"format": "pt"})
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(config_path + ".tmp", config_path)
+    print(f"exported {path} and {config_path}")
+
+
+def drop_records_after(path, step):
+    """Forget what a run logged after the checkpoint it is resumed from (it will log it again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records if (r.get("step") or 0) <= step)
+        os.replace(path + ".tmp", path)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
+
+
+def load_inception(device):
+    """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
+    try:
+        state = torch.hub.load_state_dict_from_url(INCEPTION.url, progress=False, check_hash=True)
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"--fid needs torchvision's Inception-v3 weights and could not get them ({type(e).__name__}); "
+                        f"put {os.path.basename(INCEPTION.url)} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    net.load_state_dict(state)
+    net.fc = nn.Identity()
+    return net.eval().to(device)
+
+
+def inception_features(net, x):
+    """x (B, 3, H, W) in [0, 1] -> (B, 2048) float64: bilinear resize to 299, ImageNet normalisation."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    return net((x - mean) / std).double()
+
+
+@torch.no_grad()
+def evaluate(autoencoder, images, args, device, inception=None, picture=None, metrics=None, step=None, batch_size=64):
+    """On held-out images: PSNR (dB) and SSIM of the decoded posterior means against the inputs
+    (both as 8-bit images), the mean KL per image (nats), the standard deviation of posterior
+    samples z over all images and elements, the scaling factor 1 / std it implies (how SD's
+    0.18215 was chosen), and rFID (Frechet distance of Inception features of inputs and
+    reconstructions; torchvision's weights, comparable between runs of this code only)."""
+    autoencoder.eval()
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=args.workers)
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, kl, sum z, sum z^2
+    n = n_latent = 0
+    feats = {"real": [], "fake": []}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    generator = torch.Generator(device).manual_seed(0)  # the same numbers every time, and the training RNG untouched
+    for batch in loader:
+        x = to_model_input(batch, device)
+        with autocast:
+            posterior = autoencoder.encode(x)
+            x_rec = autoencoder.decode(posterior.mode()).float()
+        z = posterior.sample(generator).double()
+        real, fake = to_uint8(x).float() / 255, to_uint8(x_rec).float() / 255
+        totals += torch.stack([psnr(fake, real).double().sum(), ssim(fake, real).double().sum(), posterior.kl().double().sum(),
+                               z.sum(), z.pow(2).sum()])
+        n, n_latent = n + len(x), n_latent + z.numel()
+        if inception is not None:
+            feats["real"].append(inception_features(inception, real))
+            feats["fake"].append(inception_features(inception, fake))
+        if picture and n == len(x):
+            torchvision.io.write_png(to_uint8(torchvision.utils.make_grid(torch.cat([x[:8], x_rec[:8]]), nrow=min(8, len(x)),
+                                                                          padding=2, pad_value=1)).cpu(), picture)
+    psnr_mean, ssim_mean, kl_mean, z_sum, z2_sum = (totals / torch.tensor([n, n, n, n_latent, n_latent], device=device)).tolist()
+    std = math.sqrt(max(z2_sum - z_sum ** 2, 0.0))
+    record = {"kind": "eval", "step": step, "images": n, "psnr": psnr_mean, "ssim": ssim_mean, "kl": kl_mean,
+              "latent_std": std, "scaling_factor": 1 / std}
+    if inception is not None:
+        stats = []
+        for f in (torch.cat(feats["real"]), torch.cat(feats["fake"])):
+            stats += [f.mean(0), torch.cov(f.T)]
+        record["rfid"] = frechet_distance(*stats)
+    print(f"eval on {n:,} held-out images" + (f" at step {step}" if step is not None else "") + f": PSNR {psnr_mean:.2f} dB | "
+          f"SSIM {ssim_mean:.4f} | " + (f"rFID {record['rfid']:.2f} | " if "rfid" in record else "")
+          + f"KL {kl_mean:.1f} nats | latent std {std:.4f} | scaling factor {1 / std:.5f}", flush=True)
+    if metrics:
+        append_jsonl(metrics, record)
+    return record
+
 # -----------------------------------------------------------------------------
 # commands
 
@@ -514,27 +1229,128 @@ def reconstruct(args):
     return quality
 
 
+def eval_command(args):
+    ckpt = load_checkpoint(args.ckpt)
+    saved = ckpt["config"]
+    for key in ("data", "val_data", "val_size", "data_root", "resolution", "seed", "workers"):
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key))
+    if args.data is None:
+        raise UserError(f"{args.ckpt} does not say what data it was trained on: pass --data")
+    device = get_device(args.device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    model = AutoencoderKL(**saved["model"])
+    weights = ckpt["ema"] if args.ema and ckpt.get("ema") else ckpt["model"]
+    if args.ema and not ckpt.get("ema"):
+        raise UserError(f"{args.ckpt} has no EMA weights (train with --ema DECAY)")
+    model.load_state_dict(weights)
+    model.to(device)
+    inception = load_inception(device) if args.fid else None
+    _, val = datasets(args)
+    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    os.makedirs(out, exist_ok=True)
+    record = evaluate(model, val, args, device, inception, os.path.join(out, "reconstructions.png"), os.path.join(out, "metrics.jsonl"),
+                      ckpt["step"])
+    if args.export:
+        export(model, args.export, args.resolution)
+    return record
+
+
 def parse_args(argv=None):
-    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct (and, later, train and evaluate).")
+    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct an image, train, evaluate.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    r = sub.add_parser("reconstruct", help="encode and decode one image with given weights",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    r = sub.add_parser("reconstruct", help="encode and decode one image with given weights", formatter_class=fmt)
     r.add_argument("--weights", required=True, help="a diffusers-format .safetensors file (e.g. diffusion_pytorch_model.safetensors)")
     r.add_argument("--preset", default="sd", choices=sorted(PRESETS), help="the architecture the weights are for")
     r.add_argument("--image", required=True)
     r.add_argument("--out", required=True, help="where to write the reconstruction (.png, or .jpg)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 is for GPUs (fp16 overflows in the SDXL VAE)")
-    return p.parse_args(argv)
+
+    t = sub.add_parser("train", help="train an autoencoder (one process, or one per GPU under torchrun)", formatter_class=fmt)
+    e = sub.add_parser("eval", help="evaluate a checkpoint on held-out images", formatter_class=fmt)
+    for q, train in ((t, True), (e, False)):  # what both need, with eval's defaults taken from the checkpoint
+        g = q.add_argument_group("data")
+        g.add_argument("--data", required=train, default=None, help="a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, celeba")
+        g.add_argument("--val-data", default=None, help="held-out images (otherwise --val-size images of --data are held out)")
+        g.add_argument("--val-size", type=int, default=1000 if train else None, help="held-out images split off --data (stratified by label when it has labels)")
+        g.add_argument("--data-root", default="./data" if train else None, help="where torchvision datasets are kept")
+        g.add_argument("--resolution", type=int, default=256 if train else None, help="images are resized and centre-cropped to this square")
+        g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 for image files, 0 for arrays in memory)")
+        g.add_argument("--seed", type=int, default=0 if train else None, help="the split, the data order, the initialisation")
+        g = q.add_argument_group("run")
+        g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+        g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA, else fp32)")
+        g.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
+        g.add_argument("--export", default=None, metavar="FILE", help="also write the weights as a diffusers safetensors file, config.json beside it")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    e.add_argument("--out", default=None, help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
+
+    g = t.add_argument_group("model")
+    g.add_argument("--preset", default="sd", choices=sorted(PRESETS))
+    g.add_argument("--block-out-channels", type=int, nargs="+", default=None, help="overrides the preset")
+    g.add_argument("--layers-per-block", type=int, default=None, help="overrides the preset")
+    g.add_argument("--latent-channels", type=int, default=None, help="overrides the preset")
+    g = t.add_argument_group("loss")
+    g.add_argument("--rec-loss", default="l1", choices=["l1", "mse"])
+    g.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS-style VGG16 term (0: off, nothing downloaded)")
+    g.add_argument("--lpips-weights", default=None, help="the LPIPS project's v0.1 vgg.pth for calibrated channel weights (default: all 1)")
+    g.add_argument("--kl-weight", type=float, default=1e-6, help="on the KL summed over latent elements (LDM)")
+    g.add_argument("--disc-weight", type=float, default=0.5, help="adversarial term (0: no discriminator)")
+    g.add_argument("--disc-start", type=int, default=50001, help="step at which the discriminator starts (LDM: 50001)")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=8, help="per process")
+    g.add_argument("--lr", type=float, default=1e-4, help="both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's; 0 is Adam")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs, or 10000)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm of the autoencoder (0: off)")
+    g.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="keep an exponential moving average of the weights (e.g. 0.999)")
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    g.add_argument("--compile", action="store_true")
+    g = t.add_argument_group("outputs")
+    g.add_argument("--out", default=os.path.join("runs", "kl"))
+    g.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt")
+    g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--ckpt-every", type=int, default=1000)
+    g.add_argument("--eval-every", type=int, default=1000, help="held-out evaluation every N steps (0: only at the end)")
+
+    args = p.parse_args(argv)
+    if args.command == "train":
+        for name in ("batch_size", "log_every", "ckpt_every", "resolution", "val_size"):
+            if getattr(args, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("steps", "epochs"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+        if args.steps is not None and args.epochs is not None:
+            raise UserError("--steps and --epochs: pass one of them")
+        if args.steps is None and args.epochs is None:
+            args.steps = 10_000
+        if not 0 <= args.ema < 1:
+            raise UserError(f"--ema {args.ema}: a decay in [0, 1), e.g. 0.999 (0: off)")
+        if min(args.kl_weight, args.perceptual_weight, args.disc_weight, args.grad_clip, args.weight_decay, args.lr) < 0 or args.lr == 0:
+            raise UserError("--lr must be positive, and the loss weights, --grad-clip and --weight-decay not negative")
+    if args.command in ("train", "eval") and args.workers is None and args.data is not None:
+        args.workers = 4 if os.path.isdir(args.data) or args.data == "celeba" else 0
+    return args
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
-        return {"reconstruct": reconstruct}[args.command](args)
+        if args.command == "train":
+            args.precision = args.precision or ("bf16" if get_device(args.device).type == "cuda" else "fp32")
+        return {"reconstruct": reconstruct, "train": train, "eval": eval_command}[args.command](args)
     except UserError as e:
         print(f"kl_autoencoder.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("kl_autoencoder.py: interrupted; the last checkpoint is kept", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -424,3 +424,80 @@ def test_posterior_samples_have_the_right_mean_and_variance(mu, logvar):
 def test_posterior_clamps_logvar_like_ldm():
     p = posterior(t([[[[0.0]], [[0.0]]]]).view(1, 2, 1, 1), t([[[[-50.0]], [[50.0]]]]).view(1, 2, 1, 1))
     assert p.logvar.flatten().tolist() == [-30.0, 20.0]
+
+# ----------------------------------------------------------------------------- 10. kl_autoencoder.py: losses and image metrics
+
+logit_lists = st.lists(st.floats(-20, 20), min_size=1, max_size=30)
+
+
+@given(logit_lists, logit_lists)
+def test_hinge_and_generator_losses_are_their_formulas(real, fake):
+    r, f = t(real), t(fake)
+    expected = 0.5 * (np.mean([max(0.0, 1 - v) for v in real]) + np.mean([max(0.0, 1 + v) for v in fake]))
+    assert kl.hinge_d_loss(r, f).item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert kl.generator_loss(f).item() == pytest.approx(-np.mean(fake), rel=1e-12, abs=1e-12)
+
+
+@given(seeds, st.floats(1e-3, 1e3))
+@settings(max_examples=50)
+def test_adaptive_weight_against_a_hand_computation(seed, scale):
+    """nll = sum (w x)^2 and g = -scale sum(w * c) for a last layer w: grad nll = 2 w x^2, grad g = -scale c."""
+    rng = np.random.default_rng(seed)
+    w = t(rng.normal(size=(4, 3))).requires_grad_()
+    x, c = t(rng.normal(size=(4, 3))), t(rng.normal(size=(4, 3)))
+    nll, g = ((w * x) ** 2).sum(), -scale * (w * c).sum()
+    expected = np.linalg.norm(2 * w.detach().numpy() * x.numpy() ** 2) / (np.linalg.norm(scale * c.numpy()) + 1e-4)
+    assert kl.adaptive_weight(nll, g, w).item() == pytest.approx(min(expected, 1e4), rel=1e-10)
+    assert not kl.adaptive_weight(nll, g, w).requires_grad  # no gradient through lambda
+
+
+def test_adaptive_weight_is_clamped():
+    w = torch.ones(2, 2, requires_grad=True)
+    nll = (w ** 2).sum()  # gradient 2 w: norm 4
+    assert kl.adaptive_weight(nll, -(w * 2).sum(), w).item() == pytest.approx(4 / (4 + 1e-4))
+    assert kl.adaptive_weight(nll, 0 * w.sum(), w).item() == 1e4  # 4 / 1e-4 = 4e4, clamped
+
+
+def test_psnr_of_known_cases():
+    x = torch.rand(3, 3, 8, 8)
+    assert torch.isinf(kl.psnr(x, x)).all()
+    offset = (x * 0.8 + 0.1, x * 0.8 + 0.1 + 0.1)  # a constant offset of 0.1: MSE 0.01, 20 dB
+    assert torch.allclose(kl.psnr(*offset).double(), torch.full((3,), 20.0), atol=1e-4)
+    assert kl.psnr(torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)).item() == 0.0  # MSE 1: 0 dB
+
+
+@given(seeds)
+@settings(max_examples=30)
+def test_ssim_is_one_for_identical_images_and_less_otherwise(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(2, 3, 24, 24, generator=g, dtype=torch.float32)
+    y = (x + 0.1 * torch.randn(2, 3, 24, 24, generator=g, dtype=torch.float32)).clamp(0, 1)
+    assert torch.allclose(kl.ssim(x, x), torch.ones(2, dtype=torch.float32), atol=1e-5)
+    s = kl.ssim(x, y)
+    assert (s < 1 - 1e-3).all() and (s > -1).all()
+    assert torch.allclose(s, kl.ssim(y, x), atol=1e-6)  # symmetric
+
+
+def test_ssim_of_a_constant_shift_is_the_luminance_term():
+    """For y = x + d with x constant, variances and covariance are 0: SSIM = (2 m (m + d) + C1) / (m^2 + (m + d)^2 + C1)."""
+    m, d, c1 = 0.4, 0.2, 0.01 ** 2
+    expected = (2 * m * (m + d) + c1) / (m ** 2 + (m + d) ** 2 + c1)
+    got = kl.ssim(torch.full((1, 1, 16, 16), m), torch.full((1, 1, 16, 16), m + d))
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def perceptual():
+    torch.manual_seed(0)
+    import torchvision
+    return kl.Perceptual(torchvision.models.vgg16(weights=None).features.float()).float()
+
+
+@given(seeds)
+@settings(max_examples=10)
+def test_perceptual_distance_is_zero_for_identical_images_and_symmetric(perceptual, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = (torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float32) * 2 - 1 for _ in range(2))
+    assert torch.equal(perceptual(x, x), torch.zeros(2))
+    d_xy, d_yx = perceptual(x, y), perceptual(y, x)
+    assert (d_xy > 0).all() and torch.allclose(d_xy, d_yx, rtol=1e-5)

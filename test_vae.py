@@ -621,3 +621,231 @@ def test_reconstruct_user_mistakes_are_one_line_errors(tiny_weights, tmp_path, c
                  "--device", "cpu"])
     assert e.value.code == 2
     kl_error(capsys, *words)
+
+
+# ----------------------------------------------------------------------------- kl_autoencoder.py: training and evaluation
+
+def smooth_images(n, size, seed=0):
+    """uint8 (n, size, size, 3): random 4 x 4 colour grids blown up bilinearly, easy to autoencode."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(n, 3, 4, 4, generator=g)
+    big = torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+    return (big * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def kl_data(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("kldata") / "images.npz")
+    np.savez(path, images=smooth_images(96, 32), labels=np.arange(96) % 4)
+    return path
+
+
+KL_TINY = ["--preset", "tiny", "--resolution", "32", "--batch-size", "8", "--val-size", "16", "--device", "cpu",
+           "--perceptual-weight", "0", "--lr", "1e-3", "--log-every", "4", "--eval-every", "0"]
+
+
+def kl_records(out, kind):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def test_kl_training_lowers_the_loss_and_learns_the_logvar(kl_data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "40", "--disc-start", "20", "--out", out])
+    logs = kl_records(out, "train")
+    assert [r["step"] for r in logs] == list(range(4, 41, 4))
+    # L1 from about 0.5 (a fresh decoder) well below, on images that are smooth colour fields
+    assert logs[-1]["rec"] < 0.6 * logs[0]["rec"]
+    assert logs[-1]["g"] != 0 and logs[-1]["lambda"] > 0 and logs[0]["g"] == 0  # the discriminator joined at step 20
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 40 and ckpt["logvar"].item() != 0.0  # the learned log-variance moved
+    printed = capsys.readouterr().out
+    for name in ["PSNR", "dB", "SSIM", "KL", "latent std", "scaling factor"]:
+        assert name in printed
+    assert os.path.getsize(os.path.join(out, "reconstructions.png")) > 0
+    final = kl_records(out, "eval")[-1]
+    assert final["images"] == 16 and final["scaling_factor"] == pytest.approx(1 / final["latent_std"])
+
+
+def random_vgg_features():
+    torch.manual_seed(0)
+    return torchvision.models.vgg16(weights=None).features
+
+
+def test_perceptual_loss_trains_the_autoencoder_not_the_vgg(kl_data, tmp_path, monkeypatch):
+    features = random_vgg_features()
+    before = [p.detach().clone() for p in features.parameters()]
+    monkeypatch.setattr(kl, "load_vgg16", lambda: features)
+    out = str(tmp_path / "run")
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--perceptual-weight", "1", "--disc-weight", "0", "--steps", "4", "--out", out])
+    assert all(torch.equal(a, b) for a, b in zip(before, features.parameters()))  # VGG untouched
+    assert kl_records(out, "train")[-1]["perceptual"] > 0
+    # and the perceptual term alone has a gradient in the autoencoder (LDM's diffusers port computes it under no_grad)
+    perceptual, model = kl.Perceptual(features), kl.build("tiny")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    perceptual(x, model(x)).sum().backward()
+    assert model.decoder.conv_out.weight.grad.abs().sum() > 0 and model.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in perceptual.parameters())
+
+
+def test_perceptual_gradient_is_finite_where_features_vanish():
+    perceptual = kl.Perceptual(random_vgg_features())
+    x = torch.full((1, 3, 32, 32), -1.0, requires_grad=True)  # dark image: many ReLU features are exactly 0
+    y = torch.full((1, 3, 32, 32), -0.9)
+    perceptual(x, y).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_lpips_weights_file_is_loaded(tmp_path):
+    perceptual = kl.Perceptual(random_vgg_features())
+    torch.save({f"lin{i}.model.1.weight": torch.full((1, c, 1, 1), 0.5 * i) for i, c in enumerate(kl.VGG_CHANNELS)}, tmp_path / "vgg.pth")
+    kl.load_lpips_weights(perceptual, str(tmp_path / "vgg.pth"))
+    assert perceptual.weights[3][0].item() == 1.5
+    torch.save({"lin0.model.1.weight": torch.ones(3)}, tmp_path / "bad.pth")
+    with pytest.raises(kl.UserError, match="not LPIPS"):
+        kl.load_lpips_weights(perceptual, str(tmp_path / "bad.pth"))
+
+
+def test_discriminator_is_ldms_patchgan():
+    d = kl.NLayerDiscriminator()
+    assert sum(p.numel() for p in d.parameters()) == 2_765_633
+    assert d(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 2, 2)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in d.modules()) == 3
+
+
+def test_kl_resume_equals_uninterrupted_run(kl_data, tmp_path, monkeypatch):
+    args = ["train", "--data", kl_data, *KL_TINY, "--steps", "12", "--ckpt-every", "6", "--disc-start", "4", "--hflip", "--ema", "0.9"]
+    kl.main([*args, "--out", str(tmp_path / "straight")])
+    real_save = kl.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        real_save(path, state)
+        if state["step"] == 6:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(kl, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        kl.main([*args, "--out", str(tmp_path / "resumed")])
+    assert e.value.code == 130
+    monkeypatch.setattr(kl, "save_checkpoint", real_save)
+    kl.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
+    a, b = (torch.load(str(tmp_path / run / "ckpt.pt"), weights_only=True) for run in ("straight", "resumed"))
+    for part in ("model", "disc", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    assert torch.equal(a["logvar"], b["logvar"])
+
+    def comparable(records):
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+    assert comparable(kl_records(str(tmp_path / "resumed"), "train")) == comparable(kl_records(str(tmp_path / "straight"), "train"))
+    assert kl_records(str(tmp_path / "resumed"), "eval")[-1] == kl_records(str(tmp_path / "straight"), "eval")[-1]
+
+
+def test_torchrun_two_processes_on_cpu_end_with_identical_weights(kl_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "kl_autoencoder.py",
+                             "train", "--data", kl_data, *KL_TINY, "--steps", "4", "--disc-start", "2", "--out", str(tmp_path / "ddp")],
+                            cwd=HERE, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical on all 2 ranks" in result.stdout
+    assert "2 process(es)" in result.stdout and result.stdout.count("eval on 16 held-out images") == 1  # only rank 0 writes
+
+
+def test_export_loads_into_diffusers(kl_data, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    exported = tmp_path / "exported" / "diffusion_pytorch_model.safetensors"
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "2", "--disc-weight", "0", "--out", str(tmp_path / "run"), "--export", str(exported)])
+    ref = diffusers.AutoencoderKL.from_pretrained(str(exported.parent)).eval()
+    ours = kl.build("tiny")
+    ours.load_state_dict(torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)["model"])
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert relative_error(ours.eval()(x), ref(x).sample) <= 1e-5
+
+
+def test_kl_eval_command_with_rfid(kl_data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "2", "--disc-weight", "0", "--out", out])
+    torch.manual_seed(0)
+    monkeypatch.setattr(kl, "load_inception", lambda device: nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 8)).double())
+    monkeypatch.setattr(kl, "inception_features", lambda net, x: net(x.double()))
+    record = kl.main(["eval", "--ckpt", os.path.join(out, "ckpt.pt"), "--device", "cpu", "--fid"])
+    assert math.isfinite(record["rfid"]) and record["rfid"] >= 0 and record["step"] == 2
+    assert "rFID" in capsys.readouterr().out
+    assert kl_records(out, "eval")[-1] == record
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(kl_data, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = kl.reconstruction_loss
+
+    def poisoned(x, x_rec, kind="l1"):
+        calls["n"] += 1
+        return real(x, x_rec, kind) * (float("nan") if calls["n"] > 5 else 1.0)
+    monkeypatch.setattr(kl, "reconstruction_loss", poisoned)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "12", "--ckpt-every", "4", "--disc-weight", "0", "--out", out])
+    assert e.value.code == 2
+    kl_error(capsys, "nan", "last good step")
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
+
+
+# ----------------------------------------------------------------------------- kl_autoencoder.py: data
+
+def test_npz_loader_and_stratified_split(kl_data):
+    data, labels = kl.load_images(kl_data, 16, "unused")
+    assert len(data) == 96 and data[0].shape == (3, 16, 16) and data[0].dtype == torch.uint8
+    train, val = kl.split(len(data), 16, labels, seed=3)
+    assert len(val) == 16 and len(train) == 80 and not set(train.tolist()) & set(val.tolist())
+    assert torch.bincount(labels[val]).tolist() == [4, 4, 4, 4]  # stratified: 96 images, 4 classes of 24
+    assert torch.equal(kl.split(len(data), 16, labels, seed=3)[1], val)  # fixed by the seed
+
+
+def test_stratified_split_rounds_to_the_exact_size():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    _, val = kl.split(100, 15, labels)
+    assert len(val) == 15 and torch.bincount(labels[val]).tolist() == [8, 4, 3]  # shares 7.5, 4.5, 3.0
+
+
+def test_folder_loader_finds_images_recursively_and_crops(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    torchvision.io.write_png(torch.zeros(3, 40, 60, dtype=torch.uint8), str(tmp_path / "a" / "wide.png"))
+    torchvision.io.write_jpeg(torch.full((3, 50, 30), 200, dtype=torch.uint8), str(tmp_path / "a" / "b" / "tall.jpg"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    data, labels = kl.load_images(str(tmp_path), 16, "unused")
+    assert len(data) == 2 and labels is None
+    assert all(data[i].shape == (3, 16, 16) for i in range(2))
+
+
+def test_torchvision_loader_reads_mnist_as_rgb(tmp_path):
+    make_mnist(str(tmp_path))
+    data, labels = kl.load_images("mnist", 32, str(tmp_path))
+    assert len(data) == 256 and data[0].shape == (3, 32, 32) and torch.equal(data[0][0], data[0][1]) and len(labels) == 256
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--preset", "small", "--resolution", "30"], ["--resolution 30", "multiple of 4", "28 or 32"]),
+    (["--resolution", "16"], ["discriminator", "--disc-weight 0"]),
+    (["--data", "nowhere.npz"], ["nowhere.npz"]),
+    (["--data", "cifar10"], ["could not get cifar10", "--data-root"]),
+    (["--steps", "3", "--epochs", "1"], ["--steps and --epochs"]),
+])
+def test_kl_bad_input_is_one_line_error(kl_data, tmp_path, monkeypatch, capsys, argv, words):
+    def offline(self, *args, **kwargs):
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    base = ["train", "--data", kl_data, "--preset", "tiny", "--resolution", "32", "--device", "cpu", "--perceptual-weight", "0",
+            "--val-size", "16", "--data-root", str(tmp_path), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        kl.main(base + argv)
+    assert e.value.code == 2
+    kl_error(capsys, *words)
+
+
+def test_perceptual_weights_offline_is_one_line_error(kl_data, tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit):
+        kl.main(["train", "--data", kl_data, "--preset", "tiny", "--resolution", "32", "--device", "cpu", "--out", str(tmp_path / "r")])
+    kl_error(capsys, "vgg16", "--perceptual-weight 0")
