@@ -4,13 +4,21 @@ to bottom. The architecture is that of diffusers' AutoencoderKL, and the weights
 a diffusers state dict loads here with strict=True, key for key.
 
     python kl_autoencoder.py reconstruct --weights vae.safetensors --preset sd --image in.png --out out.png
+    python kl_autoencoder.py train --data images/ --preset sd --resolution 256 --out runs/kl
+    torchrun --nproc_per_node 8 kl_autoencoder.py train --data images/ ...    # one process per GPU
+    python kl_autoencoder.py eval --ckpt runs/kl/ckpt.pt --fid --export vae/diffusion_pytorch_model.safetensors
+    python kl_autoencoder.py train --help                                     # every option
 
 An image x (values in [-1, 1]) is encoded to a diagonal Gaussian posterior q(z|x) over a latent
 with `latent_channels` channels and 1/f of the image's height and width (f = 2^(levels - 1), 8 for
 SD); decoding z (the posterior mean, or a sample) gives the reconstruction. Diffusion models work on
 z * scaling_factor, a number chosen so that the scaled latents have unit standard deviation.
 
-Sections: config, images, data, model, weights (safetensors), the math, training, evaluation, commands.
+Training follows LDM's recipe (L1 + perceptual + KL + PatchGAN with an adaptive weight), with two
+of its bugs fixed: the learned log-variance is optimised, and the perceptual loss has a gradient.
+
+Sections: config and command line, images, data, model, weights (safetensors), the math, training,
+evaluation, commands and entry point.
 """
 
 import argparse
@@ -35,7 +43,7 @@ import torch.nn.functional as F
 import torchvision
 
 # -----------------------------------------------------------------------------
-# config
+# config and command line
 
 PRESETS = {
     # Stable Diffusion 1.x / 2.x: kl-f8, 83,653,863 parameters.
@@ -65,6 +73,89 @@ def get_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
     return torch.device(name)
+
+def parse_args(argv=None):
+    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct an image, train, evaluate.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    r = sub.add_parser("reconstruct", help="encode and decode one image with given weights", formatter_class=fmt)
+    r.add_argument("--weights", required=True, help="a diffusers-format .safetensors file (e.g. diffusion_pytorch_model.safetensors)")
+    r.add_argument("--preset", default="sd", choices=sorted(PRESETS), help="the architecture the weights are for")
+    r.add_argument("--image", required=True)
+    r.add_argument("--out", required=True, help="where to write the reconstruction (.png, or .jpg)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 is for GPUs (fp16 overflows in the SDXL VAE)")
+
+    t = sub.add_parser("train", help="train an autoencoder (one process, or one per GPU under torchrun)", formatter_class=fmt)
+    e = sub.add_parser("eval", help="evaluate a checkpoint on held-out images", formatter_class=fmt)
+    for q, train in ((t, True), (e, False)):  # what both need, with eval's defaults taken from the checkpoint
+        g = q.add_argument_group("data")
+        g.add_argument("--data", required=train, default=None, help="a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, celeba")
+        g.add_argument("--val-data", default=None, help="held-out images (otherwise --val-size images of --data are held out)")
+        g.add_argument("--val-size", type=int, default=1000 if train else None, help="held-out images split off --data (stratified by label when it has labels)")
+        g.add_argument("--data-root", default="./data" if train else None, help="where torchvision datasets are kept")
+        g.add_argument("--resolution", type=int, default=256 if train else None, help="images are resized and centre-cropped to this square")
+        g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 for image files, 0 for arrays in memory)")
+        g.add_argument("--seed", type=int, default=0 if train else None, help="the split, the data order, the initialisation")
+        g = q.add_argument_group("run")
+        g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+        g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA, else fp32)")
+        g.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
+        g.add_argument("--export", default=None, metavar="FILE", help="also write the weights as a diffusers safetensors file, config.json beside it")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    e.add_argument("--out", default=None, help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
+
+    g = t.add_argument_group("model")
+    g.add_argument("--preset", default="sd", choices=sorted(PRESETS))
+    g.add_argument("--block-out-channels", type=int, nargs="+", default=None, help="overrides the preset")
+    g.add_argument("--layers-per-block", type=int, default=None, help="overrides the preset")
+    g.add_argument("--latent-channels", type=int, default=None, help="overrides the preset")
+    g = t.add_argument_group("loss")
+    g.add_argument("--rec-loss", default="l1", choices=["l1", "mse"])
+    g.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS-style VGG16 term (0: off, nothing downloaded)")
+    g.add_argument("--lpips-weights", default=None, help="the LPIPS project's v0.1 vgg.pth for calibrated channel weights (default: all 1)")
+    g.add_argument("--kl-weight", type=float, default=1e-6, help="on the KL summed over latent elements (LDM)")
+    g.add_argument("--disc-weight", type=float, default=0.5, help="adversarial term (0: no discriminator)")
+    g.add_argument("--disc-start", type=int, default=50001, help="step at which the discriminator starts (LDM: 50001)")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=8, help="per process")
+    g.add_argument("--lr", type=float, default=1e-4, help="both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's; 0 is Adam")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs, or 10000)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm of the autoencoder (0: off)")
+    g.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="keep an exponential moving average of the weights (e.g. 0.999)")
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    g.add_argument("--compile", action="store_true")
+    g = t.add_argument_group("outputs")
+    g.add_argument("--out", default=os.path.join("runs", "kl"))
+    g.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt")
+    g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--ckpt-every", type=int, default=1000)
+    g.add_argument("--eval-every", type=int, default=1000, help="held-out evaluation every N steps (0: only at the end)")
+
+    args = p.parse_args(argv)
+    if args.command == "train":
+        for name in ("batch_size", "log_every", "ckpt_every", "resolution", "val_size"):
+            if getattr(args, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("steps", "epochs"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+        if args.steps is not None and args.epochs is not None:
+            raise UserError("--steps and --epochs: pass one of them")
+        if args.steps is None and args.epochs is None:
+            args.steps = 10_000
+        if not 0 <= args.ema < 1:
+            raise UserError(f"--ema {args.ema}: a decay in [0, 1), e.g. 0.999 (0: off)")
+        if min(args.kl_weight, args.perceptual_weight, args.disc_weight, args.grad_clip, args.weight_decay, args.lr) < 0 or args.lr == 0:
+            raise UserError("--lr must be positive, and the loss weights, --grad-clip and --weight-decay not negative")
+    if args.command in ("train", "eval") and args.workers is None and args.data is not None:
+        args.workers = 4 if os.path.isdir(args.data) or args.data == "celeba" else 0
+    return args
+
 
 # -----------------------------------------------------------------------------
 # images
@@ -848,11 +939,13 @@ def gather(obj, world):
     return objects
 
 
-def weights_digest(module):
-    """sha256 of every parameter's bytes: equal on two ranks only if their weights are identical."""
+def weights_digest(*modules):
+    """sha256 of the bytes of every parameter and buffer: equal on two ranks only if their
+    weights (and the discriminator's BatchNorm statistics) are identical."""
     h = hashlib.sha256()
-    for p in module.parameters():
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for module in modules:
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -939,9 +1032,10 @@ def _train(args, rank, world, device, main_process):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(sampler)} training images of each of the {world} processes")
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
 
-    torch.manual_seed(args.seed + rank)  # each rank draws its own posterior samples
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = Trainable(AutoencoderKL(**config)).to(device)
     disc = NLayerDiscriminator().to(device)
+    torch.manual_seed(args.seed + rank)  # and each rank's own posterior samples
     if world > 1 and cuda:
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     if cuda:
@@ -1058,7 +1152,7 @@ def _train(args, rank, world, device, main_process):
             if step >= total:
                 break
     if world > 1:
-        digests = gather(weights_digest(model), world)
+        digests = gather(weights_digest(model, disc), world)
         if main_process:
             if len(set(digests)) != 1:
                 raise RuntimeError(f"the ranks ended with different weights: {digests}")
@@ -1197,7 +1291,7 @@ def evaluate(autoencoder, images, args, device, inception=None, picture=None, me
     return record
 
 # -----------------------------------------------------------------------------
-# commands
+# commands and entry point
 
 
 @torch.no_grad()
@@ -1254,89 +1348,6 @@ def eval_command(args):
     if args.export:
         export(model, args.export, args.resolution)
     return record
-
-
-def parse_args(argv=None):
-    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct an image, train, evaluate.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    r = sub.add_parser("reconstruct", help="encode and decode one image with given weights", formatter_class=fmt)
-    r.add_argument("--weights", required=True, help="a diffusers-format .safetensors file (e.g. diffusion_pytorch_model.safetensors)")
-    r.add_argument("--preset", default="sd", choices=sorted(PRESETS), help="the architecture the weights are for")
-    r.add_argument("--image", required=True)
-    r.add_argument("--out", required=True, help="where to write the reconstruction (.png, or .jpg)")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 is for GPUs (fp16 overflows in the SDXL VAE)")
-
-    t = sub.add_parser("train", help="train an autoencoder (one process, or one per GPU under torchrun)", formatter_class=fmt)
-    e = sub.add_parser("eval", help="evaluate a checkpoint on held-out images", formatter_class=fmt)
-    for q, train in ((t, True), (e, False)):  # what both need, with eval's defaults taken from the checkpoint
-        g = q.add_argument_group("data")
-        g.add_argument("--data", required=train, default=None, help="a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, celeba")
-        g.add_argument("--val-data", default=None, help="held-out images (otherwise --val-size images of --data are held out)")
-        g.add_argument("--val-size", type=int, default=1000 if train else None, help="held-out images split off --data (stratified by label when it has labels)")
-        g.add_argument("--data-root", default="./data" if train else None, help="where torchvision datasets are kept")
-        g.add_argument("--resolution", type=int, default=256 if train else None, help="images are resized and centre-cropped to this square")
-        g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 for image files, 0 for arrays in memory)")
-        g.add_argument("--seed", type=int, default=0 if train else None, help="the split, the data order, the initialisation")
-        g = q.add_argument_group("run")
-        g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-        g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA, else fp32)")
-        g.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
-        g.add_argument("--export", default=None, metavar="FILE", help="also write the weights as a diffusers safetensors file, config.json beside it")
-    e.add_argument("--ckpt", required=True)
-    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    e.add_argument("--out", default=None, help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
-
-    g = t.add_argument_group("model")
-    g.add_argument("--preset", default="sd", choices=sorted(PRESETS))
-    g.add_argument("--block-out-channels", type=int, nargs="+", default=None, help="overrides the preset")
-    g.add_argument("--layers-per-block", type=int, default=None, help="overrides the preset")
-    g.add_argument("--latent-channels", type=int, default=None, help="overrides the preset")
-    g = t.add_argument_group("loss")
-    g.add_argument("--rec-loss", default="l1", choices=["l1", "mse"])
-    g.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS-style VGG16 term (0: off, nothing downloaded)")
-    g.add_argument("--lpips-weights", default=None, help="the LPIPS project's v0.1 vgg.pth for calibrated channel weights (default: all 1)")
-    g.add_argument("--kl-weight", type=float, default=1e-6, help="on the KL summed over latent elements (LDM)")
-    g.add_argument("--disc-weight", type=float, default=0.5, help="adversarial term (0: no discriminator)")
-    g.add_argument("--disc-start", type=int, default=50001, help="step at which the discriminator starts (LDM: 50001)")
-    g = t.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=8, help="per process")
-    g.add_argument("--lr", type=float, default=1e-4, help="both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's; 0 is Adam")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs, or 10000)")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm of the autoencoder (0: off)")
-    g.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="keep an exponential moving average of the weights (e.g. 0.999)")
-    g.add_argument("--hflip", action="store_true", help="random horizontal flips")
-    g.add_argument("--compile", action="store_true")
-    g = t.add_argument_group("outputs")
-    g.add_argument("--out", default=os.path.join("runs", "kl"))
-    g.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt")
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--ckpt-every", type=int, default=1000)
-    g.add_argument("--eval-every", type=int, default=1000, help="held-out evaluation every N steps (0: only at the end)")
-
-    args = p.parse_args(argv)
-    if args.command == "train":
-        for name in ("batch_size", "log_every", "ckpt_every", "resolution", "val_size"):
-            if getattr(args, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("steps", "epochs"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise UserError(f"--{name} must be at least 1")
-        if args.steps is not None and args.epochs is not None:
-            raise UserError("--steps and --epochs: pass one of them")
-        if args.steps is None and args.epochs is None:
-            args.steps = 10_000
-        if not 0 <= args.ema < 1:
-            raise UserError(f"--ema {args.ema}: a decay in [0, 1), e.g. 0.999 (0: off)")
-        if min(args.kl_weight, args.perceptual_weight, args.disc_weight, args.grad_clip, args.weight_decay, args.lr) < 0 or args.lr == 0:
-            raise UserError("--lr must be positive, and the loss weights, --grad-clip and --weight-decay not negative")
-    if args.command in ("train", "eval") and args.workers is None and args.data is not None:
-        args.workers = 4 if os.path.isdir(args.data) or args.data == "celeba" else 0
-    return args
 
 
 def main(argv=None):

@@ -501,3 +501,91 @@ def test_perceptual_distance_is_zero_for_identical_images_and_symmetric(perceptu
     assert torch.equal(perceptual(x, x), torch.zeros(2))
     d_xy, d_yx = perceptual(x, y), perceptual(y, x)
     assert (d_xy > 0).all() and torch.allclose(d_xy, d_yx, rtol=1e-5)
+
+
+def ssim_reference(x, y, window=11, sigma=1.5):
+    """SSIM written out position by position in float64 (numpy), for one single-channel image."""
+    g = np.exp(-(np.arange(window) - (window - 1) / 2) ** 2 / (2 * sigma ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    values = []
+    for i in range(x.shape[0] - window + 1):
+        for j in range(x.shape[1] - window + 1):
+            a, b = x[i:i + window, j:j + window], y[i:i + window, j:j + window]
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb, cov = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum(), (w * (a - ma) * (b - mb)).sum()
+            values.append((2 * ma * mb + 1e-4) * (2 * cov + 9e-4) / ((ma ** 2 + mb ** 2 + 1e-4) * (va + vb + 9e-4)))
+    return float(np.mean(values))
+
+
+@given(seeds, st.floats(0.01, 0.5))
+@settings(max_examples=15)
+def test_ssim_matches_a_position_by_position_reference(seed, noise):
+    rng = np.random.default_rng(seed)
+    x = rng.random((14, 15))
+    y = np.clip(x + noise * rng.standard_normal(x.shape), 0, 1)
+    got = kl.ssim(torch.tensor(x, dtype=torch.float32)[None, None], torch.tensor(y, dtype=torch.float32)[None, None]).item()
+    assert got == pytest.approx(ssim_reference(x, y), abs=1e-5)  # float32 against float64
+
+
+def linear_features(scale=1.0, seed=0, activation=torch.nn.ReLU):
+    """A stand-in for VGG16's .features with the same slice points and channel counts: 1x1
+    convolutions without bias (scaled by `scale`) where each slice starts, `activation` elsewhere,
+    so the features of c * W are c times those of W."""
+    g = torch.Generator().manual_seed(seed)
+    layers, channels = [], dict(zip((0, 4, 9, 16, 23), zip((3, *kl.VGG_CHANNELS[:-1]), kl.VGG_CHANNELS)))
+    for i in range(30):
+        if i in channels:
+            conv = torch.nn.Conv2d(*channels[i], 1, bias=False)
+            conv.weight.data = scale * torch.randn(conv.weight.shape, generator=g, dtype=torch.float32)
+            layers.append(conv)
+        else:
+            layers.append(activation())
+    return torch.nn.Sequential(*layers)
+
+
+def perceptual_reference(features, x, y):
+    """The LPIPS-style distance written out in float64, slice by slice."""
+    bounds, total = (0, *kl.VGG_SLICES), 0.0
+    shift, scale = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    hx, hy = ((v.double() - shift) / scale for v in (x, y))
+    for a, b in zip(bounds, bounds[1:]):
+        block = features[a:b].double()
+        hx, hy = block(hx), block(hy)
+        nx, ny = hx / (hx.pow(2).sum(1, keepdim=True) + 1e-10).sqrt(), hy / (hy.pow(2).sum(1, keepdim=True) + 1e-10).sqrt()
+        total = total + (nx - ny).pow(2).sum(1).mean(dim=(1, 2))
+    return total
+
+
+@given(seeds, st.floats(0.1, 10))
+@settings(max_examples=10)
+def test_perceptual_distance_normalises_each_feature_vector(seed, c):
+    g = torch.Generator().manual_seed(seed)
+    x, y = (torch.rand(2, 3, 8, 8, generator=g, dtype=torch.float32) * 2 - 1 for _ in range(2))
+    features = linear_features(seed=seed)
+    d = kl.Perceptual(features).float()(x, y)
+    assert torch.allclose(d.double(), perceptual_reference(features, x, y), rtol=1e-4)
+    # features scaled by c > 0 are the same unit vectors: the distance does not change
+    assert torch.allclose(kl.Perceptual(linear_features(c, seed)).float()(x, y), d, rtol=1e-4)
+
+
+def test_perceptual_gradient_is_finite_for_all_zero_features():
+    """All-zero feature vectors (a network of zero weights): eps inside the square root keeps the
+    gradient finite; outside it, d sqrt(sum f^2) / df = f / sqrt(sum f^2) is 0 / 0. (No ReLU here:
+    VGG's ReLUs happen to mask that NaN, a network whose features end in a linear layer does not.)"""
+    perceptual = kl.Perceptual(linear_features(0.0, activation=torch.nn.Identity)).float()
+    x = (torch.rand(1, 3, 8, 8, dtype=torch.float32) * 2 - 1).requires_grad_()
+    perceptual(x, torch.zeros(1, 3, 8, 8, dtype=torch.float32)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@given(seeds, st.floats(-3, 3))
+@settings(max_examples=30)
+def test_nll_with_learned_logvar_is_its_formula_and_minimal_at_the_mean_error(seed, s):
+    """sum(rec / e^s + s) / B; over s it is smallest at s* = log(mean rec), where its derivative
+    sum(1 - rec e^-s) / B vanishes: the learned scale settles at the mean reconstruction error."""
+    rec = t(np.random.default_rng(seed).random((2, 3, 4, 4)) + 0.01)
+    assert kl.nll_loss(rec, t(s)).item() == pytest.approx(((rec / math.exp(s) + s).sum() / 2).item(), rel=1e-12)
+    s_star = t(math.log(rec.mean().item())).requires_grad_()
+    kl.nll_loss(rec, s_star).backward()
+    assert abs(s_star.grad.item()) < 1e-9
+    assert kl.nll_loss(rec, s_star.detach()) <= kl.nll_loss(rec, t(s))

@@ -166,8 +166,8 @@ def test_every_output_is_written(trained):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     samples = torchvision.io.read_image(os.path.join(out, "samples.png"))
     assert samples.shape == (1, 8 * 30 + 2, 8 * 30 + 2)  # 8 x 8 digits of 28 pixels, 2-pixel borders
-    final = read_metrics(out)[-1]
-    assert final["kind"] == "eval" and final == record
+    final = [r for r in read_metrics(out) if r["kind"] == "eval"][0]  # (test_eval_only... may append another)
+    assert final == record
     for key in ["test_nelbo", "test_nll", "eval_samples", "active_units", "posterior_mean", "posterior_std"]:
         assert key in final
     assert final["eval_samples"] == 16 and 0 <= final["active_units"] <= 4
@@ -194,7 +194,17 @@ def test_every_variant_trains(data_dir, tmp_path, flags):
     record = vae.main(["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "2", *TINY, *flags])
     epochs = [r for r in read_metrics(str(tmp_path)) if r["kind"] == "epoch"]
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["test_nelbo"]) for r in epochs)
-    assert math.isfinite(record["test_nll"]) and record["test_nll"] <= record["test_nelbo"] + 1
+    # -L_16 below the one-sample -ELBO: after two epochs the gap is several nats, the noise of each
+    # estimate on 64 test images a fraction of one
+    assert math.isfinite(record["test_nll"]) and record["test_nll"] < record["test_nelbo"]
+
+
+def test_a_new_run_starts_the_decoder_at_the_mean_image(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(vae, "train_epoch", lambda *args: [0.0, 0.0, 0.0])  # no training: the saved model is the initial one
+    vae.main(["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "1", *TINY])
+    bias = torch.load(str(tmp_path / "ckpt.pt"), weights_only=True)["model"]["out_bias"]
+    x_train, _ = vae.load_mnist(data_dir, torch.device("cpu"))
+    assert torch.allclose(bias, torch.logit(x_train.mean(0).clamp(1e-3, 1 - 1e-3)))
 
 
 def test_output_bias_starts_at_the_mean_image():
@@ -654,8 +664,9 @@ def test_kl_training_lowers_the_loss_and_learns_the_logvar(kl_data, tmp_path, ca
     kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "40", "--disc-start", "20", "--out", out])
     logs = kl_records(out, "train")
     assert [r["step"] for r in logs] == list(range(4, 41, 4))
-    # L1 from about 0.5 (a fresh decoder) well below, on images that are smooth colour fields
-    assert logs[-1]["rec"] < 0.6 * logs[0]["rec"]
+    # L1 over the first 4 steps is about 0.4; the mean over 4 steps moves by a few hundredths from
+    # one log line to the next once it has come down, so a fall of 0.1 is learning, not noise
+    assert logs[-1]["rec"] < logs[0]["rec"] - 0.1
     assert logs[-1]["g"] != 0 and logs[-1]["lambda"] > 0 and logs[0]["g"] == 0  # the discriminator joined at step 20
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 40 and ckpt["logvar"].item() != 0.0  # the learned log-variance moved
@@ -686,6 +697,18 @@ def test_perceptual_loss_trains_the_autoencoder_not_the_vgg(kl_data, tmp_path, m
     perceptual(x, model(x)).sum().backward()
     assert model.decoder.conv_out.weight.grad.abs().sum() > 0 and model.encoder.conv_in.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in perceptual.parameters())
+
+
+def test_perceptual_term_reaches_the_autoencoder_in_training(kl_data, tmp_path, monkeypatch):
+    """After one step from the same start, the decoder differs with the perceptual term on and off.
+    (Adam's first step is lr * sign(gradient), so only a gradient that carries the term differs.)"""
+    monkeypatch.setattr(kl, "load_vgg16", random_vgg_features)
+    decoders = []
+    for weight in ("0", "1"):
+        out = str(tmp_path / f"w{weight}")
+        kl.main(["train", "--data", kl_data, *KL_TINY, "--perceptual-weight", weight, "--disc-weight", "0", "--steps", "1", "--out", out])
+        decoders.append(torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]["decoder.conv_out.weight"])
+    assert not torch.equal(*decoders)
 
 
 def test_perceptual_gradient_is_finite_where_features_vanish():

@@ -682,9 +682,9 @@ def run(cfg):
     fid_text = f" | FID {record['fid']:.2f} (torchvision Inception)" if "fid" in record else ""
     print(f"test -ELBO {record['test_nelbo']:.2f} | test NLL (K={cfg.eval_samples}) {record['test_nll']:.2f} nats | "
           f"active units {record['active_units']}/{record['latent_dim']}{fid_text}")
-    q_mean, q_std = torch.tensor(record["posterior_mean"]), torch.tensor(record["posterior_std"])
-    print(f"aggregate posterior q(z): |mean| <= {q_mean.abs().max():.2f}, std from {q_std.min():.2f} to {q_std.max():.2f} "
-          f"per dimension (the prior N(0, I): 0 and 1)")
+    print("aggregate posterior q(z) per latent dimension (the prior N(0, I) has mean 0 and std 1):")
+    print("  mean " + " ".join(f"{m:+.2f}" for m in record["posterior_mean"]))
+    print("  std  " + " ".join(f"{s:5.2f}" for s in record["posterior_std"]))
     print(f"wrote {cfg.out}/: ckpt.pt, metrics.jsonl, samples.png, reconstructions.png, interpolations.png"
           + (", manifold.png" if record["latent_dim"] == 2 else ""))
     return record
