@@ -21,6 +21,8 @@ float32; ours optionally with bf16 autocast (--amp) and channels_last memory (--
 On CUDA it also reports peak memory, and the inference time of encode + decode of one image.
 
 Each side runs --warmup epochs (or steps) first, then --repeats timed ones; the median is reported.
+The kl steps are interleaved (one side, then the other, alternating which goes first), so that the
+drifts in speed of a shared machine affect both sides alike.
 """
 
 import argparse
@@ -119,44 +121,59 @@ def bench_kl(args, device):
         raise SystemExit("bench.py: error: bench.py kl compares with diffusers: pip install diffusers")
     config = kl.PRESETS[args.preset]
     n = len(config["block_out_channels"])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
-    results = {}
-    for side in ("diffusers", "ours"):
+
+    def side(name):
+        """(model, optimizer, one training step) of one side."""
         torch.manual_seed(0)
-        if side == "diffusers":
+        if name == "diffusers":
             model = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                                             **{k: v for k, v in config.items() if k != "scaling_factor"}).to(device)
             encode, decode, inputs = (lambda x: model.encode(x).latent_dist), (lambda z: model.decode(z).sample), x
             autocast = torch.autocast(device.type, enabled=False)
         else:
-            model = kl.build(args.preset).to(device)
-            inputs = x
+            model, inputs = kl.build(args.preset).to(device), x
             if args.channels_last:
                 model, inputs = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
             encode, decode = model.encode, model.decode
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=cuda)
 
         def step():
             with autocast:
                 kl_step(encode, decode, opt, inputs)
-        seconds = timed(step, device, args.warmup, args.repeats)
-        memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-        results[side] = (seconds, memory)
-        del model, opt
+        return model, opt, step
+
+    sides = {name: side(name) for name in ("diffusers", "ours")}
+    peak = {}
+    for name, (model, opt, step) in sides.items():
+        for _ in range(args.warmup):
+            step()
+        if cuda:  # this side's resident state (weights, gradients, Adam) plus what one step allocates on top of everything
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize()
+            tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
+            tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+            peak[name] = (sum(t.numel() * t.element_size() for t in tensors) + torch.cuda.max_memory_allocated(device) - before) / 2 ** 30
+    times = {name: [] for name in sides}
+    for r in range(args.repeats):  # interleaved, first one side then the other, so that drifts of the machine hit both
+        for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            times[name].append(timed(sides[name][2], device, 0, 1))
+    seconds = {name: statistics.median(t) for name, t in times.items()}
     label = f"{args.preset}, batch {args.batch_size}, {args.resolution}x{args.resolution}"
-    print(f"{describe(device)}; {label}; median of {args.repeats} steps after {args.warmup} warm-up")
+    print(f"{describe(device)}; {label}; median of {args.repeats} interleaved steps after {args.warmup} warm-up each")
     ours_label = "kl_autoencoder.py" + " bf16" * args.amp + " channels_last" * args.channels_last
-    for name, (seconds, memory) in [("diffusers AutoencoderKL fp32", results["diffusers"]), (ours_label, results["ours"])]:
-        mem = f"  peak {memory:6.2f} GiB" if device.type == "cuda" else ""
-        print(f"{name:<48} {seconds:7.3f} s/step {args.batch_size / seconds:9.1f} img/s{mem}")
-    print(f"speed-up: {results['diffusers'][0] / results['ours'][0]:.2f}x")
-    if device.type == "cuda":
+    for name, shown in [("diffusers", "diffusers AutoencoderKL fp32"), ("ours", ours_label)]:
+        mem = f"  peak {peak[name]:6.2f} GiB" if cuda else ""
+        print(f"{shown:<48} {seconds[name]:7.3f} s/step {args.batch_size / seconds[name]:9.1f} img/s{mem}")
+    print(f"speed-up: {seconds['diffusers'] / seconds['ours']:.2f}x")
+    if cuda:
+        del sides
         model = kl.build(args.preset).to(device).eval()
         image = torch.rand(1, 3, 512, 512, device=device) * 2 - 1
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
@@ -171,7 +188,7 @@ def main():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for our side (CUDA)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for our side (CUDA, or a CPU with bf16 units)")
     g = p.add_argument_group("vae")
     g.add_argument("--data-dir", default="./data")
     g.add_argument("--compile", action="store_true", help="torch.compile vae.py's forward")
