@@ -279,8 +279,9 @@ def reparameterize(mu, logvar):
 
 def gaussian_kl(mu, logvar):
     """KL(N(mu, diag exp(logvar)) || N(0, I)) = 1/2 sum_j (mu_j^2 + exp(logvar_j) - 1 - logvar_j)
-    (Kingma & Welling 2014, appendix B), in nats, summed over the last (latent) dimension."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
+    (Kingma & Welling 2014, appendix B), in nats, summed over the last (latent) dimension.
+    exp(v) - 1 is computed as expm1(v), which keeps each term >= 0 in floating point near v = 0."""
+    return 0.5 * (mu.pow(2) + torch.expm1(logvar) - logvar).sum(-1)
 
 
 def log_bernoulli(x, logits):
