@@ -75,7 +75,7 @@ def read_metrics(out):
         return [json.loads(line) for line in f]
 
 
-def run_main(args, capsys=None):
+def run_main(args):
     """vae.main in this process; returns the exit code (0 when it returned normally)."""
     try:
         vae.main(args)
