@@ -831,7 +831,7 @@ def ssim(x, y, window=11, sigma=1.5):
     every position where it fits (no padding), C1 = 0.01^2, C2 = 0.03^2. (B, C, H, W) -> (B,)."""
     c = x.shape[1]
     g = torch.exp(-(torch.arange(window, dtype=torch.float32, device=x.device) - (window - 1) / 2) ** 2 / (2 * sigma ** 2))
-    g = (g / g.sum())
+    g = g / g.sum()
     kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
 
     def blur(t):
@@ -1014,7 +1014,7 @@ def _train(args, rank, world, device, main_process):
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     if ckpt is None and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or another --out for a new run")
-    if ckpt is not None and ckpt["config"]["model"] != {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}:
+    if ckpt is not None and ckpt["config"]["model"] != with_lists(config):
         raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: pass its sizes, or another --out")
     perceptual = Perceptual(load_vgg16()).to(device) if args.perceptual_weight > 0 else None  # downloads fail here, early
     if perceptual is not None and args.lpips_weights:
@@ -1167,8 +1167,12 @@ def _train(args, rank, world, device, main_process):
 
 def checkpoint_config(args, config):
     """What a checkpoint records: the model's keywords and the options of the run."""
-    return {"model": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "func"}}
+    return {"model": with_lists(config), **with_lists(vars(args))}
+
+
+def with_lists(d):
+    """The dict with its tuples as lists, as JSON and a reloaded checkpoint hold them (so they compare equal)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def datasets(args):
@@ -1189,7 +1193,7 @@ def export(autoencoder, path, sample_size):
     n = len(c["block_out_channels"])
     config = {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
               "up_block_types": ["UpDecoderBlock2D"] * n, "mid_block_add_attention": True, "sample_size": sample_size,
-              **{k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}}
+              **with_lists(c)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if os.path.exists(config_path):

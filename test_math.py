@@ -20,7 +20,6 @@ N = 200_000  # Monte Carlo samples per check
 SE = 6  # allowed standard errors
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def float64():
     """The formulas are dtype-agnostic; these tests run them in float64 (restored afterwards)."""
