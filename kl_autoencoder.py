@@ -11,14 +11,30 @@ a diffusers state dict loads here with strict=True, key for key.
 
 An image x (values in [-1, 1]) is encoded to a diagonal Gaussian posterior q(z|x) over a latent
 with `latent_channels` channels and 1/f of the image's height and width (f = 2^(levels - 1), 8 for
-SD); decoding z (the posterior mean, or a sample) gives the reconstruction. Diffusion models work on
-z * scaling_factor, a number chosen so that the scaled latents have unit standard deviation.
+SD); decoding z (the posterior mean, or a sample) gives the reconstruction x_rec. Diffusion models
+work on z * scaling_factor, a number chosen so that the scaled latents have unit standard deviation.
 
-Training follows LDM's recipe (L1 + perceptual + KL + PatchGAN with an adaptive weight), with two
-of its bugs fixed: the learned log-variance is optimised, and the perceptual loss has a gradient.
+THE OBJECTIVE (LDM's; sums over pixels and latent elements, means over the batch), one step:
 
-Sections: config and command line, images, data, model, weights (safetensors), the math, training,
-evaluation, commands and entry point.
+    autoencoder    loss = nll + kl_weight * KL(q(z|x) || N(0, I)) + disc_weight * lambda * g
+                   nll  = sum_pixels (|x - x_rec| + perceptual_weight * LPIPS(x, x_rec)) / exp(s) + s
+                   g    = -mean D(x_rec),   lambda = ||grad_L nll|| / (||grad_L g|| + 1e-4),  L = decoder.conv_out
+    discriminator  d    = 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))
+
+with x_rec the decoding of a sample z ~ q(z|x), s a scalar log-variance (learned with --learn-logvar,
+the default; LDM's code leaves it at 0), D a PatchGAN discriminator and both adversarial terms off
+before --disc-start. With terms averaged over elements instead of summed, the same balance needs
+kl_weight * N_latent / N_pixels (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels).
+
+The file:
+    Part I, the autoencoder and its objective (541 lines): read this part to learn the model
+        model           the modules in the order an image meets them, AutoencoderKL, the posterior
+        loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
+        training step   train_step: the autoencoder's step, its EMA, the discriminator's step
+        metrics         PSNR, SSIM, Frechet distance, evaluate
+    Part II, running it (992 lines)
+        images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, export),
+        distributed training and exact resume, the training run, the command line, commands and main
 """
 
 import argparse
@@ -34,6 +50,7 @@ import os
 import struct
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -42,297 +59,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-# -----------------------------------------------------------------------------
-# config and command line
 
-PRESETS = {
-    # Stable Diffusion 1.x / 2.x: kl-f8, 83,653,863 parameters.
-    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, scaling_factor=0.18215),
-    # SDXL: the same shapes, another scaling factor.
-    "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, scaling_factor=0.13025),
-    # small ones for CPUs and tests
-    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, latent_channels=4),
-    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4),
-}
-
-
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
 class UserError(Exception):
     """A mistake in how the program was called: main() prints it as one line and exits with 2."""
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error of ours
-        raise UserError(f"{message} (see --help)")
-
-
-def get_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False); use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
-    return torch.device(name)
-
-def parse_args(argv=None):
-    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct an image, train, evaluate.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    r = sub.add_parser("reconstruct", help="encode and decode one image with given weights", formatter_class=fmt)
-    r.add_argument("--weights", required=True, help="a diffusers-format .safetensors file (e.g. diffusion_pytorch_model.safetensors)")
-    r.add_argument("--preset", default="sd", choices=sorted(PRESETS), help="the architecture the weights are for")
-    r.add_argument("--image", required=True)
-    r.add_argument("--out", required=True, help="where to write the reconstruction (.png, or .jpg)")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 is for GPUs (fp16 overflows in the SDXL VAE)")
-
-    t = sub.add_parser("train", help="train an autoencoder (one process, or one per GPU under torchrun)", formatter_class=fmt)
-    e = sub.add_parser("eval", help="evaluate a checkpoint on held-out images", formatter_class=fmt)
-    for q, train in ((t, True), (e, False)):  # what both need, with eval's defaults taken from the checkpoint
-        g = q.add_argument_group("data")
-        g.add_argument("--data", required=train, default=None, help="a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, celeba")
-        g.add_argument("--val-data", default=None, help="held-out images (otherwise --val-size images of --data are held out)")
-        g.add_argument("--val-size", type=int, default=1000 if train else None, help="held-out images split off --data (stratified by label when it has labels)")
-        g.add_argument("--data-root", default="./data" if train else None, help="where torchvision datasets are kept")
-        g.add_argument("--resolution", type=int, default=256 if train else None, help="images are resized and centre-cropped to this square")
-        g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 for image files, 0 for arrays in memory)")
-        g.add_argument("--seed", type=int, default=0 if train else None, help="the split, the data order, the initialisation")
-        g = q.add_argument_group("run")
-        g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-        g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA, else fp32)")
-        g.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
-        g.add_argument("--export", default=None, metavar="FILE", help="also write the weights as a diffusers safetensors file, config.json beside it")
-    e.add_argument("--ckpt", required=True)
-    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    e.add_argument("--out", default=None, help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
-
-    g = t.add_argument_group("model")
-    g.add_argument("--preset", default="sd", choices=sorted(PRESETS))
-    g.add_argument("--block-out-channels", type=int, nargs="+", default=None, help="overrides the preset")
-    g.add_argument("--layers-per-block", type=int, default=None, help="overrides the preset")
-    g.add_argument("--latent-channels", type=int, default=None, help="overrides the preset")
-    g = t.add_argument_group("loss")
-    g.add_argument("--rec-loss", default="l1", choices=["l1", "mse"])
-    g.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS-style VGG16 term (0: off, nothing downloaded)")
-    g.add_argument("--lpips-weights", default=None, help="the LPIPS project's v0.1 vgg.pth for calibrated channel weights (default: all 1)")
-    g.add_argument("--kl-weight", type=float, default=1e-6, help="on the KL summed over latent elements (LDM)")
-    g.add_argument("--disc-weight", type=float, default=0.5, help="adversarial term (0: no discriminator)")
-    g.add_argument("--disc-start", type=int, default=50001, help="step at which the discriminator starts (LDM: 50001)")
-    g = t.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=8, help="per process")
-    g.add_argument("--lr", type=float, default=1e-4, help="both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's; 0 is Adam")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs, or 10000)")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm of the autoencoder (0: off)")
-    g.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="keep an exponential moving average of the weights (e.g. 0.999)")
-    g.add_argument("--hflip", action="store_true", help="random horizontal flips")
-    g.add_argument("--compile", action="store_true")
-    g = t.add_argument_group("outputs")
-    g.add_argument("--out", default=os.path.join("runs", "kl"))
-    g.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt")
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--ckpt-every", type=int, default=1000)
-    g.add_argument("--eval-every", type=int, default=1000, help="held-out evaluation every N steps (0: only at the end)")
-
-    args = p.parse_args(argv)
-    if args.command == "train":
-        for name in ("batch_size", "log_every", "ckpt_every", "resolution", "val_size"):
-            if getattr(args, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("steps", "epochs"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise UserError(f"--{name} must be at least 1")
-        if args.steps is not None and args.epochs is not None:
-            raise UserError("--steps and --epochs: pass one of them")
-        if args.steps is None and args.epochs is None:
-            args.steps = 10_000
-        if not 0 <= args.ema < 1:
-            raise UserError(f"--ema {args.ema}: a decay in [0, 1), e.g. 0.999 (0: off)")
-        if min(args.kl_weight, args.perceptual_weight, args.disc_weight, args.grad_clip, args.weight_decay, args.lr) < 0 or args.lr == 0:
-            raise UserError("--lr must be positive, and the loss weights, --grad-clip and --weight-decay not negative")
-    if args.command in ("train", "eval") and args.workers is None and args.data is not None:
-        args.workers = 4 if os.path.isdir(args.data) or args.data == "celeba" else 0
-    return args
-
-
-# -----------------------------------------------------------------------------
-# images
-
-
-def read_image(path, channels=3):
-    """An image file -> float tensor (1, C, H, W) in [-1, 1], the autoencoder's input range."""
-    if not os.path.isfile(path):
-        raise UserError(f"no image at {path}")
-    mode = torchvision.io.ImageReadMode.RGB if channels == 3 else torchvision.io.ImageReadMode.GRAY
-    try:
-        image = torchvision.io.read_image(path, mode=mode)
-    except RuntimeError as e:
-        raise UserError(f"cannot decode {path} as an image ({str(e).strip().splitlines()[0]})")
-    return image[None].float() / 127.5 - 1
-
-
-def to_uint8(x):
-    """[-1, 1] -> uint8 [0, 255], rounded: what an image file holds."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def write_image(x, path):
-    """(C, H, W) in [-1, 1] -> PNG, or JPEG (quality 95) when the name ends in .jpg or .jpeg."""
-    image = to_uint8(x).cpu()
-    if path.lower().endswith((".jpg", ".jpeg")):
-        torchvision.io.write_jpeg(image, path, quality=95)
-    else:
-        torchvision.io.write_png(image, path)
-
-# -----------------------------------------------------------------------------
-# data: image sets for training and evaluation, as uint8 (3, r, r) tensors
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-TORCHVISION_DATASETS = {  # name: (class, keyword arguments for the training split)
-    "cifar10": (torchvision.datasets.CIFAR10, {"train": True}),
-    "mnist": (torchvision.datasets.MNIST, {"train": True}),
-    "celeba": (torchvision.datasets.CelebA, {"split": "all"}),
-}
-
-
-def fit(images, resolution):
-    """uint8 (N, C, H, W) -> uint8 (N, C, r, r): the shorter side resized to r (bilinear,
-    antialiased), then the centre cropped. Images that are r x r already are left alone."""
-    if images.shape[-2:] == (resolution, resolution):
-        return images
-    h, w = images.shape[-2:]
-    size = (max(resolution, round(h * resolution / min(h, w))), max(resolution, round(w * resolution / min(h, w))))
-    out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return out[..., top:top + resolution, left:left + resolution].round().clamp(0, 255).to(torch.uint8)
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded with torchvision.io when asked for (in the DataLoader's workers)."""
-
-    def __init__(self, files, resolution):
-        self.files, self.resolution = files, resolution
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        image = torchvision.io.read_image(self.files[i], mode=torchvision.io.ImageReadMode.RGB)
-        return fit(image[None], self.resolution)[0]
-
-
-class ImageTensor(torch.utils.data.Dataset):
-    """Images already in memory, uint8 (N, 3, r, r)."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
-
-
-def load_images(spec, resolution, root):
-    """--data SPEC -> (a Dataset of uint8 (3, r, r) images, their labels or None).
-
-    SPEC is a folder of images (searched recursively), an .npz file whose `images` are uint8
-    N x H x W x C (and whose `labels`, if any, stratify the held-out split), or the name of a
-    torchvision dataset (cifar10, mnist, celeba: its training split) kept under ROOT and downloaded
-    when missing. Arrays are resized once, here; grey images are repeated to three channels."""
-    if spec in TORCHVISION_DATASETS:
-        return torchvision_images(spec, root, resolution)
-    if spec.endswith(".npz"):
-        if not os.path.isfile(spec):
-            raise UserError(f"--data {spec}: no such file")
-        with np.load(spec) as f:
-            if "images" not in f.files:
-                raise UserError(f"{spec} has no 'images' array (it has: {', '.join(f.files)})")
-            images, labels = f["images"], (torch.as_tensor(f["labels"]) if "labels" in f.files else None)
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C, not {images.dtype} {images.shape}")
-        return image_tensor(torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2), resolution), labels
-    if os.path.isdir(spec):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise UserError(f"--data {spec}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
-        return ImageFiles(files, resolution), None
-    raise UserError(f"--data {spec}: not a folder, an .npz file, or one of {', '.join(TORCHVISION_DATASETS)}")
-
-
-def image_tensor(images, resolution):
-    """uint8 (N, 1 or 3, H, W) -> ImageTensor of RGB images at the resolution."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return ImageTensor(fit(images.contiguous(), resolution))
-
-
-def torchvision_images(name, root, resolution):
-    cls, kwargs = TORCHVISION_DATASETS[name]
-    try:
-        try:
-            dataset = cls(root, download=False, **kwargs)
-        except RuntimeError:  # "Dataset not found": fetch it
-            print(f"downloading {name} into {root}")
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                dataset = cls(root, download=True, **kwargs)
-    except (RuntimeError, OSError, ValueError) as e:  # no network (URLError is an OSError), bad files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not get {name} ({reason}); put its files where torchvision.datasets.{cls.__name__}"
-                        f"(root={root!r}) looks for them, or pass --data-root")
-    if name == "celeba":
-        folder = os.path.join(root, dataset.base_folder, "img_align_celeba")
-        return ImageFiles([os.path.join(folder, f) for f in dataset.filename], resolution), None
-    images = torch.as_tensor(dataset.data)
-    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST N x H x W, CIFAR N x H x W x C
-    return image_tensor(images, resolution), torch.as_tensor(dataset.targets)
-
-
-def split(n, val_size, labels=None, seed=0):
-    """(train indices, held-out indices), the held-out set of val_size items drawn with a fixed
-    seed; stratified when labels are given (each class contributes its share, largest remainders
-    rounded up)."""
-    if not 0 < val_size < n:
-        raise UserError(f"--val-size {val_size} must be between 1 and {n - 1}, the number of images minus one")
-    g = torch.Generator().manual_seed(seed)
-    if labels is None:
-        perm = torch.randperm(n, generator=g)
-        return perm[val_size:], perm[:val_size]
-    classes = labels.unique()
-    members = [torch.nonzero(labels == c).flatten() for c in classes]
-    share = torch.tensor([len(m) * val_size / n for m in members])
-    take = share.floor().long()
-    take[torch.argsort(share - take, descending=True)[:val_size - int(take.sum())]] += 1
-    val = torch.cat([m[torch.randperm(len(m), generator=g)[:k]] for m, k in zip(members, take)])
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[val] = False
-    return torch.nonzero(mask).flatten(), val.sort().values
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (one permutation per epoch from the seed, this rank's share of it) that
-    can start an epoch part-way through, so that --resume sees the batches it would have seen."""
-
-    start = 0
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self):
-        return super().__len__() - self.start
-
-
-def to_model_input(batch, device, flip_seed=None):
-    """uint8 (B, 3, r, r) -> float in [-1, 1] on the device; with flip_seed, a random half of the
-    batch mirrored left-right, drawn from that seed (so a resumed run flips the same images)."""
-    x = batch.to(device, non_blocking=True).float() / 127.5 - 1
-    if flip_seed is not None:
-        flip = torch.rand(len(x), generator=torch.Generator().manual_seed(flip_seed)) < 0.5
-        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
-    return x
+# =============================================================================
+# PART I: the autoencoder and its objective
+# =============================================================================
 
 # -----------------------------------------------------------------------------
 # model: the modules, in the order an image meets them, named as diffusers names them
@@ -408,7 +142,8 @@ class Level(nn.Module):
 
     def __init__(self, in_channels, out_channels, n_blocks, groups, resample=None):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(n_blocks)])
+        self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+                                      for i in range(n_blocks)])
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample(out_channels)])
         elif resample == "up":
@@ -446,8 +181,9 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
         channels = [block_out_channels[0], *block_out_channels]
         last = len(block_out_channels) - 1
-        self.down_blocks = nn.ModuleList([Level(channels[i], channels[i + 1], layers_per_block, groups, None if i == last else "down")
-                                          for i in range(len(block_out_channels))])
+        self.down_blocks = nn.ModuleList([
+            Level(channels[i], channels[i + 1], layers_per_block, groups, None if i == last else "down")
+            for i in range(len(block_out_channels))])
         self.mid_block = MidBlock(block_out_channels[-1], groups)
         self.conv_norm_out = group_norm(block_out_channels[-1], groups)
         self.conv_out = nn.Conv2d(block_out_channels[-1], 2 * latent_channels, 3, padding=1)
@@ -468,8 +204,9 @@ class Decoder(nn.Module):
         rev = list(reversed(block_out_channels))
         self.conv_in = nn.Conv2d(latent_channels, rev[0], 3, padding=1)
         last = len(rev) - 1  # up_blocks before mid_block: diffusers' state dict lists them first
-        self.up_blocks = nn.ModuleList([Level(rev[max(i - 1, 0)], rev[i], layers_per_block + 1, groups, None if i == last else "up")
-                                        for i in range(len(rev))])
+        self.up_blocks = nn.ModuleList([
+            Level(rev[max(i - 1, 0)], rev[i], layers_per_block + 1, groups, None if i == last else "up")
+            for i in range(len(rev))])
         self.mid_block = MidBlock(rev[0], groups)
         self.conv_norm_out = group_norm(block_out_channels[0], groups)
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
@@ -510,8 +247,8 @@ class DiagonalGaussianDistribution:
         and with other = None the prior N(0, I): 1/2 sum (mean^2 + var - 1 - logvar)."""
         if other is None:
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
-        return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
-                               dim=[1, 2, 3])
+        return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
+                               - self.logvar + other.logvar, dim=[1, 2, 3])
 
     def nll(self, x, dims=(1, 2, 3)):
         """-log N(x; mean, diag var) = 1/2 sum (log 2 pi + logvar + (x - mean)^2 / var)."""
@@ -523,11 +260,14 @@ class AutoencoderKL(nn.Module):
     diffusers' config. scaling_factor is stored, not applied: diffusion works on z * scaling_factor."""
 
     def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                 latent_channels=4, norm_num_groups=32, scaling_factor=0.18215, use_quant_conv=True, use_post_quant_conv=True):
+                 latent_channels=4, norm_num_groups=32, scaling_factor=0.18215, use_quant_conv=True,
+                 use_post_quant_conv=True):
         super().__init__()
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, block_out_channels=tuple(block_out_channels),
-                           layers_per_block=layers_per_block, latent_channels=latent_channels, norm_num_groups=norm_num_groups,
-                           scaling_factor=scaling_factor, use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv)
+        self.config = dict(in_channels=in_channels, out_channels=out_channels,
+                           block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                           latent_channels=latent_channels, norm_num_groups=norm_num_groups,
+                           scaling_factor=scaling_factor, use_quant_conv=use_quant_conv,
+                           use_post_quant_conv=use_post_quant_conv)
         self.scaling_factor = scaling_factor
         self.encoder = Encoder(in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups)
         self.decoder = Decoder(latent_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups)
@@ -569,53 +309,40 @@ class AutoencoderKL(nn.Module):
         return cls(**{k: v for k, v in config.items() if k in names})
 
 
+PRESETS = {
+    # Stable Diffusion 1.x / 2.x: kl-f8, 83,653,863 parameters.
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, scaling_factor=0.18215),
+    # SDXL: the same shapes, another scaling factor.
+    "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                 scaling_factor=0.13025),
+    # small ones for CPUs and tests
+    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, latent_channels=4),
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4),
+}
+
+
 def build(preset, **overrides):
     """The AutoencoderKL of a named preset, with keyword overrides."""
     return AutoencoderKL(**{**PRESETS[preset], **overrides})
 
+# -----------------------------------------------------------------------------
+# loss: the terms of THE OBJECTIVE, then the objective itself (autoencoder_loss)
 
-class NLayerDiscriminator(nn.Module):
-    """PatchGAN discriminator (Isola et al. 2017) as in taming-transformers and LDM: a grid of
-    real/fake logits, one per overlapping patch. Conv(4x4, stride 2) + LeakyReLU(0.2), then
-    n_layers Conv(4x4, stride 2, 2, 1) + BatchNorm + LeakyReLU with 2x, 4x, 8x the channels,
-    then Conv(4x4) to one channel. Weights N(0, 0.02), BatchNorm scales N(1, 0.02).
-    2,765,633 parameters for 3 input channels."""
 
-    def __init__(self, in_channels=3, ndf=64, n_layers=3):
-        super().__init__()
-        layers, mult = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], 1
-        for n in range(1, n_layers + 1):
-            prev, mult = mult, min(2 ** n, 8)
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
-                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
-        self.main = nn.Sequential(*layers, nn.Conv2d(ndf * mult, 1, 4, 1, 1))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+def reconstruction_loss(x, x_rec, kind="l1"):
+    """Per element: |x - x_rec| (L1) or (x - x_rec)^2 (MSE), in the [-1, 1] image units."""
+    return (x - x_rec).abs() if kind == "l1" else (x - x_rec).pow(2)
 
-    def forward(self, x):
-        return self.main(x)
+
+def nll_loss(rec, logvar):
+    """LDM's negative log-likelihood with one scalar log-variance s (a Laplace or Gaussian scale,
+    up to constants): sum over pixels of rec / exp(s) + s, averaged over the batch. rec: (B, C, H, W)
+    per-element reconstruction (+ perceptual) loss."""
+    return (rec / torch.exp(logvar) + logvar).sum() / rec.shape[0]
 
 
 VGG_SLICES = (4, 9, 16, 23, 30)  # torchvision vgg16().features[:i] ends at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 VGG_CHANNELS = (64, 128, 256, 512, 512)
-
-
-def load_vgg16():
-    """torchvision's ImageNet VGG16 convolutional layers (downloaded by torchvision on first use)."""
-    weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
-    try:
-        state = torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
-    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt file
-        raise UserError(f"the perceptual loss needs torchvision's VGG16 weights and could not get them ({type(e).__name__}); "
-                        f"put {os.path.basename(weights.url)} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}, "
-                        f"or train without it: --perceptual-weight 0")
-    vgg = torchvision.models.vgg16(weights=None)
-    vgg.load_state_dict(state)
-    return vgg.features
 
 
 class Perceptual(nn.Module):
@@ -651,6 +378,445 @@ class Perceptual(nn.Module):
         return total
 
 
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN discriminator (Isola et al. 2017) as in taming-transformers and LDM: a grid of
+    real/fake logits, one per overlapping patch. Conv(4x4, stride 2) + LeakyReLU(0.2), then
+    n_layers Conv(4x4, stride 2, 2, 1) + BatchNorm + LeakyReLU with 2x, 4x, 8x the channels,
+    then Conv(4x4) to one channel. Weights N(0, 0.02), BatchNorm scales N(1, 0.02).
+    2,765,633 parameters for 3 input channels."""
+
+    def __init__(self, in_channels=3, ndf=64, n_layers=3):
+        super().__init__()
+        layers, mult = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        self.main = nn.Sequential(*layers, nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """The discriminator's hinge loss: 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def generator_loss(logits_fake):
+    """The autoencoder's adversarial loss: -mean D(x_rec)."""
+    return -logits_fake.mean()
+
+
+def adaptive_weight(nll, g_loss, last_layer, max_weight=1e4):
+    """LDM's balance of the adversarial term (Esser et al. 2021): lambda = ||grad_L nll|| /
+    (||grad_L g|| + 1e-4), clamped to [0, 1e4], with L the decoder's last layer; no gradient
+    flows through lambda. Stays on the device (no host sync)."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def autoencoder_loss(x, x_rec, kl, logvar, rec_loss="l1", perceptual=None, perceptual_weight=1.0, kl_weight=1e-6,
+                     disc=None, disc_weight=0.5, last_layer=None):
+    """THE OBJECTIVE of the autoencoder, for one batch (nats-like units: sums over elements, means over the batch):
+
+        loss = nll + kl_weight * mean_b KL_b + disc_weight * lambda * g,
+        nll  = sum_pixels (rec + perceptual_weight * perceptual) / exp(logvar) + logvar, averaged over the batch,
+
+    x, x_rec: (B, C, H, W) in [-1, 1], x_rec decoded from a posterior sample; kl: (B,) nats per image;
+    rec = reconstruction_loss per element; perceptual: one LPIPS distance per image, added to every pixel of
+    that image as LDM adds it (off when `perceptual` is None). The adversarial term is on when `disc` is given
+    (from --disc-start on): g = generator_loss(D(x_rec)), lambda = adaptive_weight at `last_layer`
+    (decoder.conv_out.weight). Returns (loss, terms): terms holds loss, rec, perceptual, nll, kl, g and lambda
+    (means over the batch, detached, float32: the log's columns)."""
+    rec = reconstruction_loss(x, x_rec.float(), rec_loss)
+    p_loss = perceptual(x, x_rec).float() if perceptual is not None else rec.new_zeros(len(x))
+    nll = nll_loss(rec + perceptual_weight * p_loss.view(-1, 1, 1, 1), logvar)
+    loss = nll + kl_weight * kl.mean()
+    g = lam = torch.zeros((), device=x.device)
+    if disc is not None:
+        g = generator_loss(disc(x_rec).float())
+        lam = adaptive_weight(nll, g, last_layer)
+        loss = loss + disc_weight * lam * g
+    terms = {"loss": loss, "rec": rec.mean(), "perceptual": p_loss.mean(), "nll": nll, "kl": kl.mean(), "g": g,
+             "lambda": lam}
+    return loss, {name: value.detach().float() for name, value in terms.items()}
+
+# -----------------------------------------------------------------------------
+# one training step
+
+
+class Trainable(nn.Module):
+    """What the autoencoder's optimizer trains, and what DistributedDataParallel wraps: the
+    autoencoder and the scalar log-variance s of the NLL (a parameter, frozen at 0 with
+    --no-learn-logvar as in LDM's code, which never hands it to its optimizer)."""
+
+    def __init__(self, autoencoder):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.logvar = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        """x -> (reconstruction of a posterior sample, KL to N(0, I) per example)."""
+        posterior = self.autoencoder.encode(x)
+        return self.autoencoder.decode(posterior.sample()), posterior.kl()
+
+
+def train_step(model, disc, opt, opt_d, x, step, args, perceptual=None, ema=None, ranks=None):
+    """One step of THE OBJECTIVE on a batch x: the autoencoder's optimizer step (then its EMA), and from
+    args.disc_start on the discriminator's. model: a Trainable, or DistributedDataParallel around one;
+    args: rec_loss, perceptual_weight, kl_weight, disc_weight, disc_start, grad_clip, ema (the decay),
+    precision; ranks (several processes): averages the discriminator's gradients, syncs its statistics.
+    Returns the terms of autoencoder_loss and the discriminator's loss d, on the device (no host sync)."""
+    raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    disc_on = args.disc_weight > 0 and step >= args.disc_start
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    # the autoencoder: decode a posterior sample, the objective (the discriminator frozen while it judges), a step
+    with autocast:
+        x_rec, kl = model(x)
+        disc.requires_grad_(False)
+        loss, terms = autoencoder_loss(
+            x, x_rec, kl, raw_model.logvar, args.rec_loss, perceptual, args.perceptual_weight, args.kl_weight,
+            disc if disc_on else None, args.disc_weight, raw_model.autoencoder.decoder.conv_out.weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+    opt.step()
+    if ema is not None:  # ema <- decay * ema + (1 - decay) * weights
+        torch._foreach_lerp_(list(ema.parameters()), list(raw_model.autoencoder.parameters()), 1 - args.ema)
+    # the discriminator: the hinge loss on the real images and the (detached) reconstructions, a step
+    terms["d"] = torch.zeros((), device=x.device)
+    if disc_on:
+        disc.requires_grad_(True)
+        with autocast:
+            d = hinge_d_loss(disc(x.detach()).float(), disc(x_rec.detach()).float())
+        opt_d.zero_grad(set_to_none=True)
+        d.backward()
+        if ranks is not None:
+            ranks.mean_([p.grad for p in disc.parameters()])
+        opt_d.step()
+        if ranks is not None:
+            ranks.sync_buffers(disc)
+        terms["d"] = d.detach().float()
+    return terms
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def to_uint8(x):
+    """[-1, 1] -> uint8 [0, 255], rounded: what an image file holds."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def psnr(x, y):
+    """Peak signal-to-noise ratio in dB per image, for values in [0, 1]: 10 log10(1 / MSE),
+    the MSE taken over channels, height and width. x, y: (B, C, H, W) -> (B,); inf when equal."""
+    mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(1 / mse)
+
+
+def ssim(x, y, window=11, sigma=1.5):
+    """Structural similarity (Wang et al. 2004) per image, for values in [0, 1]:
+
+        SSIM = mean over positions and channels of
+               (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)),
+
+    with local means, variances and covariance under a Gaussian window (11 x 11, sigma 1.5) at
+    every position where it fits (no padding), C1 = 0.01^2, C2 = 0.03^2. (B, C, H, W) -> (B,)."""
+    c = x.shape[1]
+    g = torch.exp(-(torch.arange(window, dtype=torch.float32, device=x.device) - (window - 1) / 2) ** 2
+                  / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+
+    def blur(t):
+        return F.conv2d(t, kernel, groups=c)
+    x, y = x.float(), y.float()
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}), between N(mu1, S1) and N(mu2, S2).
+
+    Tr((S1 S2)^{1/2}) is the sum of the square roots of the eigenvalues of S1^{1/2} S2 S1^{1/2},
+    a symmetric positive semi-definite matrix with the same spectrum as S1 S2; both steps use
+    symmetric eigendecompositions in float64, so the result is real and finite even for singular
+    covariances (fewer samples than dimensions). Units of the features squared; returns a float.
+    """
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    w, v = torch.linalg.eigh(sigma1)
+    sqrt1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = sqrt1 @ sigma2 @ sqrt1
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    d2 = (mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
+    return max(d2.item(), 0.0)  # d^2 >= 0; a negative value is float rounding
+
+
+@torch.no_grad()
+def evaluate(autoencoder, batches, precision="fp32", features=None):
+    """The record of an evaluation on held-out batches x (B, 3, H, W) in [-1, 1]: the mean PSNR (dB) and
+    SSIM of the decoded posterior means against the inputs (both as 8-bit images), the mean KL per image
+    (nats), the standard deviation of posterior samples z over all images and elements, the scaling factor
+    1 / std it implies (how SD's 0.18215 was chosen) and, with a `features` network (images in [0, 1] ->
+    (B, D)), rFID: the Frechet distance between the features of the inputs and of the reconstructions.
+    Seeded: the same numbers every time, and the global random state untouched."""
+    autoencoder.eval()
+    device = next(autoencoder.parameters()).device
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, kl, sum z, sum z^2
+    n = n_latent = 0
+    feats = {"real": [], "fake": []}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    generator = torch.Generator(device).manual_seed(0)
+    for x in batches:
+        with autocast:
+            posterior = autoencoder.encode(x)
+            x_rec = autoencoder.decode(posterior.mode()).float()
+        z = posterior.sample(generator).double()
+        real, fake = to_uint8(x).float() / 255, to_uint8(x_rec).float() / 255
+        totals += torch.stack([psnr(fake, real).double().sum(), ssim(fake, real).double().sum(),
+                               posterior.kl().double().sum(), z.sum(), z.pow(2).sum()])
+        n, n_latent = n + len(x), n_latent + z.numel()
+        if features is not None:
+            feats["real"].append(features(real))
+            feats["fake"].append(features(fake))
+    psnr_mean, ssim_mean, kl_mean, z_sum, z2_sum = (totals / torch.tensor([n, n, n, n_latent, n_latent],
+                                                                          device=device)).tolist()
+    std = math.sqrt(max(z2_sum - z_sum ** 2, 0.0))
+    record = {"images": n, "psnr": psnr_mean, "ssim": ssim_mean, "kl": kl_mean, "latent_std": std,
+              "scaling_factor": 1 / std}
+    if features is not None:
+        stats = []
+        for f in (torch.cat(feats["real"]), torch.cat(feats["fake"])):
+            stats += [f.mean(0), torch.cov(f.T)]
+        record["rfid"] = frechet_distance(*stats)
+    return record
+
+# =============================================================================
+# PART II: running it
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# images and data: image files, and image sets for training and evaluation as uint8 (3, r, r) tensors
+
+
+def read_image(path, channels=3):
+    """An image file -> float tensor (1, C, H, W) in [-1, 1], the autoencoder's input range."""
+    if not os.path.isfile(path):
+        raise UserError(f"no image at {path}")
+    mode = torchvision.io.ImageReadMode.RGB if channels == 3 else torchvision.io.ImageReadMode.GRAY
+    try:
+        image = torchvision.io.read_image(path, mode=mode)
+    except RuntimeError as e:
+        raise UserError(f"cannot decode {path} as an image ({str(e).strip().splitlines()[0]})")
+    return image[None].float() / 127.5 - 1
+
+
+def write_image(x, path):
+    """(C, H, W) in [-1, 1] -> PNG, or JPEG (quality 95) when the name ends in .jpg or .jpeg."""
+    image = to_uint8(x).cpu()
+    if path.lower().endswith((".jpg", ".jpeg")):
+        torchvision.io.write_jpeg(image, path, quality=95)
+    else:
+        torchvision.io.write_png(image, path)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+TORCHVISION_DATASETS = {  # name: (class, keyword arguments for the training split)
+    "cifar10": (torchvision.datasets.CIFAR10, {"train": True}),
+    "mnist": (torchvision.datasets.MNIST, {"train": True}),
+    "celeba": (torchvision.datasets.CelebA, {"split": "all"}),
+}
+
+
+def fit(images, resolution):
+    """uint8 (N, C, H, W) -> uint8 (N, C, r, r): the shorter side resized to r (bilinear,
+    antialiased), then the centre cropped. Images that are r x r already are left alone."""
+    if images.shape[-2:] == (resolution, resolution):
+        return images
+    h, w = images.shape[-2:]
+    size = (max(resolution, round(h * resolution / min(h, w))), max(resolution, round(w * resolution / min(h, w))))
+    out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return out[..., top:top + resolution, left:left + resolution].round().clamp(0, 255).to(torch.uint8)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded with torchvision.io when asked for (in the DataLoader's workers)."""
+
+    def __init__(self, files, resolution):
+        self.files, self.resolution = files, resolution
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        image = torchvision.io.read_image(self.files[i], mode=torchvision.io.ImageReadMode.RGB)
+        return fit(image[None], self.resolution)[0]
+
+
+class ImageTensor(torch.utils.data.Dataset):
+    """Images already in memory, uint8 (N, 3, r, r)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def load_images(spec, resolution, root):
+    """--data SPEC -> (a Dataset of uint8 (3, r, r) images, their labels or None).
+
+    SPEC is a folder of images (searched recursively), an .npz file whose `images` are uint8
+    N x H x W x C (and whose `labels`, if any, stratify the held-out split), or the name of a
+    torchvision dataset (cifar10, mnist, celeba: its training split) kept under ROOT and downloaded
+    when missing. Arrays are resized once, here; grey images are repeated to three channels."""
+    if spec in TORCHVISION_DATASETS:
+        return torchvision_images(spec, root, resolution)
+    if spec.endswith(".npz"):
+        if not os.path.isfile(spec):
+            raise UserError(f"--data {spec}: no such file")
+        with np.load(spec) as f:
+            if "images" not in f.files:
+                raise UserError(f"{spec} has no 'images' array (it has: {', '.join(f.files)})")
+            images, labels = f["images"], (torch.as_tensor(f["labels"]) if "labels" in f.files else None)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C, not {images.dtype} {images.shape}")
+        images = torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2)
+        return image_tensor(images, resolution), labels
+    if os.path.isdir(spec):
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise UserError(f"--data {spec}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
+        return ImageFiles(files, resolution), None
+    raise UserError(f"--data {spec}: not a folder, an .npz file, or one of {', '.join(TORCHVISION_DATASETS)}")
+
+
+def image_tensor(images, resolution):
+    """uint8 (N, 1 or 3, H, W) -> ImageTensor of RGB images at the resolution."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return ImageTensor(fit(images.contiguous(), resolution))
+
+
+def torchvision_images(name, root, resolution):
+    cls, kwargs = TORCHVISION_DATASETS[name]
+    try:
+        try:
+            dataset = cls(root, download=False, **kwargs)
+        except RuntimeError:  # "Dataset not found": fetch it
+            print(f"downloading {name} into {root}")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                dataset = cls(root, download=True, **kwargs)
+    except (RuntimeError, OSError, ValueError) as e:  # no network (URLError is an OSError), bad files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not get {name} ({reason}); put its files where torchvision.datasets."
+                        f"{cls.__name__}(root={root!r}) looks for them, or pass --data-root")
+    if name == "celeba":
+        folder = os.path.join(root, dataset.base_folder, "img_align_celeba")
+        return ImageFiles([os.path.join(folder, f) for f in dataset.filename], resolution), None
+    images = torch.as_tensor(dataset.data)
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST N x H x W, CIFAR N x H x W x C
+    return image_tensor(images, resolution), torch.as_tensor(dataset.targets)
+
+
+def split(n, val_size, labels=None, seed=0):
+    """(train indices, held-out indices), the held-out set of val_size items drawn with a fixed
+    seed; stratified when labels are given (each class contributes its share, largest remainders
+    rounded up)."""
+    if not 0 < val_size < n:
+        raise UserError(f"--val-size {val_size} must be between 1 and {n - 1}, the number of images minus one")
+    g = torch.Generator().manual_seed(seed)
+    if labels is None:
+        perm = torch.randperm(n, generator=g)
+        return perm[val_size:], perm[:val_size]
+    classes = labels.unique()
+    members = [torch.nonzero(labels == c).flatten() for c in classes]
+    share = torch.tensor([len(m) * val_size / n for m in members])
+    take = share.floor().long()
+    take[torch.argsort(share - take, descending=True)[:val_size - int(take.sum())]] += 1
+    val = torch.cat([m[torch.randperm(len(m), generator=g)[:k]] for m, k in zip(members, take)])
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[val] = False
+    return torch.nonzero(mask).flatten(), val.sort().values
+
+
+def datasets(args):
+    """(training set, held-out set) from --data, with --val-data or a --val-size split (stratified
+    by label when the data has labels; fixed by --seed)."""
+    data, labels = load_images(args.data, args.resolution, args.data_root)
+    if args.val_data:
+        val, _ = load_images(args.val_data, args.resolution, args.data_root)
+        return data, val
+    train_idx, val_idx = split(len(data), args.val_size, labels, args.seed)
+    return torch.utils.data.Subset(data, train_idx.tolist()), torch.utils.data.Subset(data, val_idx.tolist())
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (one permutation per epoch from the seed, this rank's share of it) that
+    can start an epoch part-way through, so that --resume sees the batches it would have seen."""
+
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
+def to_model_input(batch, device, flip_seed=None):
+    """uint8 (B, 3, r, r) -> float in [-1, 1] on the device; with flip_seed, a random half of the
+    batch mirrored left-right, drawn from that seed (so a resumed run flips the same images)."""
+    x = batch.to(device, non_blocking=True).float() / 127.5 - 1
+    if flip_seed is not None:
+        flip = torch.rand(len(x), generator=torch.Generator().manual_seed(flip_seed)) < 0.5
+        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def held_out_batches(images, device, workers, batch_size=64):
+    """The held-out images in order, as model inputs on the device."""
+    for batch in torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers):
+        yield to_model_input(batch, device)
+
+# -----------------------------------------------------------------------------
+# pretrained networks: VGG16 for the perceptual loss, LPIPS' channel weights, Inception-v3 for rFID
+
+
+def load_vgg16():
+    """torchvision's ImageNet VGG16 convolutional layers (downloaded by torchvision on first use)."""
+    weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+    try:
+        state = torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt file
+        raise UserError(f"the perceptual loss needs torchvision's VGG16 weights and could not get them "
+                        f"({type(e).__name__}); put {os.path.basename(weights.url)} into "
+                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, "
+                        f"or train without it: --perceptual-weight 0")
+    vgg = torchvision.models.vgg16(weights=None)
+    vgg.load_state_dict(state)
+    return vgg.features
+
+
 def load_lpips_weights(perceptual, path):
     """The LPIPS project's calibrated per-channel weights (v0.1 vgg.pth: lin0..lin4.model.1.weight,
     shapes [1, C, 1, 1]) into a Perceptual module."""
@@ -666,11 +832,37 @@ def load_lpips_weights(perceptual, path):
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise UserError(f"--lpips-weights {path} is not LPIPS v0.1 vgg weights ({type(e).__name__}: {e})")
 
+
+INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
+
+
+def load_inception(device):
+    """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
+    try:
+        state = torch.hub.load_state_dict_from_url(INCEPTION.url, progress=False, check_hash=True)
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"--fid needs torchvision's Inception-v3 weights and could not get them ({type(e).__name__}); "
+                        f"put {os.path.basename(INCEPTION.url)} into "
+                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    net.load_state_dict(state)
+    net.fc = nn.Identity()
+    return net.eval().to(device)
+
+
+def inception_features(net, x):
+    """x (B, 3, H, W) in [0, 1] -> (B, 2048) float64: bilinear resize to 299, ImageNet normalisation."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    return net((x - mean) / std).double()
+
 # -----------------------------------------------------------------------------
-# weights: a safetensors reader, and the names older files use
+# weights I/O: a safetensors reader and writer, the names older files use, diffusers-format export
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 MAX_HEADER = 100_000_000  # bytes; the safetensors format caps its JSON header at this size
 
 
@@ -684,9 +876,7 @@ def load_safetensors(path):
     The format: an 8-byte little-endian unsigned header length N, N bytes of JSON mapping each
     name to {"dtype", "shape", "data_offsets": [begin, end]} (plus an optional "__metadata__"),
     then the raw little-endian bytes of the tensors, offsets counted from the end of the header.
-    Everything is checked before a tensor is built: the header's size, its JSON, each dtype, each
-    shape, that each byte range has the size shape x item size, and that the ranges tile the data
-    exactly, in order, with no gap or overlap and nothing past the end of the file.
+    Everything is checked before a tensor is built (safetensors_entries).
     """
     if sys.byteorder != "little":
         raise SafetensorsError("this reader assumes a little-endian machine")
@@ -698,51 +888,63 @@ def load_safetensors(path):
             raise SafetensorsError(f"{path} is not safetensors: {size} bytes, shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER or 8 + n > size:
-            raise SafetensorsError(f"{path} is not safetensors or is truncated: header length {n} with {size - 8} bytes after it")
+            raise SafetensorsError(f"{path} is not safetensors or is truncated: header length {n} with "
+                                   f"{size - 8} bytes after it")
         try:
             header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
         except (ValueError, UnicodeDecodeError) as e:
             raise SafetensorsError(f"{path}: the header is not valid JSON ({e})")
-        if not isinstance(header, dict):
-            raise SafetensorsError(f"{path}: the header is not a JSON object")
-        header.pop("__metadata__", None)
-        data_len = size - 8 - n
-        entries = []
-        for name, info in header.items():
-            where = f"{path}: tensor {name!r}"
-            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-                raise SafetensorsError(f"{where} lacks dtype, shape or data_offsets")
-            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-            if dtype not in SAFETENSORS_DTYPES:
-                raise SafetensorsError(f"{where} has unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
-            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-                raise SafetensorsError(f"{where} has an invalid shape {shape!r}")
-            if (not isinstance(offsets, list) or len(offsets) != 2
-                    or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-                raise SafetensorsError(f"{where} has invalid data_offsets {offsets!r}")
-            nbytes = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
-            if offsets[1] - offsets[0] != nbytes:
-                raise SafetensorsError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs {nbytes}")
-            entries.append((offsets[0], offsets[1], name, dtype, shape))
-        entries.sort()
-        end = 0
-        for begin, stop, name, _, _ in entries:
-            if begin != end:
-                raise SafetensorsError(f"{path}: tensor {name!r} starts at byte {begin} of the data, expected {end} "
-                                       f"({'overlapping' if begin < end else 'a gap before it'})")
-            end = stop
-        if end != data_len:
-            raise SafetensorsError(f"{path}: the tensors cover {end} bytes of data but the file holds {data_len} "
-                                   f"({'truncated' if end > data_len else 'trailing bytes'})")
-        data = bytearray(f.read(data_len))
+        entries = safetensors_entries(header, size - 8 - n, path)
+        data = bytearray(f.read(size - 8 - n))
     tensors = {}
     for begin, stop, name, dtype, shape in entries:
         torch_dtype = SAFETENSORS_DTYPES[dtype]
         if stop == begin:
             tensors[name] = torch.empty(shape, dtype=torch_dtype)
         else:
-            tensors[name] = torch.frombuffer(data, dtype=torch_dtype, count=math.prod(shape), offset=begin).reshape(shape)
+            tensors[name] = torch.frombuffer(data, dtype=torch_dtype, count=math.prod(shape),
+                                             offset=begin).reshape(shape)
     return tensors
+
+
+def safetensors_entries(header, data_len, path):
+    """The header's tensors as (begin, end, name, dtype, shape), sorted by offset, after checking each
+    dtype, each shape, that each byte range has the size shape x item size, and that the ranges tile the
+    data_len bytes of data exactly, in order, with no gap or overlap and nothing past the end of the file."""
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: the header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries = []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise SafetensorsError(f"{where} lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise SafetensorsError(f"{where} has unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise SafetensorsError(f"{where} has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise SafetensorsError(f"{where} has invalid data_offsets {offsets!r}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        if offsets[1] - offsets[0] != nbytes:
+            raise SafetensorsError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
+                                   f"but {dtype} {shape} needs {nbytes}")
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    entries.sort()
+    end = 0
+    for begin, stop, name, _, _ in entries:
+        if begin != end:
+            raise SafetensorsError(f"{path}: tensor {name!r} starts at byte {begin} of the data, expected {end} "
+                                   f"({'overlapping' if begin < end else 'a gap before it'})")
+        end = stop
+    if end != data_len:
+        raise SafetensorsError(f"{path}: the tensors cover {end} bytes of data but the file holds {data_len} "
+                               f"({'truncated' if end > data_len else 'trailing bytes'})")
+    return entries
 
 
 def save_safetensors(tensors, path, metadata=None):
@@ -754,7 +956,8 @@ def save_safetensors(tensors, path, metadata=None):
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -796,147 +999,91 @@ def load_weights(model, state, source="the state dict", preset=None):
     state = convert_state_dict(state)
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    fit = f" (preset {preset})" if preset else ""
+    which = f" (preset {preset})" if preset else ""
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-        raise UserError(f"{source} does not fit this model{fit}: keys {'; '.join(parts)}")
+        raise UserError(f"{source} does not fit this model{which}: keys {'; '.join(parts)}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise UserError(f"{source} does not fit this model{fit}: {name} is {list(tensor.shape)} there and {list(expected[name].shape)} here")
+            raise UserError(f"{source} does not fit this model{which}: {name} is {list(tensor.shape)} there "
+                            f"and {list(expected[name].shape)} here")
     model.load_state_dict(state, strict=True)
     return model
 
-# -----------------------------------------------------------------------------
-# the math
+
+def with_lists(d):
+    """The dict with its tuples as lists, as JSON and a reloaded checkpoint hold them (so they compare equal)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def psnr(x, y):
-    """Peak signal-to-noise ratio in dB per image, for values in [0, 1]: 10 log10(1 / MSE),
-    the MSE taken over channels, height and width. x, y: (B, C, H, W) -> (B,); inf when equal."""
-    mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3))
-    return 10 * torch.log10(1 / mse)
-
-
-def ssim(x, y, window=11, sigma=1.5):
-    """Structural similarity (Wang et al. 2004) per image, for values in [0, 1]:
-
-        SSIM = mean over positions and channels of
-               (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)),
-
-    with local means, variances and covariance under a Gaussian window (11 x 11, sigma 1.5) at
-    every position where it fits (no padding), C1 = 0.01^2, C2 = 0.03^2. (B, C, H, W) -> (B,)."""
-    c = x.shape[1]
-    g = torch.exp(-(torch.arange(window, dtype=torch.float32, device=x.device) - (window - 1) / 2) ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
-
-    def blur(t):
-        return F.conv2d(t, kernel, groups=c)
-    x, y = x.float(), y.float()
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return s.mean(dim=(1, 2, 3))
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}) between N(mu1, S1) and N(mu2, S2),
-    with Tr((S1 S2)^{1/2}) = sum of the square roots of the eigenvalues of S1^{1/2} S2 S1^{1/2}
-    (symmetric, same spectrum as S1 S2), by symmetric eigendecompositions in float64: real and
-    finite even for singular covariances. (The same formula as vae.py's: each file stands alone.)"""
-    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
-    w, v = torch.linalg.eigh(sigma1)
-    sqrt1 = (v * w.clamp(min=0).sqrt()) @ v.T
-    m = sqrt1 @ sigma2 @ sqrt1
-    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    return max(((mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean).item(), 0.0)
-
-
-def reconstruction_loss(x, x_rec, kind="l1"):
-    """Per element: |x - x_rec| (L1) or (x - x_rec)^2 (MSE), in the [-1, 1] image units."""
-    return (x - x_rec).abs() if kind == "l1" else (x - x_rec).pow(2)
-
-
-def nll_loss(rec, logvar):
-    """LDM's negative log-likelihood with one learned log-variance s (a Laplace or Gaussian scale,
-    up to constants): sum over pixels of rec / exp(s) + s, averaged over the batch. rec: (B, C, H, W)
-    per-element reconstruction (+ perceptual) loss. s must be in the optimizer; LDM forgets it."""
-    return (rec / torch.exp(logvar) + logvar).sum() / rec.shape[0]
-
-
-def hinge_d_loss(logits_real, logits_fake):
-    """The discriminator's hinge loss: 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))."""
-    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
-
-
-def generator_loss(logits_fake):
-    """The autoencoder's adversarial loss: -mean D(x_rec)."""
-    return -logits_fake.mean()
-
-
-def adaptive_weight(nll, g_loss, last_layer, max_weight=1e4):
-    """LDM's balance of the adversarial term (Esser et al. 2021): lambda = ||grad_L nll|| /
-    (||grad_L g|| + 1e-4), clamped to [0, 1e4], with L the decoder's last layer; no gradient
-    flows through lambda. Stays on the device (no host sync)."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+def export(autoencoder, path, sample_size):
+    """The weights as a diffusers-format safetensors file, with diffusers' config.json beside it, so that
+    diffusers.AutoencoderKL.from_pretrained(folder of FILE) loads them (name FILE
+    diffusion_pytorch_model.safetensors)."""
+    c = autoencoder.config
+    n = len(c["block_out_channels"])
+    config = {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
+              "up_block_types": ["UpDecoderBlock2D"] * n, "mid_block_add_attention": True, "sample_size": sample_size,
+              **with_lists(c)}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            if json.load(f) != config:
+                raise UserError(f"{config_path} exists and describes another model: export into another folder")
+    save_safetensors(autoencoder.state_dict(), path, metadata={"format": "pt"})
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(config_path + ".tmp", config_path)
+    print(f"exported {path} and {config_path}")
 
 # -----------------------------------------------------------------------------
-# training
+# distributed training and exact resume
 
 
-class Trainable(nn.Module):
-    """What the autoencoder's optimizer trains, and what DistributedDataParallel wraps: the
-    autoencoder and the learned log-variance of the NLL (a parameter here, so that the optimizer
-    and DDP both see it; LDM leaves it out of its optimizer and it never moves)."""
+class Ranks:
+    """This process among the training processes (torchrun sets WORLD_SIZE, RANK and LOCAL_RANK:
+    one process per device, NCCL on CUDA, gloo on the CPU), and the collectives the run needs;
+    with one process each of them is a no-op."""
 
-    def __init__(self, autoencoder):
-        super().__init__()
-        self.autoencoder = autoencoder
-        self.logvar = nn.Parameter(torch.zeros(()))
+    def __init__(self, device_name):
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.device = get_device(device_name)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0  # the process that logs, evaluates and writes files
 
-    def forward(self, x):
-        """x -> (reconstruction of a posterior sample, KL to N(0, I) per example)."""
-        posterior = self.autoencoder.encode(x)
-        return self.autoencoder.decode(posterior.sample()), posterior.kl()
+    def mean_(self, tensors):
+        """Average tensors over the ranks, in place."""
+        if self.world > 1:
+            for t in tensors:
+                dist.all_reduce(t)
+                t.div_(self.world)
 
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] (every rank must call it)."""
+        if self.world == 1:
+            return [obj]
+        objects = [None] * self.world
+        dist.all_gather_object(objects, obj)
+        return objects
 
-def setup_distributed(device_name):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): one process per device,
-    NCCL on CUDA, gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, get_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = get_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    def sync_buffers(self, module):
+        """Rank 0's buffers (BatchNorm's running statistics) on every rank; SyncBatchNorm does it on CUDA."""
+        if self.world > 1 and self.device.type != "cuda":
+            for b in module.buffers():
+                dist.broadcast(b, 0)
 
-
-def all_reduce_mean(tensors, world):
-    """Average tensors over the ranks, in place."""
-    if world > 1:
-        for t in tensors:
-            dist.all_reduce(t)
-            t.div_(world)
-
-
-def gather(obj, world):
-    """[obj of rank 0, obj of rank 1, ...] (every rank must call it)."""
-    if world == 1:
-        return [obj]
-    objects = [None] * world
-    dist.all_gather_object(objects, obj)
-    return objects
+    def close(self):
+        if self.world > 1:
+            dist.destroy_process_group()
 
 
 def weights_digest(*modules):
@@ -955,16 +1102,409 @@ def save_checkpoint(path, state):
     os.replace(path + ".tmp", path)
 
 
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
 def load_checkpoint(path):
+    """A checkpoint of this program, read with weights_only=True (no code in it runs), or a one-line error."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
+        raise UserError(f"no checkpoint at {path}: train one first, or pass the path of one")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds of errors for a file that is not a checkpoint
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
-        raise UserError(f"{path} is not a kl_autoencoder.py checkpoint (it lacks model, config or step)")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})")
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+        raise UserError(f"{path} is not a {PROGRAM} checkpoint (it lacks one of {', '.join(sorted(CHECKPOINT_KEYS))})")
     return ckpt
+
+
+PROGRAM, CHECKPOINT_KEYS = "kl_autoencoder.py", {"model", "config", "step"}
+LOG_COLUMNS = ("loss", "rec", "perceptual", "nll", "kl", "g", "lambda", "d")  # train_step's terms, as logged
+
+
+def new_run(args, config, ranks):
+    """A run's state: the networks, their optimizers, the EMA, the step and the log line in progress.
+    Every rank starts from the same weights and then draws its own posterior samples."""
+    cuda = ranks.device.type == "cuda"
+    torch.manual_seed(args.seed)
+    model = Trainable(AutoencoderKL(**config)).to(ranks.device)
+    disc = NLayerDiscriminator().to(ranks.device)
+    torch.manual_seed(args.seed + ranks.rank)
+    if ranks.world > 1 and cuda:
+        disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    if cuda:
+        model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    model.logvar.requires_grad_(args.learn_logvar)
+    ema = copy.deepcopy(model.autoencoder).requires_grad_(False) if args.ema else None
+    return types.SimpleNamespace(model=model, disc=disc, opt=opt, opt_d=opt_d, ema=ema, step=0,
+                                 sums=torch.zeros(len(LOG_COLUMNS), device=ranks.device), since_log=0)
+
+
+def save_run(path, run, args, config, ranks):
+    """The one place a run is written: everything that --resume needs to continue exactly."""
+    rng = ranks.gather(torch.get_rng_state())
+    if ranks.main:
+        save_checkpoint(path, {
+            "model": run.model.autoencoder.state_dict(), "logvar": run.model.logvar.detach().cpu(),
+            "disc": run.disc.state_dict(), "opt": run.opt.state_dict(), "opt_d": run.opt_d.state_dict(),
+            "ema": run.ema.state_dict() if run.ema is not None else None, "step": run.step, "rng": rng,
+            "log_sums": run.sums.cpu(), "since_log": run.since_log,
+            "config": {"model": with_lists(config), **with_lists(vars(args))}})
+
+
+def restore_run(run, ckpt, ranks):
+    """The one place a run is read back: the inverse of save_run."""
+    run.model.autoencoder.load_state_dict(ckpt["model"])
+    run.model.logvar.data.copy_(ckpt["logvar"])
+    run.disc.load_state_dict(ckpt["disc"])
+    run.opt.load_state_dict(ckpt["opt"])
+    run.opt_d.load_state_dict(ckpt["opt_d"])
+    if run.ema is not None:
+        run.ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
+    run.step, run.sums, run.since_log = ckpt["step"], ckpt["log_sums"].to(ranks.device), ckpt["since_log"]
+    if ranks.rank < len(ckpt["rng"]):
+        torch.set_rng_state(ckpt["rng"][ranks.rank])
+
+
+def drop_records_after(path, step):
+    """Forget what a run logged after the checkpoint it is resumed from (it will log it again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records if (r.get("step") or 0) <= step)
+        os.replace(path + ".tmp", path)
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+# -----------------------------------------------------------------------------
+# the training run
+
+
+def train(args):
+    """Train with THE OBJECTIVE (module docstring) on --data, one process or one per device under torchrun."""
+    ranks = Ranks(args.device)
+    try:
+        return training_run(args, ranks)
+    finally:
+        ranks.close()
+
+
+def training_run(args, ranks):
+    """The loop, in the style of nanoGPT's train.py; start_run sets up everything around it."""
+    run, model, s = start_run(args, ranks)  # s: what the loop reads (data, frozen networks, step counts, paths)
+    images, t0 = 0, time.perf_counter()
+    while run.step < s.total:
+        s.sampler.set_epoch(run.step // s.steps_per_epoch)  # the epoch's permutation, from where a resume left it
+        s.sampler.start = (run.step % s.steps_per_epoch) * args.batch_size
+        for batch in s.loader:
+            # the batch, on the device (mirrored at random with --hflip, seeded by the step: a resume flips the same)
+            x = to_model_input(batch, ranks.device, hash((args.seed, run.step, ranks.rank)) if args.hflip else None)
+            if ranks.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            # one step of the autoencoder, its EMA and the discriminator
+            terms = train_step(model, run.disc, run.opt, run.opt_d, x, run.step, args, s.perceptual, run.ema, ranks)
+            run.sums += torch.stack([terms[name] for name in LOG_COLUMNS])
+            run.step, run.since_log, images = run.step + 1, run.since_log + 1, images + len(x) * ranks.world
+            # the log: the means since the last line, over all ranks (the only host sync of the loop)
+            log_now = run.step % args.log_every == 0 or run.step == s.total
+            save_now = run.step % args.ckpt_every == 0 or run.step == s.total
+            if log_now or save_now:
+                means = mean_terms(run, ranks, s.ckpt_path)
+            if log_now:
+                log_line(run, means, ranks, images / (time.perf_counter() - t0), s.metrics)
+                images, t0 = 0, time.perf_counter()
+            # the checkpoint: written by rank 0, with every rank's random state
+            if save_now:
+                save_run(s.ckpt_path, run, args, s.config, ranks)
+            # a periodic evaluation on the held-out images
+            if args.eval_every and run.step % args.eval_every == 0 and run.step < s.total and ranks.main:
+                evaluate_and_log(run.ema or run.model.autoencoder, s.val, args, run.step, args.out)
+                run.model.train()
+            if run.step >= s.total:
+                break
+    # the end: the same weights on every rank, the final evaluation, the export
+    if ranks.world > 1:
+        digests = ranks.gather(weights_digest(run.model, run.disc))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the ranks ended with different weights: {digests}")
+        if ranks.main:
+            print(f"weights identical on all {ranks.world} ranks (sha256 {digests[0][:16]})")
+    if ranks.main:
+        final = run.ema or run.model.autoencoder
+        record = evaluate_and_log(final, s.val, args, run.step, args.out, s.inception)
+        if args.export:
+            export(final, args.export, args.resolution)
+        return record
+
+
+def start_run(args, ranks):
+    """Everything the loop needs: a new or resumed run, the model to call (DDP around it under torchrun, compiled
+    with --compile), the data, the frozen networks; checks first, so that a mistake fails before any work."""
+    config, ckpt = model_config(args), None
+    ckpt_path, metrics = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["config"]["model"] != with_lists(config):
+            raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: "
+                            f"pass its sizes, or another --out")
+    elif os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or another --out for a new run")
+    if ranks.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    perceptual = Perceptual(load_vgg16()).to(ranks.device) if args.perceptual_weight > 0 else None  # fails early
+    if perceptual is not None and args.lpips_weights:
+        load_lpips_weights(perceptual, args.lpips_weights)
+    inception = load_inception(ranks.device) if args.fid and ranks.main else None
+    data, val = datasets(args)
+    sampler = ResumableSampler(data, num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=args.seed,
+                               drop_last=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=ranks.device.type == "cuda",
+                                         persistent_workers=args.workers > 0,
+                                         generator=torch.Generator())  # its seed draw must not touch the global RNG
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {args.batch_size} is more than the {len(sampler)} training images of each "
+                        f"of the {ranks.world} processes")
+    total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
+    run = new_run(args, config, ranks)
+    if ckpt is not None:
+        restore_run(run, ckpt, ranks)
+        if ranks.main:
+            drop_records_after(metrics, run.step)
+            print(f"resuming {ckpt_path} at step {run.step}")
+    # the discriminator is not wrapped in DDP: it also runs, frozen, inside the autoencoder's loss, which DDP
+    # would count as a forward awaiting a gradient reduction; train_step averages its gradients itself
+    model = run.model
+    if ranks.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
+    if args.compile:
+        model.compile()
+    if ranks.main:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            open(metrics, "w").close()
+        n_params = sum(p.numel() for p in run.model.autoencoder.parameters())
+        print(f"AutoencoderKL {config['block_out_channels']}, {n_params:,} parameters; {len(data):,} training and "
+              f"{len(val):,} held-out images at {args.resolution}x{args.resolution}; {ranks.world} process(es) on "
+              f"{ranks.device}; {total:,} steps")
+    if ranks.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ranks.device)
+    return run, model, types.SimpleNamespace(config=config, sampler=sampler, loader=loader, val=val, total=total,
+                                             steps_per_epoch=steps_per_epoch, perceptual=perceptual,
+                                             inception=inception, ckpt_path=ckpt_path, metrics=metrics)
+
+
+def mean_terms(run, ranks, ckpt_path):
+    """The means of the logged terms since the last log line, averaged over the ranks, as floats; a run whose
+    loss is not finite stops here, before a bad state is saved."""
+    values = run.sums / run.since_log
+    ranks.mean_([values])
+    means = dict(zip(LOG_COLUMNS, values.tolist()))
+    if not all(math.isfinite(v) for v in means.values()):
+        raise UserError(f"the loss became {means['loss']} by step {run.step}; {ckpt_path} holds the last good step: "
+                        f"try a lower --lr")
+    return means
+
+
+def log_line(run, means, ranks, images_per_s, metrics):
+    """One line of the training log, printed and appended to metrics.jsonl by rank 0; then a new line starts."""
+    record = {"kind": "train", "step": run.step, **means, "logvar": run.model.logvar.item(),
+              "images_per_s": images_per_s}
+    cuda = ranks.device.type == "cuda"
+    if cuda:
+        record["peak_gib"] = torch.cuda.max_memory_allocated(ranks.device) / 2 ** 30
+    if ranks.main:
+        append_jsonl(metrics, record)
+        print(f"step {run.step:6d} | " + " | ".join(f"{k} {record[k]:.4g}" for k in [*LOG_COLUMNS, "logvar"])
+              + f" | {images_per_s:.1f} img/s" + (f" | {record['peak_gib']:.2f} GiB" if cuda else ""), flush=True)
+    run.sums.zero_()
+    run.since_log = 0
+
+
+def evaluate_and_log(autoencoder, val, args, step, out, inception=None):
+    """evaluate() on the held-out images, printed, appended to OUT/metrics.jsonl, with OUT/reconstructions.png."""
+    device = next(autoencoder.parameters()).device
+    features = (lambda x: inception_features(inception, x)) if inception is not None else None
+    record = {"kind": "eval", "step": step,
+              **evaluate(autoencoder, held_out_batches(val, device, args.workers), args.precision, features)}
+    print(f"eval on {record['images']:,} held-out images" + (f" at step {step}" if step is not None else "")
+          + f": PSNR {record['psnr']:.2f} dB | SSIM {record['ssim']:.4f} | "
+          + (f"rFID {record['rfid']:.2f} | " if "rfid" in record else "")
+          + f"KL {record['kl']:.1f} nats | latent std {record['latent_std']:.4f} | "
+          f"scaling factor {record['scaling_factor']:.5f}", flush=True)
+    append_jsonl(os.path.join(out, "metrics.jsonl"), record)
+    write_reconstructions(autoencoder, val, os.path.join(out, "reconstructions.png"), args.precision)
+    return record
+
+
+@torch.no_grad()
+def write_reconstructions(autoencoder, images, path, precision, n=8):
+    """The first n held-out images above their reconstructions (decoded posterior means), one PNG."""
+    device = next(autoencoder.parameters()).device
+    x = to_model_input(torch.stack([images[i] for i in range(min(n, len(images)))]), device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        x_rec = autoencoder.decode(autoencoder.encode(x).mode()).float()
+    grid = torchvision.utils.make_grid(torch.cat([x, x_rec]), nrow=len(x), padding=2, pad_value=1)
+    torchvision.io.write_png(to_uint8(grid).cpu(), path)
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we want one line, like our own errors
+        raise UserError(f"{message} (see --help)")
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def _number(kind, low, inclusive):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not (value >= low if inclusive else value > low) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        return value
+    return parse
+
+
+positive_int, nonnegative_int = _number(int, 0, False), _number(int, 0, True)
+positive_float, nonnegative_float = _number(float, 0, False), _number(float, 0, True)
+
+
+def decay(text):
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"a decay in [0, 1), e.g. 0.999 (0: off), got {text}")
+    return value
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def get_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False); "
+                        "use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def parse_args(argv=None):
+    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct an image, train, evaluate.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    devices = ["auto", "cpu", "cuda", "mps"]
+
+    r = sub.add_parser("reconstruct", help="encode and decode one image with given weights", formatter_class=fmt)
+    r.add_argument("--weights", required=True,
+                   help="a diffusers-format .safetensors file (e.g. diffusion_pytorch_model.safetensors)")
+    r.add_argument("--preset", default="sd", choices=sorted(PRESETS), help="the architecture the weights are for")
+    r.add_argument("--image", required=True)
+    r.add_argument("--out", required=True, help="where to write the reconstruction (.png, or .jpg)")
+    r.add_argument("--device", default="auto", choices=devices)
+    r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16 is for GPUs (fp16 overflows in the SDXL VAE)")
+
+    t = sub.add_parser("train", help="train an autoencoder (one process, or one per GPU under torchrun)",
+                       formatter_class=fmt)
+    e = sub.add_parser("eval", help="evaluate a checkpoint on held-out images", formatter_class=fmt)
+    for q, training in ((t, True), (e, False)):  # what both need; eval's defaults come from the checkpoint
+        g = q.add_argument_group("data")
+        g.add_argument("--data", required=training, default=None,
+                       help="a folder of images, an .npz file (uint8 N x H x W x C 'images'), "
+                            "or cifar10, mnist, celeba")
+        g.add_argument("--val-data", default=None, help="held-out images (otherwise --val-size images of --data)")
+        g.add_argument("--val-size", type=positive_int, default=1000 if training else None,
+                       help="held-out images split off --data (stratified by label when it has labels)")
+        g.add_argument("--data-root", default="./data" if training else None,
+                       help="where torchvision datasets are kept")
+        g.add_argument("--resolution", type=positive_int, default=256 if training else None,
+                       help="images are resized and centre-cropped to this square")
+        g.add_argument("--workers", type=nonnegative_int, default=None,
+                       help="DataLoader workers (default: 4 for image files, 0 for arrays in memory)")
+        g.add_argument("--seed", type=nonnegative_int, default=0 if training else None,
+                       help="the split, the data order, the initialisation")
+        g = q.add_argument_group("run")
+        g.add_argument("--device", default="auto", choices=devices)
+        g.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                       help="autocast dtype (default: bf16 on CUDA, else fp32)")
+        g.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
+        g.add_argument("--export", default=None, metavar="FILE",
+                       help="also write the weights as a diffusers safetensors file, config.json beside it")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    e.add_argument("--out", default=None,
+                   help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
+    add_training_options(t)
+    return settle(p.parse_args(argv))
+
+
+def add_training_options(t):
+    g = t.add_argument_group("model")
+    g.add_argument("--preset", default="sd", choices=sorted(PRESETS))
+    g.add_argument("--block-out-channels", type=positive_int, nargs="+", default=None, help="overrides the preset")
+    g.add_argument("--layers-per-block", type=positive_int, default=None, help="overrides the preset")
+    g.add_argument("--latent-channels", type=positive_int, default=None, help="overrides the preset")
+    g = t.add_argument_group("loss")
+    g.add_argument("--rec-loss", default="l1", choices=["l1", "mse"])
+    g.add_argument("--perceptual-weight", type=nonnegative_float, default=1.0,
+                   help="LPIPS-style VGG16 term (0: off, nothing downloaded)")
+    g.add_argument("--lpips-weights", default=None,
+                   help="the LPIPS project's v0.1 vgg.pth for calibrated channel weights (default: all 1)")
+    g.add_argument("--kl-weight", type=nonnegative_float, default=1e-6,
+                   help="on the KL summed over latent elements (LDM)")
+    g.add_argument("--learn-logvar", action=argparse.BooleanOptionalAction, default=True,
+                   help="optimise the NLL's scalar log-variance (off: it stays 0, as in LDM's code)")
+    g.add_argument("--disc-weight", type=nonnegative_float, default=0.5, help="adversarial term (0: no discriminator)")
+    g.add_argument("--disc-start", type=nonnegative_int, default=50001,
+                   help="step at which the discriminator starts (LDM: 50001)")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="per process")
+    g.add_argument("--lr", type=positive_float, default=1e-4, help="both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW's; 0 is Adam")
+    g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: --epochs, or 10000)")
+    g.add_argument("--epochs", type=positive_int, default=None)
+    g.add_argument("--grad-clip", type=nonnegative_float, default=0.0,
+                   help="max gradient norm of the autoencoder (0: off)")
+    g.add_argument("--ema", type=decay, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.999)")
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    g.add_argument("--compile", action="store_true")
+    g = t.add_argument_group("outputs")
+    g.add_argument("--out", default=os.path.join("runs", "kl"))
+    g.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt")
+    g.add_argument("--log-every", type=positive_int, default=50)
+    g.add_argument("--ckpt-every", type=positive_int, default=1000)
+    g.add_argument("--eval-every", type=nonnegative_int, default=1000,
+                   help="held-out evaluation every N steps (0: only at the end)")
+
+
+def settle(args):
+    """The one place where defaults that depend on other options are settled and options are checked together
+    (eval's remaining defaults come from its checkpoint, in eval_command)."""
+    if args.command in ("train", "eval") and args.workers is None and args.data is not None:
+        args.workers = 4 if os.path.isdir(args.data) or args.data == "celeba" else 0
+    if args.command != "train":
+        return args
+    if args.steps is not None and args.epochs is not None:
+        raise UserError("--steps and --epochs: pass one of them")
+    if args.steps is None and args.epochs is None:
+        args.steps = 10_000
+    args.precision = args.precision or ("bf16" if get_device(args.device).type == "cuda" else "fp32")
+    check_resolution(args.resolution, model_config(args), args.disc_weight)
+    return args
 
 
 def model_config(args):
@@ -982,317 +1522,8 @@ def check_resolution(resolution, config, disc_weight):
         raise UserError(f"--resolution {resolution} is not a multiple of {f}, this model's downsampling factor: "
                         f"use {max(f, resolution // f * f)} or {-(-resolution // f) * f}")
     if disc_weight > 0 and resolution < 24:
-        raise UserError(f"--resolution {resolution}: the PatchGAN discriminator needs at least 24; use --disc-weight 0 below that")
-
-
-def train(args):
-    """The LDM autoencoder objective, per step (sums over pixels and latents, means over the batch):
-
-        loss = nll + kl_weight * KL + disc_factor * disc_weight * lambda * g,
-        nll  = sum (rec + perceptual_weight * perceptual) / exp(s) + s,
-
-    with s the learned log-variance, lambda the adaptive weight and g = -mean D(x_rec); the
-    discriminator (from step --disc-start on) minimises the hinge loss on x and x_rec. With terms
-    averaged over elements instead of summed, the same balance needs kl_weight * N_latent / N_pixels
-    (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels)."""
-    rank, world, device = setup_distributed(args.device)
-    main_process = rank == 0
-    try:
-        return _train(args, rank, world, device, main_process)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def _train(args, rank, world, device, main_process):
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    config = model_config(args)
-    check_resolution(args.resolution, config, args.disc_weight)
-    ckpt_path, metrics = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if ckpt is None and os.path.exists(ckpt_path):
-        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or another --out for a new run")
-    if ckpt is not None and ckpt["config"]["model"] != with_lists(config):
-        raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: pass its sizes, or another --out")
-    perceptual = Perceptual(load_vgg16()).to(device) if args.perceptual_weight > 0 else None  # downloads fail here, early
-    if perceptual is not None and args.lpips_weights:
-        load_lpips_weights(perceptual, args.lpips_weights)
-    inception = load_inception(device) if args.fid and main_process else None
-
-    data, val = datasets(args)
-    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=args.workers,
-                                         pin_memory=cuda, persistent_workers=args.workers > 0,
-                                         generator=torch.Generator())  # its seed draw must not touch the global RNG: resume
-
-    steps_per_epoch = len(sampler) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {args.batch_size} is more than the {len(sampler)} training images of each of the {world} processes")
-    total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
-
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = Trainable(AutoencoderKL(**config)).to(device)
-    disc = NLayerDiscriminator().to(device)
-    torch.manual_seed(args.seed + rank)  # and each rank's own posterior samples
-    if world > 1 and cuda:
-        disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
-    if cuda:
-        model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
-    ema = copy.deepcopy(model.autoencoder).requires_grad_(False) if args.ema else None
-    step = 0
-    if ckpt is not None:
-        model.autoencoder.load_state_dict(ckpt["model"])
-        model.logvar.data.copy_(ckpt["logvar"])
-        disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["opt"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
-        step = ckpt["step"]
-        if rank < len(ckpt["rng"]):
-            torch.set_rng_state(ckpt["rng"][rank])
-        if main_process:
-            drop_records_after(metrics, step)
-            print(f"resuming {ckpt_path} at step {step}")
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
-    if args.compile:
-        ddp.compile()
-    last_layer = model.autoencoder.decoder.conv_out.weight
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    if main_process:
-        os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            open(metrics, "w").close()
-        n_params = sum(p.numel() for p in model.autoencoder.parameters())
-        print(f"AutoencoderKL {config['block_out_channels']}, {n_params:,} parameters; {len(data):,} training and {len(val):,} "
-              f"held-out images at {args.resolution}x{args.resolution}; {world} process(es) on {device}; {total:,} steps")
-
-    names = ["loss", "rec", "perceptual", "nll", "kl", "g", "lambda", "d"]
-    sums, since_log, images, t0 = torch.zeros(len(names), device=device), 0, 0, time.perf_counter()
-    if ckpt is not None:  # the log line in progress, so that a resumed run logs what an uninterrupted one would
-        sums, since_log = ckpt["log_sums"].to(device), ckpt["since_log"]
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    while step < total:
-        sampler.set_epoch(step // steps_per_epoch)
-        sampler.start = (step % steps_per_epoch) * args.batch_size
-        for batch in loader:
-            x = to_model_input(batch, device, hash((args.seed, step, rank)) if args.hflip else None)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            disc_on = args.disc_weight > 0 and step >= args.disc_start
-            # the autoencoder's step
-            with autocast:
-                x_rec, kl = ddp(x)
-                rec = reconstruction_loss(x, x_rec.float(), args.rec_loss)
-                p_loss = perceptual(x, x_rec).float() if perceptual is not None else rec.new_zeros(len(x))
-                nll = nll_loss(rec + args.perceptual_weight * p_loss.view(-1, 1, 1, 1), model.logvar)
-                loss = nll + args.kl_weight * kl.mean()
-                g = lam = torch.zeros((), device=device)
-                if disc_on:
-                    disc.requires_grad_(False)
-                    g = generator_loss(disc(x_rec).float())
-                    lam = adaptive_weight(nll, g, last_layer)
-                    loss = loss + args.disc_weight * lam * g
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            if ema is not None:
-                torch._foreach_lerp_(list(ema.parameters()), list(model.autoencoder.parameters()), 1 - args.ema)
-            # the discriminator's step
-            d = torch.zeros((), device=device)
-            if disc_on:
-                disc.requires_grad_(True)
-                with autocast:
-                    d = hinge_d_loss(disc(x.detach()).float(), disc(x_rec.detach()).float())
-                opt_d.zero_grad(set_to_none=True)
-                d.backward()
-                all_reduce_mean([p.grad for p in disc.parameters()], world)
-                opt_d.step()
-                if world > 1 and not cuda:  # plain BatchNorm on the CPU: keep rank 0's running statistics everywhere
-                    for b in disc.buffers():
-                        dist.broadcast(b, 0)
-            sums += torch.stack([loss.detach(), rec.detach().mean(), p_loss.detach().mean(), nll.detach(), kl.detach().mean(),
-                                 g.detach(), lam, d.detach()]).float()
-            step, since_log, images = step + 1, since_log + 1, images + len(x) * world
-            log_now, save_now = step % args.log_every == 0 or step == total, step % args.ckpt_every == 0 or step == total
-            if log_now or save_now:
-                values = sums / since_log
-                all_reduce_mean([values], world)
-                values = values.tolist()  # the only host sync of the loop
-                if not all(math.isfinite(v) for v in values):  # stop before a bad state is saved
-                    raise UserError(f"the loss became {values[0]} by step {step}; {ckpt_path} holds the last good step: try a lower --lr")
-            if log_now:
-                record = {"kind": "train", "step": step, **dict(zip(names, values)), "logvar": model.logvar.item(),
-                          "images_per_s": images / (time.perf_counter() - t0)}
-                if cuda:
-                    record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                if main_process:
-                    append_jsonl(metrics, record)
-                    print(f"step {step:6d} | " + " | ".join(f"{k} {record[k]:.4g}" for k in names + ["logvar"])
-                          + f" | {record['images_per_s']:.1f} img/s" + (f" | {record['peak_gib']:.2f} GiB" if cuda else ""), flush=True)
-                sums.zero_()
-                since_log, images, t0 = 0, 0, time.perf_counter()
-            if save_now:
-                rng = gather(torch.get_rng_state(), world)
-                if main_process:
-                    save_checkpoint(ckpt_path, {
-                        "model": model.autoencoder.state_dict(), "logvar": model.logvar.detach().cpu(), "disc": disc.state_dict(),
-                        "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                        "step": step, "rng": rng, "log_sums": sums.cpu(), "since_log": since_log, "config": checkpoint_config(args, config)})
-            if args.eval_every and step % args.eval_every == 0 and step < total and main_process:
-                evaluate(ema or model.autoencoder, val, args, device, None, os.path.join(args.out, "reconstructions.png"), metrics, step)
-                model.train()
-            if step >= total:
-                break
-    if world > 1:
-        digests = gather(weights_digest(model, disc), world)
-        if main_process:
-            if len(set(digests)) != 1:
-                raise RuntimeError(f"the ranks ended with different weights: {digests}")
-            print(f"weights identical on all {world} ranks (sha256 {digests[0][:16]})")
-    if main_process:
-        final = ema or model.autoencoder
-        record = evaluate(final, val, args, device, inception, os.path.join(args.out, "reconstructions.png"), metrics, step)
-        if args.export:
-            export(final, args.export, args.resolution)
-        return record
-
-
-def checkpoint_config(args, config):
-    """What a checkpoint records: the model's keywords and the options of the run."""
-    return {"model": with_lists(config), **with_lists(vars(args))}
-
-
-def with_lists(d):
-    """The dict with its tuples as lists, as JSON and a reloaded checkpoint hold them (so they compare equal)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def datasets(args):
-    """(training set, held-out set) from --data, with --val-data or a --val-size split (stratified
-    by label when the data has labels; fixed by --seed)."""
-    data, labels = load_images(args.data, args.resolution, args.data_root)
-    if args.val_data:
-        val, _ = load_images(args.val_data, args.resolution, args.data_root)
-        return data, val
-    train_idx, val_idx = split(len(data), args.val_size, labels, args.seed)
-    return torch.utils.data.Subset(data, train_idx.tolist()), torch.utils.data.Subset(data, val_idx.tolist())
-
-
-def export(autoencoder, path, sample_size):
-    """The weights as a diffusers-format safetensors file, with diffusers' config.json beside it, so that
-    diffusers.AutoencoderKL.from_pretrained(folder of FILE) loads them (name FILE diffusion_pytorch_model.safetensors)."""
-    c = autoencoder.config
-    n = len(c["block_out_channels"])
-    config = {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
-              "up_block_types": ["UpDecoderBlock2D"] * n, "mid_block_add_attention": True, "sample_size": sample_size,
-              **with_lists(c)}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            if json.load(f) != config:
-                raise UserError(f"{config_path} exists and describes another model: export into another folder")
-    save_safetensors(autoencoder.state_dict(), path, metadata={"format": "pt"})
-    with open(config_path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(config_path + ".tmp", config_path)
-    print(f"exported {path} and {config_path}")
-
-
-def drop_records_after(path, step):
-    """Forget what a run logged after the checkpoint it is resumed from (it will log it again)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records if (r.get("step") or 0) <= step)
-        os.replace(path + ".tmp", path)
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-# -----------------------------------------------------------------------------
-# evaluation
-
-INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
-
-
-def load_inception(device):
-    """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
-    try:
-        state = torch.hub.load_state_dict_from_url(INCEPTION.url, progress=False, check_hash=True)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"--fid needs torchvision's Inception-v3 weights and could not get them ({type(e).__name__}); "
-                        f"put {os.path.basename(INCEPTION.url)} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
-    net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-    net.load_state_dict(state)
-    net.fc = nn.Identity()
-    return net.eval().to(device)
-
-
-def inception_features(net, x):
-    """x (B, 3, H, W) in [0, 1] -> (B, 2048) float64: bilinear resize to 299, ImageNet normalisation."""
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
-    x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
-    return net((x - mean) / std).double()
-
-
-@torch.no_grad()
-def evaluate(autoencoder, images, args, device, inception=None, picture=None, metrics=None, step=None, batch_size=64):
-    """On held-out images: PSNR (dB) and SSIM of the decoded posterior means against the inputs
-    (both as 8-bit images), the mean KL per image (nats), the standard deviation of posterior
-    samples z over all images and elements, the scaling factor 1 / std it implies (how SD's
-    0.18215 was chosen), and rFID (Frechet distance of Inception features of inputs and
-    reconstructions; torchvision's weights, comparable between runs of this code only)."""
-    autoencoder.eval()
-    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=args.workers)
-    totals = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, kl, sum z, sum z^2
-    n = n_latent = 0
-    feats = {"real": [], "fake": []}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    generator = torch.Generator(device).manual_seed(0)  # the same numbers every time, and the training RNG untouched
-    for batch in loader:
-        x = to_model_input(batch, device)
-        with autocast:
-            posterior = autoencoder.encode(x)
-            x_rec = autoencoder.decode(posterior.mode()).float()
-        z = posterior.sample(generator).double()
-        real, fake = to_uint8(x).float() / 255, to_uint8(x_rec).float() / 255
-        totals += torch.stack([psnr(fake, real).double().sum(), ssim(fake, real).double().sum(), posterior.kl().double().sum(),
-                               z.sum(), z.pow(2).sum()])
-        n, n_latent = n + len(x), n_latent + z.numel()
-        if inception is not None:
-            feats["real"].append(inception_features(inception, real))
-            feats["fake"].append(inception_features(inception, fake))
-        if picture and n == len(x):
-            torchvision.io.write_png(to_uint8(torchvision.utils.make_grid(torch.cat([x[:8], x_rec[:8]]), nrow=min(8, len(x)),
-                                                                          padding=2, pad_value=1)).cpu(), picture)
-    psnr_mean, ssim_mean, kl_mean, z_sum, z2_sum = (totals / torch.tensor([n, n, n, n_latent, n_latent], device=device)).tolist()
-    std = math.sqrt(max(z2_sum - z_sum ** 2, 0.0))
-    record = {"kind": "eval", "step": step, "images": n, "psnr": psnr_mean, "ssim": ssim_mean, "kl": kl_mean,
-              "latent_std": std, "scaling_factor": 1 / std}
-    if inception is not None:
-        stats = []
-        for f in (torch.cat(feats["real"]), torch.cat(feats["fake"])):
-            stats += [f.mean(0), torch.cov(f.T)]
-        record["rfid"] = frechet_distance(*stats)
-    print(f"eval on {n:,} held-out images" + (f" at step {step}" if step is not None else "") + f": PSNR {psnr_mean:.2f} dB | "
-          f"SSIM {ssim_mean:.4f} | " + (f"rFID {record['rfid']:.2f} | " if "rfid" in record else "")
-          + f"KL {kl_mean:.1f} nats | latent std {std:.4f} | scaling factor {1 / std:.5f}", flush=True)
-    if metrics:
-        append_jsonl(metrics, record)
-    return record
+        raise UserError(f"--resolution {resolution}: the PatchGAN discriminator needs at least 24; "
+                        f"use --disc-weight 0 below that")
 
 # -----------------------------------------------------------------------------
 # commands and entry point
@@ -1308,8 +1539,8 @@ def reconstruct(args):
     h, w = x.shape[2:]
     if h % f or w % f:
         lo, hi = (f"{(h // f) * f}x{(w // f) * f}", f"{-(-h // f) * f}x{-(-w // f) * f}")
-        raise UserError(f"{args.image} is {h}x{w} (height x width); preset {args.preset} needs sides that are multiples of {f}, "
-                        f"e.g. {lo} or {hi}: crop or pad it")
+        raise UserError(f"{args.image} is {h}x{w} (height x width); preset {args.preset} needs sides that are "
+                        f"multiples of {f}, e.g. {lo} or {hi}: crop or pad it")
     load_weights(model, load_safetensors(args.weights), args.weights, args.preset)
     model = model.to(device=device, dtype=dtype).eval()
     if device.type == "cuda":
@@ -1322,8 +1553,8 @@ def reconstruct(args):
     seconds = time.perf_counter() - t0
     write_image(out[0], args.out)
     quality = psnr((to_uint8(out).float() / 255).cpu(), to_uint8(x).float() / 255).item()
-    print(f"latent {list(posterior.mean.shape)} (B, C, H/{f}, W/{f}) | PSNR {quality:.2f} dB | {seconds:.3f} s on {device} "
-          f"({args.dtype}) | wrote {args.out}")
+    print(f"latent {list(posterior.mean.shape)} (B, C, H/{f}, W/{f}) | PSNR {quality:.2f} dB | {seconds:.3f} s on "
+          f"{device} ({args.dtype}) | wrote {args.out}")
     return quality
 
 
@@ -1338,17 +1569,15 @@ def eval_command(args):
     device = get_device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     model = AutoencoderKL(**saved["model"])
-    weights = ckpt["ema"] if args.ema and ckpt.get("ema") else ckpt["model"]
     if args.ema and not ckpt.get("ema"):
         raise UserError(f"{args.ckpt} has no EMA weights (train with --ema DECAY)")
-    model.load_state_dict(weights)
+    model.load_state_dict(ckpt["ema"] if args.ema else ckpt["model"])
     model.to(device)
     inception = load_inception(device) if args.fid else None
     _, val = datasets(args)
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     os.makedirs(out, exist_ok=True)
-    record = evaluate(model, val, args, device, inception, os.path.join(out, "reconstructions.png"), os.path.join(out, "metrics.jsonl"),
-                      ckpt["step"])
+    record = evaluate_and_log(model, val, args, ckpt["step"], out, inception)
     if args.export:
         export(model, args.export, args.resolution)
     return record
@@ -1357,8 +1586,6 @@ def eval_command(args):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        if args.command == "train":
-            args.precision = args.precision or ("bf16" if get_device(args.device).type == "cuda" else "fp32")
         return {"reconstruct": reconstruct, "train": train, "eval": eval_command}[args.command](args)
     except UserError as e:
         print(f"kl_autoencoder.py: error: {e}", file=sys.stderr)
