@@ -4,7 +4,9 @@ Nothing here touches the network: the tests write their own small MNIST-format f
 The property tests of the formulas are in test_math.py.
 """
 
+import ast
 import gzip
+import inspect
 import json
 import math
 import os
@@ -877,3 +879,36 @@ def test_perceptual_weights_offline_is_one_line_error(kl_data, tmp_path, monkeyp
     with pytest.raises(SystemExit):
         kl.main(["train", "--data", kl_data, "--preset", "tiny", "--resolution", "32", "--device", "cpu", "--out", str(tmp_path / "r")])
     kl_error(capsys, "vgg16", "--perceptual-weight 0")
+
+
+# ============================================================================= both files: layout and deliberate copies
+
+DELIBERATE_COPIES = ["UserError", "Parser", "_number", "get_device", "frechet_distance", "load_checkpoint", "append_jsonl"]
+
+
+@pytest.mark.parametrize("name", DELIBERATE_COPIES)
+def test_deliberate_copies_stay_identical(name):
+    """Each script stands alone, so a few helpers are written in both: they must not drift apart."""
+    assert inspect.getsource(getattr(vae, name)) == inspect.getsource(getattr(kl, name))
+    for module in (vae, kl):
+        lines, start = inspect.getsourcelines(getattr(module, name))
+        above = open(module.__file__).read().split("\n")[start - 2]
+        assert above.startswith("# A deliberate copy of"), f"{module.__name__}.{name}: {above!r}"
+
+
+def test_kl_autoencoder_map_states_the_length_of_its_two_parts():
+    lines = open(kl.__file__).read().rstrip("\n").split("\n")
+    part1 = next(i for i, line in enumerate(lines) if line.startswith("# PART I:")) - 1  # the ==== line above it
+    part2 = next(i for i, line in enumerate(lines) if line.startswith("# PART II:")) - 1
+    assert f"Part I, the autoencoder and its objective ({part2 - part1} lines)" in kl.__doc__
+    assert f"Part II, running it ({len(lines) - part2} lines)" in kl.__doc__
+
+
+@pytest.mark.parametrize("module", [vae, kl], ids=["vae", "kl_autoencoder"])
+def test_functions_and_lines_are_short(module):
+    source = open(module.__file__).read()
+    assert max(len(line) for line in source.split("\n")) <= 120
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            assert node.end_lineno - start + 1 <= 60, f"{node.name} has {node.end_lineno - start + 1} lines"

@@ -15,7 +15,9 @@ the importance-weighted bound with --train-samples K, or the beta-VAE objectives
 K importance samples, the active units, the aggregate posterior and, with --fid, a Frechet
 Inception distance. Everything lands in --out: ckpt.pt, metrics.jsonl and four pictures.
 
-Sections: config, data, model, the math, training, checkpoints, evaluation, pictures, entry point.
+The file:
+    Part I, the VAE and its objective: model, the math, training, evaluation
+    Part II, running it: data, the Inception network, pictures, checkpoints, the run, the command line, main
 """
 
 import argparse
@@ -34,155 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-# -----------------------------------------------------------------------------
-# config
 
-PRESETS = {
-    # Burda, Grosse & Salakhutdinov 2015 (IWAE), Table 1, one stochastic layer: tanh MLP
-    # 784-200-200-50, batch 20, Adam (eps 1e-4), 3^i epochs at lr 1e-3 * 10^(-i/7), i = 0..7.
-    "iwae": dict(arch="mlp", hidden=[200, 200], latent_dim=50, activation="tanh", batch_size=20,
-                 lr=1e-3, lr_schedule="iwae", adam_eps=1e-4, epochs=3280),
-}
-TEST_SEED = 0  # the test set is binarized once with this seed, and evaluation draws from it too
-MODEL_KEYS = ("arch", "hidden", "latent_dim", "activation", "likelihood")  # what a checkpoint fixes
-
-
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
 class UserError(Exception):
     """A mistake in how the program was called: main() prints it as one line and exits with 2."""
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; we want one line, like our own errors
-        raise UserError(f"{message} (see --help)")
-
-
-def _number(kind, low, inclusive):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-        if not (value >= low if inclusive else value > low) or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
-        return value
-    return parse
-
-
-positive_int, positive_float, nonnegative_float = _number(int, 0, False), _number(float, 0, False), _number(float, 0, True)
-
-
-def parse_args(argv=None):
-    p = Parser(description="Train and evaluate a VAE on MNIST; numbers are nats per test image.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a published setup; flags given explicitly still win")
-    g = p.add_argument_group("data and outputs")
-    g.add_argument("--data-dir", default="./data", help="MNIST lives in DATA_DIR/MNIST/raw (downloaded if missing)")
-    g.add_argument("--out", default=None, help="run folder for ckpt.pt, metrics.jsonl, pictures (default runs/vae; with --eval-only, the checkpoint's folder)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="mlp", choices=["mlp", "conv"], help="mlp, or conv encoder + transposed-conv decoder")
-    g.add_argument("--hidden", type=positive_int, nargs="+", default=[512, 512], help="hidden layer widths of the encoder MLP (the decoder mirrors them)")
-    g.add_argument("--latent-dim", type=positive_int, default=32)
-    g.add_argument("--activation", default="elu", choices=["relu", "tanh", "elu"])
-    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
-                   help="bernoulli: dynamically binarized pixels; gaussian: dequantized grey levels, learned variance")
-    g = p.add_argument_group("objective")
-    g.add_argument("--beta", type=nonnegative_float, default=1.0, help="beta-VAE (Higgins et al. 2017): -log p(x|z) + beta * KL")
-    g.add_argument("--capacity", type=nonnegative_float, default=None, metavar="C_MAX",
-                   help="Burgess et al. 2018: -log p(x|z) + gamma * |KL - C|, C rising linearly to C_MAX nats")
-    g.add_argument("--capacity-iters", type=positive_int, default=100_000, help="steps for C to reach C_MAX")
-    g.add_argument("--gamma", type=nonnegative_float, default=1000.0, help="weight of |KL - C|")
-    g.add_argument("--train-samples", type=positive_int, default=1, help="K of the importance-weighted bound trained on (1: the ELBO)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=100)
-    g.add_argument("--batch-size", type=positive_int, default=128)
-    g.add_argument("--lr", type=positive_float, default=1e-3)
-    g.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "iwae"],
-                   help="per epoch; iwae: stages i = 0.. of 3^i epochs at lr * 10^(-i/7)")
-    g.add_argument("--adam-eps", type=positive_float, default=1e-8)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--amp", action="store_true", help="bf16 autocast for the networks on CUDA (the math stays float32)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt without training")
-    g.add_argument("--ckpt", default=None, help="checkpoint to evaluate or resume (default OUT/ckpt.pt)")
-    g.add_argument("--eval-samples", type=positive_int, default=1000, help="K of the importance-sampled test NLL (the literature uses 5000)")
-    g.add_argument("--fid", action="store_true", help="also compute FID (needs torchvision's Inception-v3 weights)")
-    g.add_argument("--fid-samples", type=_number(int, 2, True), default=10_000, help="prior samples for FID, against as many test images")
-
-    preset = p.parse_known_args(argv)[0].preset  # a preset changes the defaults, explicit flags still win
-    if preset:
-        p.set_defaults(**PRESETS[preset])
-    cfg = p.parse_args(argv)
-    if cfg.capacity is not None and cfg.beta != 1.0:
-        raise UserError("--capacity and --beta are two different objectives: pass one of them")
-    if cfg.train_samples > 1 and (cfg.capacity is not None or cfg.beta != 1.0):
-        raise UserError("--train-samples K > 1 trains the importance-weighted bound, which has no beta or capacity form: drop one")
-    if cfg.out is None:
-        cfg.out = (os.path.dirname(cfg.ckpt) or ".") if cfg.eval_only and cfg.ckpt else os.path.join("runs", "vae")
-    cfg.ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
-    return cfg
-
-
-def get_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False); use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
-    return torch.device(name)
-
-# -----------------------------------------------------------------------------
-# data
-
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def load_mnist(data_dir, device):
-    """Both splits of MNIST as float tensors (N, 784) of intensities in [0, 1], on `device`.
-
-    Read through torchvision from DATA_DIR/MNIST/raw, downloaded there when missing; gzipped IDX
-    files put there by hand are unpacked first. Each split is loaded once: training batches are
-    then taken from it by indexing, with no DataLoader and no per-image transforms.
-    """
-    raw = os.path.join(data_dir, "MNIST", "raw")
-    for name in MNIST_FILES:
-        path = os.path.join(raw, name)
-        if not os.path.exists(path) and os.path.exists(path + ".gz"):
-            with gzip.open(path + ".gz") as src, open(path + ".tmp", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(path + ".tmp", path)
-    missing = not all(os.path.exists(os.path.join(raw, name)) for name in MNIST_FILES)
-    if missing:
-        print(f"downloading MNIST into {raw}")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            splits = [torchvision.datasets.MNIST(data_dir, train=train, download=missing).data for train in (True, False)]
-    except (RuntimeError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not get MNIST ({reason}); put the four IDX files ({', '.join(MNIST_FILES)}, "
-                        f"gzipped or not) into {raw}, or pass --data-dir")
-    return [s.reshape(len(s), -1).to(device=device, dtype=torch.float32) / 255 for s in splits]
-
-
-def prepare(x, likelihood, generator=None):
-    """Turn intensities in [0, 1] into what the likelihood models, with fresh noise on every call.
-
-    bernoulli: dynamic binarization, x ~ Bernoulli(intensity) (Burda et al. 2015).
-    gaussian: uniform dequantization, x = (255 * intensity + u) / 256, u ~ U[0, 1) (Theis et al.
-    2016), so that a density on [0, 1]^784 bounds the likelihood of the 8-bit images.
-    """
-    if likelihood == "bernoulli":
-        return torch.bernoulli(x, generator=generator)
-    u = torch.rand(x.shape, generator=generator, device=x.device)
-    return (x * 255 + u) / 256
-
-
-def prepare_test_set(x_test, likelihood):
-    """The test set, binarized (or dequantized) once with a fixed seed: the same on every run and device."""
-    return prepare(x_test.cpu(), likelihood, torch.Generator().manual_seed(TEST_SEED)).to(x_test.device)
+# =============================================================================
+# PART I: the VAE and its objective
+# =============================================================================
 
 # -----------------------------------------------------------------------------
 # model
@@ -339,25 +200,20 @@ def capacity_at(step, c_max, iters):
     """C = C_max * min(1, step / iters): rises linearly from 0 and stays at C_max after `iters` steps."""
     return c_max * min(1.0, step / iters)
 
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}), between N(mu1, S1) and N(mu2, S2).
-
-    Tr((S1 S2)^{1/2}) is the sum of the square roots of the eigenvalues of S1^{1/2} S2 S1^{1/2},
-    a symmetric positive semi-definite matrix with the same spectrum as S1 S2; both steps use
-    symmetric eigendecompositions in float64, so the result is real and finite even for singular
-    covariances (fewer samples than dimensions). Units of the features squared; returns a float.
-    """
-    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
-    w, v = torch.linalg.eigh(sigma1)
-    sqrt1 = (v * w.clamp(min=0).sqrt()) @ v.T
-    m = sqrt1 @ sigma2 @ sqrt1
-    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    d2 = (mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
-    return max(d2.item(), 0.0)  # d^2 >= 0; a negative value is float rounding
-
 # -----------------------------------------------------------------------------
 # training
+
+def prepare(x, likelihood, generator=None):
+    """Turn intensities in [0, 1] into what the likelihood models, with fresh noise on every call.
+
+    bernoulli: dynamic binarization, x ~ Bernoulli(intensity) (Burda et al. 2015).
+    gaussian: uniform dequantization, x = (255 * intensity + u) / 256, u ~ U[0, 1) (Theis et al.
+    2016), so that a density on [0, 1]^784 bounds the likelihood of the 8-bit images.
+    """
+    if likelihood == "bernoulli":
+        return torch.bernoulli(x, generator=generator)
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    return (x * 255 + u) / 256
 
 
 def lr_at(epoch, cfg):
@@ -427,50 +283,9 @@ def test_elbo(model, x_test, batch_size=2000):
     return (sums / len(x_test)).tolist()
 
 # -----------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(path, model, opt, cfg, epoch):
-    """Everything needed to continue exactly: weights, optimizer, config, epoch, RNG states.
-    Written to a temporary file and renamed, so a crash never leaves a half-written ckpt.pt."""
-    state = {
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(cfg), "epoch": epoch,
-        "rng": {"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first, or pass --ckpt PATH")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many kinds of errors for a file that is not a checkpoint
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
-    if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= ckpt.keys():
-        raise UserError(f"{path} is not a vae.py checkpoint (it lacks model, config or epoch)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, path):
-    config = ckpt["config"]
-    try:
-        model = VAE(**{key: config[key] for key in MODEL_KEYS})
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise UserError(f"{path} does not hold a model vae.py can build ({type(e).__name__}: {str(e).strip().splitlines()[0]})")
-    return model
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-# -----------------------------------------------------------------------------
 # evaluation
+
+TEST_SEED = 0  # the test set is binarized once with this seed, and evaluation draws from it too
 
 
 @torch.no_grad()
@@ -484,8 +299,8 @@ def test_nll(model, x_test, k, rows=2 ** 16):
     total = torch.zeros((), dtype=torch.float64, device=x_test.device)
     for x in x_test.split(max(1, rows // chunk)):
         mu, logvar = model.encode(x)
-        parts = [iwae_bound(x, mu, logvar, model.log_likelihood, min(chunk, k - start)) + math.log(min(chunk, k - start))
-                 for start in range(0, k, chunk)]
+        sizes = [min(chunk, k - start) for start in range(0, k, chunk)]
+        parts = [iwae_bound(x, mu, logvar, model.log_likelihood, size) + math.log(size) for size in sizes]
         total -= (torch.logsumexp(torch.stack(parts), 0) - math.log(k)).double().sum()
     return total.item() / len(x_test)
 
@@ -510,6 +325,102 @@ def aggregate_posterior(mu, logvar):
     return mu.mean(0), (logvar.exp().mean(0) + mu.var(0, correction=0)).sqrt()
 
 
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}), between N(mu1, S1) and N(mu2, S2).
+
+    Tr((S1 S2)^{1/2}) is the sum of the square roots of the eigenvalues of S1^{1/2} S2 S1^{1/2},
+    a symmetric positive semi-definite matrix with the same spectrum as S1 S2; both steps use
+    symmetric eigendecompositions in float64, so the result is real and finite even for singular
+    covariances (fewer samples than dimensions). Units of the features squared; returns a float.
+    """
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    w, v = torch.linalg.eigh(sigma1)
+    sqrt1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = sqrt1 @ sigma2 @ sqrt1
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    d2 = (mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
+    return max(d2.item(), 0.0)  # d^2 >= 0; a negative value is float rounding
+
+
+@torch.no_grad()
+def fid(model, x_test, n, features):
+    """FID between n decoded prior samples E[x|z], z ~ N(0, I), and n test images (grey levels), with
+    `features` the feature network (images (N, 784) in [0, 1] -> (N, D)): torchvision's Inception
+    in run(), which makes it comparable between runs of this code, not with pytorch-fid."""
+    model.eval()
+    z = torch.randn(n, model.latent_dim, device=x_test.device)
+    fake = torch.cat([model.mean(b) for b in z.split(1000)])
+    stats = []
+    for images in (fake, x_test[:n]):
+        f = features(images)
+        stats += [f.mean(0), torch.cov(f.T)]
+    return frechet_distance(*stats)
+
+
+def evaluate(model, x_test_grey, x_test, cfg, features=None):
+    """The final record: test -ELBO, test NLL (K = eval_samples), active units, aggregate
+    posterior, and FID when a feature network is given. Seeded, so the same checkpoint always
+    gives the same numbers, at the end of training and with --eval-only."""
+    torch.manual_seed(TEST_SEED)
+    nelbo, kl = test_elbo(model, x_test)
+    t0 = time.time()
+    nll = test_nll(model, x_test, cfg.eval_samples)
+    mu, logvar = posterior_means(model, x_test)
+    q_mean, q_std = aggregate_posterior(mu, logvar)
+    record = {"kind": "eval", "test_nelbo": nelbo, "test_kl": kl, "test_nll": nll, "eval_samples": cfg.eval_samples,
+              "nll_seconds": time.time() - t0, "active_units": active_units(mu), "latent_dim": mu.shape[1],
+              "posterior_mean": q_mean.tolist(), "posterior_std": q_std.tolist()}
+    if features is not None:
+        record["fid"] = fid(model, x_test_grey, min(cfg.fid_samples, len(x_test_grey)), features)
+        record["fid_samples"] = min(cfg.fid_samples, len(x_test_grey))
+    return record
+
+# =============================================================================
+# PART II: running it
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# data
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def load_mnist(data_dir, device):
+    """Both splits of MNIST as float tensors (N, 784) of intensities in [0, 1], on `device`.
+
+    Read through torchvision from DATA_DIR/MNIST/raw, downloaded there when missing; gzipped IDX
+    files put there by hand are unpacked first. Each split is loaded once: training batches are
+    then taken from it by indexing, with no DataLoader and no per-image transforms.
+    """
+    raw = os.path.join(data_dir, "MNIST", "raw")
+    for name in MNIST_FILES:
+        path = os.path.join(raw, name)
+        if not os.path.exists(path) and os.path.exists(path + ".gz"):
+            with gzip.open(path + ".gz") as src, open(path + ".tmp", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(path + ".tmp", path)
+    missing = not all(os.path.exists(os.path.join(raw, name)) for name in MNIST_FILES)
+    if missing:
+        print(f"downloading MNIST into {raw}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            splits = [torchvision.datasets.MNIST(data_dir, train=train, download=missing).data
+                      for train in (True, False)]
+    except (RuntimeError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not get MNIST ({reason}); put the four IDX files ({', '.join(MNIST_FILES)}, "
+                        f"gzipped or not) into {raw}, or pass --data-dir")
+    return [s.reshape(len(s), -1).to(device=device, dtype=torch.float32) / 255 for s in splits]
+
+
+def prepare_test_set(x_test, likelihood):
+    """The test set, binarized (or dequantized) once with a fixed seed: the same on every run and device."""
+    return prepare(x_test.cpu(), likelihood, torch.Generator().manual_seed(TEST_SEED)).to(x_test.device)
+
+# -----------------------------------------------------------------------------
+# the Inception network, for FID
+
 INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
 
 
@@ -519,7 +430,8 @@ def load_inception(device):
         state = torch.hub.load_state_dict_from_url(INCEPTION.url, progress=False, check_hash=True)
     except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt file
         raise UserError(f"--fid needs torchvision's Inception-v3 weights and could not get them ({type(e).__name__}); "
-                        f"put {os.path.basename(INCEPTION.url)} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+                        f"put {os.path.basename(INCEPTION.url)} into "
+                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
     net.load_state_dict(state)
     net.fc = nn.Identity()
@@ -534,50 +446,18 @@ def inception_features(net, images, batch_size=200):
     std = torch.tensor([0.229, 0.224, 0.225], device=images.device).view(1, 3, 1, 1)
     feats = []
     for x in images.split(batch_size):
-        x = F.interpolate(x.view(-1, 1, 28, 28).expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", align_corners=False)
+        x = F.interpolate(x.view(-1, 1, 28, 28).expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear",
+                          align_corners=False)
         feats.append(net((x - mean) / std).double())
     return torch.cat(feats)
-
-
-@torch.no_grad()
-def fid(model, x_test, n, inception):
-    """FID between n decoded prior samples E[x|z], z ~ N(0, I), and n test images (grey levels).
-    torchvision's Inception weights: comparable between runs of this code, not with pytorch-fid."""
-    model.eval()
-    z = torch.randn(n, model.latent_dim, device=x_test.device)
-    fake = torch.cat([model.mean(b) for b in z.split(1000)])
-    stats = []
-    for images in (fake, x_test[:n]):
-        f = inception_features(inception, images)
-        stats += [f.mean(0), torch.cov(f.T)]
-    return frechet_distance(*stats)
-
-
-def evaluate(model, x_test_grey, x_test, cfg, inception=None):
-    """The final record: test -ELBO, test NLL (K = eval_samples), active units, aggregate
-    posterior, and FID when an Inception network is given. Seeded, so the same checkpoint always
-    gives the same numbers, at the end of training and with --eval-only."""
-    torch.manual_seed(TEST_SEED)
-    nelbo, kl = test_elbo(model, x_test)
-    t0 = time.time()
-    nll = test_nll(model, x_test, cfg.eval_samples)
-    mu, logvar = posterior_means(model, x_test)
-    q_mean, q_std = aggregate_posterior(mu, logvar)
-    record = {"kind": "eval", "test_nelbo": nelbo, "test_kl": kl, "test_nll": nll, "eval_samples": cfg.eval_samples,
-              "nll_seconds": time.time() - t0, "active_units": active_units(mu), "latent_dim": mu.shape[1],
-              "posterior_mean": q_mean.tolist(), "posterior_std": q_std.tolist()}
-    if inception is not None:
-        record["fid"] = fid(model, x_test_grey, min(cfg.fid_samples, len(x_test_grey)), inception)
-        record["fid_samples"] = min(cfg.fid_samples, len(x_test_grey))
-    return record
 
 # -----------------------------------------------------------------------------
 # pictures
 
-
 def save_grid(images, path, nrow):
     """(N, 784) in [0, 1] -> one PNG grid."""
-    grid = torchvision.utils.make_grid(images.detach().float().view(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1)
+    grid = torchvision.utils.make_grid(images.detach().float().view(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow,
+                                       padding=2, pad_value=1)
     torchvision.io.write_png((grid[:1] * 255).round().to(torch.uint8), path)
 
 
@@ -592,37 +472,85 @@ def save_pictures(model, x_test, out):
     save_grid(model.mean(torch.randn(64, latent_dim, device=x_test.device)), os.path.join(out, "samples.png"), 8)
     x = x_test[:32]
     mu, _ = model.encode(x)
-    save_grid(torch.cat([x[:16], model.mean(mu[:16]), x[16:], model.mean(mu[16:])]), os.path.join(out, "reconstructions.png"), 16)
+    save_grid(torch.cat([x[:16], model.mean(mu[:16]), x[16:], model.mean(mu[16:])]),
+              os.path.join(out, "reconstructions.png"), 16)
     a, b = mu[:8], mu[8:16]
     t = torch.linspace(0, 1, 10, device=mu.device).view(1, 10, 1)
-    save_grid(model.mean(a[:, None] + t * (b - a)[:, None]).reshape(-1, 784), os.path.join(out, "interpolations.png"), 10)
+    save_grid(model.mean(a[:, None] + t * (b - a)[:, None]).reshape(-1, 784), os.path.join(out, "interpolations.png"),
+              10)
     if latent_dim == 2:
         q = torch.special.ndtri(torch.linspace(0.05, 0.95, 20, device=mu.device))
         grid = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), -1).reshape(-1, 2)
         save_grid(model.mean(grid), os.path.join(out, "manifold.png"), 20)
 
 # -----------------------------------------------------------------------------
-# entry point
+# checkpoints and exact resume
 
+MODEL_KEYS = ("arch", "hidden", "latent_dim", "activation", "likelihood")  # what a checkpoint fixes
+PROGRAM, CHECKPOINT_KEYS = "vae.py", {"model", "config", "epoch"}
+
+
+def save_checkpoint(path, model, opt, cfg, epoch):
+    """Everything needed to continue exactly: weights, optimizer, config, epoch, RNG states.
+    Written to a temporary file and renamed, so a crash never leaves a half-written ckpt.pt."""
+    state = {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(cfg), "epoch": epoch,
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def load_checkpoint(path):
+    """A checkpoint of this program, read with weights_only=True (no code in it runs), or a one-line error."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first, or pass the path of one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds of errors for a file that is not a checkpoint
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})")
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+        raise UserError(f"{path} is not a {PROGRAM} checkpoint (it lacks one of {', '.join(sorted(CHECKPOINT_KEYS))})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    config = ckpt["config"]
+    try:
+        model = VAE(**{key: config[key] for key in MODEL_KEYS})
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path} does not hold a model vae.py can build "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0]})")
+    return model
+
+
+def drop_epochs_after(path, epoch):
+    """Forget the epochs a run logged after the checkpoint it is resumed from (it will log them again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records if r.get("kind") != "epoch" or r["epoch"] <= epoch)
+        os.replace(path + ".tmp", path)
+
+
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+# -----------------------------------------------------------------------------
+# the run
 
 def run(cfg):
+    """Train (unless --eval-only), evaluate and draw the pictures; everything lands in --out."""
     device = get_device(cfg.device)
-    if cfg.amp and device.type != "cuda":
-        raise UserError("--amp (bf16 autocast) is for --device cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only or cfg.resume else None
-    if ckpt is None and os.path.exists(cfg.ckpt):
-        raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, or another --out for a new run")
-    if cfg.eval_only:  # the checkpoint decides the model
-        for key in MODEL_KEYS:
-            setattr(cfg, key, ckpt["config"].get(key))
-    elif ckpt is not None:
-        mismatch = [key for key in MODEL_KEYS if ckpt["config"].get(key) != getattr(cfg, key)]
-        if mismatch:
-            raise UserError(f"{cfg.ckpt} was trained with " + ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in mismatch)
-                            + ": pass the same options to --resume it, or another --out for a new run")
+    ckpt = open_run(cfg, device)
     inception = load_inception(device) if cfg.fid else None  # fail before training, not after it
     x_train, x_test_grey = load_mnist(cfg.data_dir, device)
     if cfg.batch_size > len(x_train):
@@ -640,46 +568,81 @@ def run(cfg):
     else:
         model = model_from_checkpoint(ckpt, cfg.ckpt).to(device)
         epoch = ckpt["epoch"]
-    print(f"{cfg.arch} VAE, {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.likelihood} likelihood, on {device}")
-
+    print(f"{cfg.arch} VAE, {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.likelihood} likelihood, "
+          f"on {device}")
     if not cfg.eval_only:
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=device.type == "cuda")
-        if ckpt is not None:
-            opt.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(ckpt["rng"]["cpu"])
-            if device.type == "cuda" and ckpt["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-            if os.path.exists(metrics):  # forget epochs that were logged after the checkpoint was written
-                with open(metrics) as f:
-                    records = [json.loads(line) for line in f if line.strip()]
-                with open(metrics + ".tmp", "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in records if r.get("kind") != "epoch" or r["epoch"] <= epoch)
-                os.replace(metrics + ".tmp", metrics)
-            print(f"resuming {cfg.ckpt} after epoch {epoch}")
-        terms_fn = torch.compile(train_terms) if cfg.compile else train_terms
-        images = len(x_train) // cfg.batch_size * cfg.batch_size
-        label = "-ELBO" if cfg.train_samples == 1 else f"-L_{cfg.train_samples}"  # train_bound in metrics.jsonl
-        for e in range(epoch, cfg.epochs):  # e counts from 0; the log and the checkpoint count finished epochs
-            lr = lr_at(e, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            t0 = time.time()
-            loss, bound, train_kl = train_epoch(model, opt, x_train, cfg, e, terms_fn)  # reads the sums: syncs once
-            seconds = time.time() - t0
-            if not math.isfinite(loss):
-                raise UserError(f"the training loss became {loss} in epoch {e + 1}; {cfg.ckpt} holds the last good epoch: try a lower --lr")
-            nelbo, kl = test_elbo(model, x_test)
-            append_jsonl(metrics, {"kind": "epoch", "epoch": e + 1, "lr": lr, "train_loss": loss, "train_bound": bound,
-                                   "train_kl": train_kl, "test_nelbo": nelbo, "test_kl": kl, "seconds": seconds, "images_per_s": images / seconds})
-            save_checkpoint(cfg.ckpt, model, opt, cfg, e + 1)  # after the log line: a resume drops lines past the checkpoint
-            print(f"epoch {e + 1:4d}/{cfg.epochs} | train {label} {bound:7.2f} | test -ELBO {nelbo:7.2f} | KL {kl:6.2f} | "
-                  f"{seconds:6.2f} s | {images / seconds:9,.0f} img/s", flush=True)
-        epoch = max(epoch, cfg.epochs)
+        epoch = train_epochs(model, ckpt, x_train, x_test, cfg, metrics)
 
-    record = evaluate(model, x_test_grey, x_test, cfg, inception)
+    features = (lambda images: inception_features(inception, images)) if inception is not None else None
+    record = evaluate(model, x_test_grey, x_test, cfg, features)
     record["epoch"] = epoch
     append_jsonl(metrics, record)
     save_pictures(model, x_test, cfg.out)
+    report(record, cfg)
+    return record
+
+
+def open_run(cfg, device):
+    """The checkpoint to evaluate or resume (None for a new run), after checking the options against it."""
+    if cfg.amp and device.type != "cuda":
+        raise UserError("--amp (bf16 autocast) is for --device cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only or cfg.resume else None
+    if ckpt is None and os.path.exists(cfg.ckpt):
+        raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, or another --out for a new run")
+    if cfg.eval_only:  # the checkpoint decides the model
+        for key in MODEL_KEYS:
+            setattr(cfg, key, ckpt["config"].get(key))
+    elif ckpt is not None:
+        mismatch = [key for key in MODEL_KEYS if ckpt["config"].get(key) != getattr(cfg, key)]
+        if mismatch:
+            raise UserError(f"{cfg.ckpt} was trained with "
+                            + ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in mismatch)
+                            + ": pass the same options to --resume it, or another --out for a new run")
+    return ckpt
+
+
+def train_epochs(model, ckpt, x_train, x_test, cfg, metrics):
+    """The epochs from the checkpoint's (or the first) to --epochs: a log line and a checkpoint after each.
+    Returns the number of finished epochs."""
+    device = x_train.device
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=device.type == "cuda")
+    epoch = 0
+    if ckpt is not None:
+        epoch = ckpt["epoch"]
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        drop_epochs_after(metrics, epoch)
+        print(f"resuming {cfg.ckpt} after epoch {epoch}")
+    terms_fn = torch.compile(train_terms) if cfg.compile else train_terms
+    images = len(x_train) // cfg.batch_size * cfg.batch_size
+    label = "-ELBO" if cfg.train_samples == 1 else f"-L_{cfg.train_samples}"  # train_bound in metrics.jsonl
+    for e in range(epoch, cfg.epochs):  # e counts from 0; the log and the checkpoint count finished epochs
+        lr = lr_at(e, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        loss, bound, train_kl = train_epoch(model, opt, x_train, cfg, e, terms_fn)  # reads the sums: syncs once
+        seconds = time.time() - t0
+        if not math.isfinite(loss):
+            raise UserError(f"the training loss became {loss} in epoch {e + 1}; {cfg.ckpt} holds the last good "
+                            f"epoch: try a lower --lr")
+        nelbo, kl = test_elbo(model, x_test)
+        append_jsonl(metrics, {"kind": "epoch", "epoch": e + 1, "lr": lr, "train_loss": loss, "train_bound": bound,
+                               "train_kl": train_kl, "test_nelbo": nelbo, "test_kl": kl, "seconds": seconds,
+                               "images_per_s": images / seconds})
+        save_checkpoint(cfg.ckpt, model, opt, cfg, e + 1)  # after the log line: a resume drops lines past it
+        print(f"epoch {e + 1:4d}/{cfg.epochs} | train {label} {bound:7.2f} | test -ELBO {nelbo:7.2f} | KL {kl:6.2f} | "
+              f"{seconds:6.2f} s | {images / seconds:9,.0f} img/s", flush=True)
+    return max(epoch, cfg.epochs)
+
+
+def report(record, cfg):
+    """The final record, printed."""
     fid_text = f" | FID {record['fid']:.2f} (torchvision Inception)" if "fid" in record else ""
     print(f"test -ELBO {record['test_nelbo']:.2f} | test NLL (K={cfg.eval_samples}) {record['test_nll']:.2f} nats | "
           f"active units {record['active_units']}/{record['latent_dim']}{fid_text}")
@@ -688,8 +651,122 @@ def run(cfg):
     print("  std  " + " ".join(f"{s:5.2f}" for s in record["posterior_std"]))
     print(f"wrote {cfg.out}/: ckpt.pt, metrics.jsonl, samples.png, reconstructions.png, interpolations.png"
           + (", manifold.png" if record["latent_dim"] == 2 else ""))
-    return record
 
+# -----------------------------------------------------------------------------
+# the command line
+
+PRESETS = {
+    # Burda, Grosse & Salakhutdinov 2015 (IWAE), Table 1, one stochastic layer: tanh MLP
+    # 784-200-200-50, batch 20, Adam (eps 1e-4), 3^i epochs at lr 1e-3 * 10^(-i/7), i = 0..7.
+    "iwae": dict(arch="mlp", hidden=[200, 200], latent_dim=50, activation="tanh", batch_size=20,
+                 lr=1e-3, lr_schedule="iwae", adam_eps=1e-4, epochs=3280),
+}
+
+
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we want one line, like our own errors
+        raise UserError(f"{message} (see --help)")
+
+
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def _number(kind, low, inclusive):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not (value >= low if inclusive else value > low) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        return value
+    return parse
+
+
+positive_int, nonnegative_int = _number(int, 0, False), _number(int, 0, True)
+positive_float, nonnegative_float = _number(float, 0, False), _number(float, 0, True)
+
+
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def get_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False); "
+                        "use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def parse_args(argv=None):
+    p = Parser(description="Train and evaluate a VAE on MNIST; numbers are nats per test image.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published setup; flags given explicitly still win")
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--data-dir", default="./data", help="MNIST lives in DATA_DIR/MNIST/raw (downloaded if missing)")
+    g.add_argument("--out", default=None,
+                   help="run folder for ckpt.pt, metrics.jsonl, pictures (default runs/vae; with --eval-only, the "
+                        "checkpoint's folder)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto: cuda, then mps, then cpu")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="mlp", choices=["mlp", "conv"],
+                   help="mlp, or conv encoder + transposed-conv decoder")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[512, 512],
+                   help="hidden layer widths of the encoder MLP (the decoder mirrors them)")
+    g.add_argument("--latent-dim", type=positive_int, default=32)
+    g.add_argument("--activation", default="elu", choices=["relu", "tanh", "elu"])
+    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
+                   help="bernoulli: dynamically binarized pixels; gaussian: dequantized grey levels, learned variance")
+    g = p.add_argument_group("objective")
+    g.add_argument("--beta", type=nonnegative_float, default=1.0,
+                   help="beta-VAE (Higgins et al. 2017): -log p(x|z) + beta * KL")
+    g.add_argument("--capacity", type=nonnegative_float, default=None, metavar="C_MAX",
+                   help="Burgess et al. 2018: -log p(x|z) + gamma * |KL - C|, C rising linearly to C_MAX nats")
+    g.add_argument("--capacity-iters", type=positive_int, default=100_000, help="steps for C to reach C_MAX")
+    g.add_argument("--gamma", type=nonnegative_float, default=1000.0, help="weight of |KL - C|")
+    g.add_argument("--train-samples", type=positive_int, default=1,
+                   help="K of the importance-weighted bound trained on (1: the ELBO)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=100)
+    g.add_argument("--batch-size", type=positive_int, default=128)
+    g.add_argument("--lr", type=positive_float, default=1e-3)
+    g.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "iwae"],
+                   help="per epoch; iwae: stages i = 0.. of 3^i epochs at lr * 10^(-i/7)")
+    g.add_argument("--adam-eps", type=positive_float, default=1e-8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--amp", action="store_true", help="bf16 autocast for the networks on CUDA (the math stays float32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt without training")
+    g.add_argument("--ckpt", default=None, help="checkpoint to evaluate or resume (default OUT/ckpt.pt)")
+    g.add_argument("--eval-samples", type=positive_int, default=1000,
+                   help="K of the importance-sampled test NLL (the literature uses 5000)")
+    g.add_argument("--fid", action="store_true", help="also compute FID (needs torchvision's Inception-v3 weights)")
+    g.add_argument("--fid-samples", type=_number(int, 2, True), default=10_000,
+                   help="prior samples for FID, against as many test images")
+
+    preset = p.parse_known_args(argv)[0].preset  # a preset changes the defaults, explicit flags still win
+    if preset:
+        p.set_defaults(**PRESETS[preset])
+    return settle(p.parse_args(argv))
+
+
+def settle(cfg):
+    """The one place where options are checked together and defaults that depend on others are settled."""
+    if cfg.capacity is not None and cfg.beta != 1.0:
+        raise UserError("--capacity and --beta are two different objectives: pass one of them")
+    if cfg.train_samples > 1 and (cfg.capacity is not None or cfg.beta != 1.0):
+        raise UserError("--train-samples K > 1 trains the importance-weighted bound, which has no beta or capacity "
+                        "form: drop one")
+    if cfg.out is None:
+        cfg.out = (os.path.dirname(cfg.ckpt) or ".") if cfg.eval_only and cfg.ckpt else os.path.join("runs", "vae")
+    cfg.ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    return cfg
+
+# -----------------------------------------------------------------------------
+# entry point
 
 def main(argv=None):
     try:
