@@ -4,7 +4,9 @@ Nothing here touches the network: the tests write their own small MNIST-format f
 The property tests of the formulas are in test_math.py.
 """
 
+import argparse
 import ast
+import copy
 import gzip
 import inspect
 import json
@@ -912,3 +914,114 @@ def test_functions_and_lines_are_short(module):
         if isinstance(node, ast.FunctionDef):
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             assert node.end_lineno - start + 1 <= 60, f"{node.name} has {node.end_lineno - start + 1} lines"
+
+
+# ============================================================================= the objectives the programs optimise
+
+class Recorder(torch.optim.Optimizer):
+    """An optimizer that leaves the weights alone and keeps the gradients its step() was given."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.grads = None
+
+    def step(self, closure=None):
+        self.grads = [None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]]
+
+
+def kl_objective_setup(seed=0):
+    """A tiny autoencoder, a discriminator and a perceptual network in float64, and a batch."""
+    torch.manual_seed(seed)
+    model = kl.Trainable(kl.build("tiny")).double()
+    with torch.no_grad():
+        model.logvar.fill_(0.3)  # away from 0, where exp(s) = 1 would hide a missing division
+    disc = kl.NLayerDiscriminator().double()
+    perceptual = kl.Perceptual(random_vgg_features()).double()
+    x = (torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1)
+    return model, disc, perceptual, x
+
+
+def stated_objective(model, disc, perceptual, x, hp, with_disc, seed):
+    """THE OBJECTIVE of kl_autoencoder.py's docstring, written out here from the formulas alone."""
+    ae = model.autoencoder
+    moments = ae.quant_conv(ae.encoder(x))
+    mean, logvar = moments.chunk(2, dim=1)
+    logvar = logvar.clamp(-30, 20)
+    torch.manual_seed(seed)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # a posterior sample, not the mean
+    x_rec = ae.decoder(ae.post_quant_conv(z))
+    kl_per_image = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
+    lpips = perceptual(x, x_rec)  # one number per image, added to each of its pixels
+    per_pixel = (x - x_rec).abs() + hp.perceptual_weight * lpips[:, None, None, None]
+    s = model.logvar
+    nll = (per_pixel / s.exp() + s).sum() / len(x)
+    loss = nll + hp.kl_weight * kl_per_image.mean()
+    if with_disc:
+        g = -disc(x_rec).mean()
+        last = ae.decoder.conv_out.weight
+        lam = (torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+               / (torch.autograd.grad(g, last, retain_graph=True)[0].norm() + 1e-4)).clamp(0, 1e4).detach()
+        loss = loss + hp.disc_weight * lam * g
+    return loss, x_rec
+
+
+KL_HP = dict(rec_loss="l1", perceptual_weight=0.7, kl_weight=0.05, disc_weight=0.5, disc_start=3, grad_clip=0.0,
+             ema=0.0, precision="fp32")
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+@pytest.mark.parametrize("step", [2, 3], ids=["before-disc-start", "at-disc-start"])
+def test_kl_train_step_applies_the_gradient_of_the_stated_objective(step):
+    """The gradient train_step hands the autoencoder's optimizer is that of THE OBJECTIVE (KL averaged over the
+    batch, a posterior sample decoded, perceptual per pixel, the learned s, the adversarial term with the adaptive
+    weight at decoder.conv_out exactly from --disc-start on); the discriminator's is that of the hinge loss."""
+    hp = argparse.Namespace(**KL_HP)
+    model, disc, perceptual, x = kl_objective_setup()
+    ref_model, ref_disc = copy.deepcopy(model), copy.deepcopy(disc)
+    opt, opt_d = Recorder(model.parameters()), Recorder(disc.parameters())
+    torch.manual_seed(7)
+    terms = kl.train_step(model, disc, opt, opt_d, x, step, hp, perceptual)
+    with_disc = step >= hp.disc_start
+    loss, x_rec = stated_objective(ref_model, ref_disc, perceptual, x, hp, with_disc, seed=7)
+    expected = torch.autograd.grad(loss, list(ref_model.parameters()))
+    # float64 throughout but for the perceptual normaliser, which sums squares in float32: about 5e-8 apart
+    assert relative_error(flat(opt.grads), flat(expected)) < 1e-6
+    assert terms["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
+    if not with_disc:
+        assert opt_d.grads is None and terms["d"].item() == 0 and terms["g"].item() == 0
+        return
+    d = 0.5 * (torch.relu(1 - ref_disc(x)).mean() + torch.relu(1 + ref_disc(x_rec.detach())).mean())
+    assert relative_error(flat(opt_d.grads), flat(torch.autograd.grad(d, list(ref_disc.parameters())))) < 1e-6
+    assert terms["d"].item() == pytest.approx(d.item(), rel=1e-6)
+
+
+def test_kl_train_step_clips_the_gradient_and_moves_the_ema_towards_the_weights():
+    model, disc, perceptual, x = kl_objective_setup()
+    hp = argparse.Namespace(**KL_HP)
+    opt = Recorder(model.parameters())
+    torch.manual_seed(7)
+    kl.train_step(model, disc, opt, Recorder(disc.parameters()), x, 0, hp, perceptual)
+    norm = flat(opt.grads).norm().item()
+    hp.grad_clip, hp.ema = norm / 10, 0.9
+    ema = copy.deepcopy(model.autoencoder).requires_grad_(False)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(1.0)
+    before = [p.detach().clone() for p in ema.parameters()]
+    torch.manual_seed(7)
+    kl.train_step(model, disc, opt, Recorder(disc.parameters()), x, 0, hp, perceptual, ema=ema)
+    assert flat(opt.grads).norm().item() == pytest.approx(norm / 10, rel=1e-6)  # clipped to --grad-clip
+    for e, b, w in zip(ema.parameters(), before, model.autoencoder.parameters()):  # ema = 0.9 ema + 0.1 weights
+        assert torch.allclose(e, 0.9 * b + 0.1 * w, rtol=0, atol=1e-12)
+
+
+def test_kl_logvar_is_learned_only_with_learn_logvar(kl_data, tmp_path):
+    logvars = {}
+    for flag in ("--learn-logvar", "--no-learn-logvar"):
+        out = str(tmp_path / flag)
+        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "2", "--disc-weight", "0", flag, "--out", out])
+        logvars[flag] = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["logvar"].item()
+    assert logvars["--no-learn-logvar"] == 0.0 and logvars["--learn-logvar"] != 0.0
