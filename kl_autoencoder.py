@@ -27,12 +27,12 @@ before --disc-start. With terms averaged over elements instead of summed, the sa
 kl_weight * N_latent / N_pixels (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels).
 
 The file:
-    Part I, the autoencoder and its objective (541 lines): read this part to learn the model
+    Part I, the autoencoder and its objective (542 lines): read this part to learn the model
         model           the modules in the order an image meets them, AutoencoderKL, the posterior
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (992 lines)
+    Part II, running it (995 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, export),
         distributed training and exact resume, the training run, the command line, commands and main
 """
@@ -244,9 +244,10 @@ class DiagonalGaussianDistribution:
 
     def kl(self, other=None):
         """KL(self || other) = 1/2 sum ((mean - mean_o)^2 / var_o + var / var_o - 1 - logvar + logvar_o),
-        and with other = None the prior N(0, I): 1/2 sum (mean^2 + var - 1 - logvar)."""
+        and with other = None the prior N(0, I): 1/2 sum (mean^2 + var - 1 - logvar), with var - 1 computed
+        as expm1(logvar) so that each term stays >= 0 in floating point near logvar = 0."""
         if other is None:
-            return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+            return 0.5 * torch.sum(self.mean.pow(2) + torch.expm1(self.logvar) - self.logvar, dim=[1, 2, 3])
         return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
                                - self.logvar + other.logvar, dim=[1, 2, 3])
 
@@ -571,9 +572,9 @@ def evaluate(autoencoder, batches, precision="fp32", features=None):
     """The record of an evaluation on held-out batches x (B, 3, H, W) in [-1, 1]: the mean PSNR (dB) and
     SSIM of the decoded posterior means against the inputs (both as 8-bit images), the mean KL per image
     (nats), the standard deviation of posterior samples z over all images and elements, the scaling factor
-    1 / std it implies (how SD's 0.18215 was chosen) and, with a `features` network (images in [0, 1] ->
-    (B, D)), rFID: the Frechet distance between the features of the inputs and of the reconstructions.
-    Seeded: the same numbers every time, and the global random state untouched."""
+    1 / std it implies (how SD's 0.18215 was chosen; these three in float32 even under bf16) and, with a
+    `features` network (images in [0, 1] -> (B, D)), rFID: the Frechet distance between the features of
+    the inputs and of the reconstructions. Seeded: the same numbers every time, global random state untouched."""
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, kl, sum z, sum z^2
@@ -583,7 +584,7 @@ def evaluate(autoencoder, batches, precision="fp32", features=None):
     generator = torch.Generator(device).manual_seed(0)
     for x in batches:
         with autocast:
-            posterior = autoencoder.encode(x)
+            posterior = DiagonalGaussianDistribution(autoencoder.encode(x).parameters.float())  # statistics in fp32
             x_rec = autoencoder.decode(posterior.mode()).float()
         z = posterior.sample(generator).double()
         real, fake = to_uint8(x).float() / 255, to_uint8(x_rec).float() / 255
@@ -794,8 +795,11 @@ def to_model_input(batch, device, flip_seed=None):
 
 
 def held_out_batches(images, device, workers, batch_size=64):
-    """The held-out images in order, as model inputs on the device."""
-    for batch in torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers):
+    """The held-out images in order, as model inputs on the device. The DataLoader gets a generator of its own:
+    its seed draw would otherwise advance the global random state, and a resumed run would differ."""
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,
+                                         generator=torch.Generator())
+    for batch in loader:
         yield to_model_input(batch, device)
 
 # -----------------------------------------------------------------------------

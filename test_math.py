@@ -420,6 +420,13 @@ def test_posterior_samples_have_the_right_mean_and_variance(mu, logvar):
     assert torch.equal(p.mode(), p.mean) and torch.allclose(p.std ** 2, p.var)
 
 
+@given(st.lists(st.floats(-1e-3, 1e-3), min_size=1, max_size=8))
+def test_posterior_kl_is_never_negative_in_float32(logvars_near_zero):
+    """exp(v) - 1 - v >= 0 but cancels in float32 near v = 0; expm1 keeps each term >= 0 (as vae.gaussian_kl)."""
+    logvar = torch.tensor(logvars_near_zero, dtype=torch.float32).view(1, -1, 1, 1)
+    assert kl.DiagonalGaussianDistribution(torch.cat([torch.zeros_like(logvar), logvar], dim=1)).kl().item() >= 0
+
+
 def test_posterior_clamps_logvar_like_ldm():
     p = posterior(t([[[[0.0]], [[0.0]]]]).view(1, 2, 1, 1), t([[[[-50.0]], [[50.0]]]]).view(1, 2, 1, 1))
     assert p.logvar.flatten().tolist() == [-30.0, 20.0]
