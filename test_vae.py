@@ -1027,3 +1027,55 @@ def test_kl_logvar_is_learned_only_with_learn_logvar(kl_data, tmp_path):
         kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "2", "--disc-weight", "0", flag, "--out", out])
         logvars[flag] = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["logvar"].item()
     assert logvars["--no-learn-logvar"] == 0.0 and logvars["--learn-logvar"] != 0.0
+
+
+def stated_vae_objective(model, x_train, cfg, epoch, seed):
+    """The objective vae.py's docstrings state, for a training set of one batch, written out from the formulas:
+    the same random draws as train_epoch (permutation, binarization or dequantization, then the posterior samples)."""
+    torch.manual_seed(seed)
+    x = x_train[torch.randperm(len(x_train))]
+    x = torch.bernoulli(x) if cfg.likelihood == "bernoulli" else (x * 255 + torch.rand(x.shape)) / 256
+    mu, logvar = model.encoder(x).chunk(2, dim=-1)
+
+    def log_px_z(z):  # the decoder's output plus its per-pixel bias
+        out = model.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], 784) + model.out_bias
+        if cfg.likelihood == "bernoulli":
+            return (x * torch.log(torch.sigmoid(out)) + (1 - x) * torch.log(1 - torch.sigmoid(out))).sum(-1)
+        s = model.dec_logvar
+        return (-0.5 * (math.log(2 * math.pi) + s + (x - out) ** 2 / s.exp())).sum(-1)
+
+    def log_normal(z, m, lv):
+        return (-0.5 * (math.log(2 * math.pi) + lv + (z - m) ** 2 / lv.exp())).sum(-1)
+    k = cfg.train_samples
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(k, *mu.shape).squeeze(0)
+    if k > 1:  # -L_K, the importance-weighted bound
+        log_w = log_px_z(z) + log_normal(z, torch.zeros(()), torch.zeros(())) - log_normal(z, mu, logvar)
+        return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1)
+    if cfg.capacity is not None:  # C at the global step: epoch * steps per epoch (+ 0, the first step)
+        c = cfg.capacity * min(1.0, epoch * (len(x_train) // cfg.batch_size) / cfg.capacity_iters)
+        return (-log_px_z(z) + cfg.gamma * (kl - c).abs()).mean()
+    return (-log_px_z(z) + cfg.beta * kl).mean()
+
+
+@pytest.mark.parametrize("flags", [[], ["--beta", "4"], ["--capacity", "50", "--capacity-iters", "10", "--gamma", "3"],
+                                   ["--train-samples", "5"], ["--likelihood", "gaussian"], ["--arch", "conv"]],
+                         ids=["elbo", "beta", "capacity", "iwae", "gaussian", "conv"])
+def test_vae_train_step_applies_the_gradient_of_the_stated_objective(flags):
+    """One real training step (train_epoch on a training set of one batch, in epoch 5) hands the optimizer the
+    gradient of the objective its option names, with the decoder's output bias in it and C at the global step."""
+    cfg = vae.parse_args(["--hidden", "16", "--latent-dim", "3", "--batch-size", "32", *flags])
+    torch.manual_seed(0)
+    model = vae.VAE(cfg.arch, cfg.hidden, cfg.latent_dim, cfg.activation, cfg.likelihood)
+    with torch.no_grad():
+        model.out_bias.normal_()  # a bias that is not zero, so that dropping it shows
+        if cfg.likelihood == "gaussian":
+            model.dec_logvar.fill_(-1.0)
+    x_train = torch.rand(32, 784)
+    opt = Recorder(model.parameters())
+    torch.manual_seed(5)
+    loss, _, _ = vae.train_epoch(model, opt, x_train, cfg, 5)
+    expected = stated_vae_objective(model, x_train, cfg, 5, seed=5)
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    grads = torch.autograd.grad(expected, list(model.parameters()))
+    assert relative_error(flat(opt.grads), flat(grads)) < 1e-4  # float32, the two sums taken in different orders
