@@ -1079,3 +1079,92 @@ def test_vae_train_step_applies_the_gradient_of_the_stated_objective(flags):
     assert loss == pytest.approx(expected.item(), rel=1e-5)
     grads = torch.autograd.grad(expected, list(model.parameters()))
     assert relative_error(flat(opt.grads), flat(grads)) < 1e-4  # float32, the two sums taken in different orders
+
+
+# ============================================================================= the metrics the programs report
+
+class ConstantPosterior(nn.Module):
+    """A stand-in autoencoder whose q(z|x) is N(c, exp(logvar)) in every latent element (a 1x1 convolution
+    with zero weights, so that it runs in bf16 under autocast as the real encoder does)."""
+
+    def __init__(self, c, logvar):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.copy_(torch.tensor([c] * 4 + [logvar] * 4))
+
+    def encode(self, x):
+        return kl.DiagonalGaussianDistribution(self.conv(x[:, :, ::2, ::2]))
+
+    def decode(self, z):
+        return torch.zeros(len(z), 3, 2 * z.shape[2], 2 * z.shape[3])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_kl_evaluate_reports_the_kl_and_latent_std_of_a_known_posterior(precision):
+    """Latents N(3, 2^2): KL per image in closed form (in float32 even under bf16), the std of the samples about
+    their mean (2, not sqrt(2^2 + 3^2)) within 6 standard errors, and the scaling factor 1/std (not 1/var)."""
+    model = ConstantPosterior(3.0, math.log(4.0))
+    torch.manual_seed(0)
+    batches = [torch.rand(32, 3, 16, 16) * 2 - 1 for _ in range(2)]
+    record = kl.evaluate(model, batches, precision)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        c, logvar = model.encode(batches[0]).parameters[0, [0, 4], 0, 0].double()  # what the encoder really gave
+    elements = 4 * 8 * 8
+    assert record["kl"] == pytest.approx(0.5 * elements * (c ** 2 + logvar.exp() - 1 - logvar).item(), rel=1e-6)
+    std, n = (0.5 * logvar).exp().item(), 64 * elements
+    assert abs(record["latent_std"] - std) <= 6 * std / math.sqrt(2 * (n - 1))
+    assert abs(record["scaling_factor"] - 1 / std) <= 6 / std / math.sqrt(2 * (n - 1)) * 1.01
+
+
+def independent_frechet(real, fake):
+    """FID from two feature matrices (N, D), written out with numpy: the trace of the matrix square root as the
+    sum of the square roots of the eigenvalues of S1 S2."""
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
+    return float(((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def stand_in_features(d_in, d_out=8):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, d_out)).double()
+
+
+def test_kl_rfid_is_the_frechet_distance_of_the_features_of_inputs_and_reconstructions():
+    torch.manual_seed(0)
+    model = kl.build("tiny").eval()
+    batches = [torch.rand(40, 3, 16, 16) * 2 - 1 for _ in range(2)]
+    net = stand_in_features(3 * 16 * 16)
+    record = kl.evaluate(model, batches, "fp32", features=lambda images: net(images.double()))
+    real, fake = [], []
+    with torch.no_grad():
+        for x in batches:
+            x_rec = model.decode(model.encode(x).mean)
+            real.append(net((((x.clamp(-1, 1) + 1) * 127.5).round() / 255).double()))
+            fake.append(net((((x_rec.clamp(-1, 1) + 1) * 127.5).round() / 255).double()))
+    assert record["rfid"] == pytest.approx(independent_frechet(torch.cat(real), torch.cat(fake)), rel=1e-6)
+
+
+def test_vae_fid_is_the_frechet_distance_of_prior_samples_and_test_images():
+    torch.manual_seed(0)
+    model = vae.VAE(hidden=[16], latent_dim=3)
+    x_test = torch.rand(64, 784)
+    net = stand_in_features(784)
+    torch.manual_seed(2)
+    d = vae.fid(model, x_test, 64, lambda images: net(images.double()))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        fake = net(torch.sigmoid(model.decode(torch.randn(64, 3))).double())
+        real = net(x_test.double())
+    assert d == pytest.approx(independent_frechet(real, fake), rel=1e-6)
+
+
+def test_aggregate_posterior_with_varying_variances():
+    """q(z) = (1/N) sum_n N(mu_n, sigma_n^2): Var = E[sigma^2 + mu^2] - E[mu]^2, whatever the sigma_n."""
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(500, 4, dtype=torch.float64), torch.randn(500, 4, dtype=torch.float64)
+    mean, std = vae.aggregate_posterior(mu, logvar)
+    var = (logvar.exp() + mu ** 2).mean(0) - mu.mean(0) ** 2
+    assert torch.allclose(mean, mu.mean(0)) and torch.allclose(std, var.sqrt(), rtol=1e-12)
