@@ -368,7 +368,8 @@ def test_device_cuda_without_cuda_fails_cleanly(data_dir, tmp_path):
 
 def test_preset_iwae_and_its_schedule():
     cfg = vae.parse_args(["--preset", "iwae"])
-    assert (cfg.hidden, cfg.latent_dim, cfg.activation, cfg.batch_size, cfg.epochs, cfg.adam_eps) == ([200, 200], 50, "tanh", 20, 3280, 1e-4)
+    assert (cfg.hidden, cfg.latent_dim, cfg.activation, cfg.batch_size, cfg.epochs, cfg.adam_eps, cfg.eval_samples) \
+        == ([200, 200], 50, "tanh", 20, 3280, 1e-4, 5000)  # and Burda et al.'s K = 5000 for the test NLL
     assert vae.parse_args(["--preset", "iwae", "--epochs", "3"]).epochs == 3  # explicit flags win
     lrs = [vae.lr_at(e, cfg) for e in range(cfg.epochs)]
     stages = [lrs.count(lr) for lr in sorted(set(lrs), reverse=True)]
