@@ -1194,3 +1194,13 @@ def test_aggregate_posterior_with_varying_variances():
     mean, std = vae.aggregate_posterior(mu, logvar)
     var = (logvar.exp() + mu ** 2).mean(0) - mu.mean(0) ** 2
     assert torch.allclose(mean, mu.mean(0)) and torch.allclose(std, var.sqrt(), rtol=1e-12)
+
+
+def test_kl_training_evaluates_the_ema_weights_when_it_keeps_them(kl_data, tmp_path):
+    out = str(tmp_path / "run")
+    final = kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "3", "--disc-weight", "0", "--ema", "0.5",
+                     "--out", out])
+    ckpt = os.path.join(out, "ckpt.pt")
+    with_ema = kl.main(["eval", "--ckpt", ckpt, "--device", "cpu", "--ema", "--out", str(tmp_path / "e")])
+    without = kl.main(["eval", "--ckpt", ckpt, "--device", "cpu", "--out", str(tmp_path / "w")])
+    assert final == with_ema and with_ema["psnr"] != without["psnr"]
