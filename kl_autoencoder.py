@@ -32,7 +32,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (995 lines)
+    Part II, running it (1174 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, export),
         distributed training and exact resume, the training run, the command line, commands and main
 """
@@ -47,10 +47,13 @@ import itertools
 import json
 import math
 import os
+import signal
 import struct
 import sys
+import tempfile
 import time
 import types
+import zipfile
 
 import numpy as np
 import torch
@@ -614,25 +617,37 @@ def evaluate(autoencoder, batches, precision="fp32", features=None):
 # images and data: image files, and image sets for training and evaluation as uint8 (3, r, r) tensors
 
 
-def read_image(path, channels=3):
-    """An image file -> float tensor (1, C, H, W) in [-1, 1], the autoencoder's input range."""
-    if not os.path.isfile(path):
-        raise UserError(f"no image at {path}")
+def decode_image(path, channels=3):
+    """An image file of any depth and mode (8 or 16 bits; grey, RGB, RGBA, palette) -> uint8 (channels, H, W),
+    the same way in every command: colours mixed up or down to `channels`, alpha dropped, 16 bits rounded to 8."""
     mode = torchvision.io.ImageReadMode.RGB if channels == 3 else torchvision.io.ImageReadMode.GRAY
     try:
         image = torchvision.io.read_image(path, mode=mode)
     except RuntimeError as e:
         raise UserError(f"cannot decode {path} as an image ({str(e).strip().splitlines()[0]})")
-    return image[None].float() / 127.5 - 1
+    if image.dtype != torch.uint8:  # a 16-bit PNG: 0..65535 -> 0..255
+        image = (image.to(torch.float32) / 257).round().to(torch.uint8)
+    return image
+
+
+def read_image(path, channels=3):
+    """An image file -> float tensor (1, C, H, W) in [-1, 1], the autoencoder's input range."""
+    if not os.path.isfile(path):
+        raise UserError(f"no image at {path}")
+    return decode_image(path, channels)[None].float() / 127.5 - 1
+
+
+OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 def write_image(x, path):
-    """(C, H, W) in [-1, 1] -> PNG, or JPEG (quality 95) when the name ends in .jpg or .jpeg."""
+    """(C, H, W) in [-1, 1] -> PNG, or JPEG (quality 95) when the name ends in .jpg or .jpeg; atomically."""
     image = to_uint8(x).cpu()
     if path.lower().endswith((".jpg", ".jpeg")):
-        torchvision.io.write_jpeg(image, path, quality=95)
+        torchvision.io.write_jpeg(image, path + ".tmp", quality=95)
     else:
-        torchvision.io.write_png(image, path)
+        torchvision.io.write_png(image, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -665,8 +680,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        image = torchvision.io.read_image(self.files[i], mode=torchvision.io.ImageReadMode.RGB)
-        return fit(image[None], self.resolution)[0]
+        return fit(decode_image(self.files[i])[None], self.resolution)[0]
 
 
 class ImageTensor(torch.utils.data.Dataset):
@@ -692,15 +706,7 @@ def load_images(spec, resolution, root):
     if spec in TORCHVISION_DATASETS:
         return torchvision_images(spec, root, resolution)
     if spec.endswith(".npz"):
-        if not os.path.isfile(spec):
-            raise UserError(f"--data {spec}: no such file")
-        with np.load(spec) as f:
-            if "images" not in f.files:
-                raise UserError(f"{spec} has no 'images' array (it has: {', '.join(f.files)})")
-            images, labels = f["images"], (torch.as_tensor(f["labels"]) if "labels" in f.files else None)
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C, not {images.dtype} {images.shape}")
-        images = torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2)
+        images, labels = npz_images(spec)
         return image_tensor(images, resolution), labels
     if os.path.isdir(spec):
         files = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
@@ -711,11 +717,38 @@ def load_images(spec, resolution, root):
     raise UserError(f"--data {spec}: not a folder, an .npz file, or one of {', '.join(TORCHVISION_DATASETS)}")
 
 
+def npz_images(spec):
+    """An .npz file's uint8 `images` (N, H, W[, C]) as (N, C, H, W), and its `labels` or None."""
+    if not os.path.isfile(spec):
+        raise UserError(f"--data {spec}: no such file")
+    try:
+        with np.load(spec) as f:
+            if "images" not in f.files:
+                raise UserError(f"{spec} has no 'images' array (it has: {', '.join(f.files)})")
+            images, labels = f["images"], (torch.as_tensor(f["labels"]) if "labels" in f.files else None)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:  # not an npz (numpy then tries pickle)
+        raise UserError(f"--data {spec} is not a readable .npz file ({type(e).__name__})")
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] > 4):
+        raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C (C = 1 to 4), not {images.dtype} {images.shape}")
+    return torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2), labels
+
+
 def image_tensor(images, resolution):
-    """uint8 (N, 1 or 3, H, W) -> ImageTensor of RGB images at the resolution."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
+    """uint8 (N, C, H, W) -> ImageTensor of RGB images at the resolution, converted as decode_image converts
+    files: grey (C = 1, 2) repeated to three channels, alpha (C = 2, 4) dropped."""
+    images = images[:, :1].expand(-1, 3, -1, -1) if images.shape[1] <= 2 else images[:, :3]
+    check_memory(len(images) * 3 * resolution ** 2 * 5, f"--resolution {resolution}: resizing {len(images):,} images")
     return ImageTensor(fit(images.contiguous(), resolution))
+
+
+def check_memory(needed, what, have=None):
+    """A one-line error, instead of an allocation that runs until the machine gives up, when work certainly needs
+    more memory (bytes, a lower bound) than the machine has (`have`, or its RAM)."""
+    if have is None:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else float("inf")
+    if needed > have:
+        raise UserError(f"{what} needs at least {needed / 2 ** 30:,.1f} GiB, more than this machine's "
+                        f"{have / 2 ** 30:,.1f} GiB")
 
 
 def torchvision_images(name, root, resolution):
@@ -799,8 +832,10 @@ def held_out_batches(images, device, workers, batch_size=64):
     its seed draw would otherwise advance the global random state, and a resumed run would differ."""
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,
                                          generator=torch.Generator())
+    progress = Progress("held-out evaluation", len(images))
     for batch in loader:
         yield to_model_input(batch, device)
+        progress.update(len(batch))
 
 # -----------------------------------------------------------------------------
 # pretrained networks: VGG16 for the perceptual loss, LPIPS' channel weights, Inception-v3 for rFID
@@ -966,11 +1001,16 @@ def save_safetensors(tensors, path, metadata=None):
         offset += len(data)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path + ".tmp", "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for data in chunks:
-            f.write(data)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for data in chunks:
+                f.write(data)
+        os.replace(path + ".tmp", path)
+    except BaseException:  # a failed write leaves nothing behind
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
 
 
 def _no_duplicates(pairs):
@@ -1015,6 +1055,9 @@ def load_weights(model, state, source="the state dict", preset=None):
         if tensor.shape != expected[name].shape:
             raise UserError(f"{source} does not fit this model{which}: {name} is {list(tensor.shape)} there "
                             f"and {list(expected[name].shape)} here")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{source}: {name} holds NaN or infinite values; these weights cannot reconstruct anything")
     model.load_state_dict(state, strict=True)
     return model
 
@@ -1024,7 +1067,7 @@ def with_lists(d):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def export(autoencoder, path, sample_size):
+def export(autoencoder, path, sample_size, overwrite=False):
     """The weights as a diffusers-format safetensors file, with diffusers' config.json beside it, so that
     diffusers.AutoencoderKL.from_pretrained(folder of FILE) loads them (name FILE
     diffusion_pytorch_model.safetensors)."""
@@ -1035,10 +1078,11 @@ def export(autoencoder, path, sample_size):
               **with_lists(c)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if os.path.exists(config_path):
+    if os.path.exists(config_path) and not overwrite:
         with open(config_path) as f:
             if json.load(f) != config:
-                raise UserError(f"{config_path} exists and describes another model: export into another folder")
+                raise UserError(f"{config_path} exists and describes another model: export into another folder, "
+                                f"or pass --overwrite")
     save_safetensors(autoencoder.state_dict(), path, metadata={"format": "pt"})
     with open(config_path + ".tmp", "w") as f:
         json.dump(config, f, indent=2)
@@ -1101,9 +1145,14 @@ def weights_digest(*modules):
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file, nor a stray one."""
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
 
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
@@ -1141,13 +1190,13 @@ def new_run(args, config, ranks):
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     model.logvar.requires_grad_(args.learn_logvar)
     ema = copy.deepcopy(model.autoencoder).requires_grad_(False) if args.ema else None
-    return types.SimpleNamespace(model=model, disc=disc, opt=opt, opt_d=opt_d, ema=ema, step=0,
+    return types.SimpleNamespace(model=model, disc=disc, opt=opt, opt_d=opt_d, ema=ema, step=0, saved=None,
                                  sums=torch.zeros(len(LOG_COLUMNS), device=ranks.device), since_log=0)
 
 
 def save_run(path, run, args, config, ranks):
     """The one place a run is written: everything that --resume needs to continue exactly."""
-    rng = ranks.gather(torch.get_rng_state())
+    rng, run.saved = ranks.gather(torch.get_rng_state()), run.step
     if ranks.main:
         save_checkpoint(path, {
             "model": run.model.autoencoder.state_dict(), "logvar": run.model.logvar.detach().cpu(),
@@ -1167,6 +1216,7 @@ def restore_run(run, ckpt, ranks):
     if run.ema is not None:
         run.ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
     run.step, run.sums, run.since_log = ckpt["step"], ckpt["log_sums"].to(ranks.device), ckpt["since_log"]
+    run.saved = run.step
     if ranks.rank < len(ckpt["rng"]):
         torch.set_rng_state(ckpt["rng"][ranks.rank])
 
@@ -1188,6 +1238,86 @@ def append_jsonl(path, record):
 
 # -----------------------------------------------------------------------------
 # the training run
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def check_writable(folder):
+    """Make `folder` if need be and check that a file can be written in it, before any long work starts."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write into {folder} ({e.strerror or type(e).__name__}): pass another --out")
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+class Progress:
+    """Progress of long work on stdout, from its fifth second on (quicker work prints nothing): one line updated
+    in place on a terminal, a line per tenth of the work otherwise."""
+
+    def __init__(self, what, total):
+        self.what, self.total, self.done, self.t0, self.shown = what, total, 0, time.time(), False
+
+    def update(self, n):
+        before, self.done = self.done, self.done + n
+        elapsed = time.time() - self.t0
+        if elapsed < 5 and not self.shown:
+            return
+        rate = self.done / elapsed
+        line = (f"{self.what}: {self.done:,}/{self.total:,} images, {rate:,.1f} images/s, "
+                f"{(self.total - self.done) / rate:,.0f} s left")
+        if sys.stdout.isatty():
+            print("\r" + line, end="\n" if self.done >= self.total else "", flush=True)
+        elif not self.shown or self.done * 10 // self.total > before * 10 // self.total:
+            print(line, flush=True)
+        self.shown = True
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def interrupt(signum, frame):
+    """SIGTERM (kill, a job scheduler's stop) ends the program the way Ctrl-C does: one line, exit 130."""
+    raise KeyboardInterrupt
+
+# -----------------------------------------------------------------------------
+# the run
+
+def run(cfg):
+    """Train (unless --eval-only), evaluate and draw the pictures; everything lands in --out."""
+    device = get_device(cfg.device)
+    ckpt = open_run(cfg, device)
+    inception = load_inception(device) if cfg.fid else None  # fail before training, not after it
+    x_train, x_test_grey = load_mnist(cfg.data_dir, device)
+    if cfg.batch_size > len(x_train):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(x_train)} images)")
+    x_test = prepare_test_set(x_test_grey, cfg.likelihood)
+    os.makedirs(cfg.out, exist_ok=True)
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
+
+    torch.manual_seed(cfg.seed)
+    if ckpt is None:
+        model = VAE(cfg.arch, cfg.hidden, cfg.latent_dim, cfg.activation, cfg.likelihood).to(device)
+        init_output_bias(model, x_train)
+        open(metrics, "w").close()
+        epoch = 0
+    else:
+        model = model_from_checkpoint(ckpt, cfg.ckpt).to(device)
+        epoch = ckpt["epoch"]
+    print(f"{cfg.arch} VAE, {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.likelihood} likelihood, "
+          f"on {device}")
+    if not cfg.eval_only:
+        epoch = train_epochs(model, ckpt, x_train, x_test, cfg, metrics)
+
+    features = (lambda images: inception_features(inception, images)) if inception is not None else None
+    record = evaluate(model, x_test_grey, x_test, cfg, features, Progress(f"test NLL (K={cfg.eval_samples})",
+                                                                           len(x_test)).update)
+    record["epoch"] = epoch
+    append_jsonl(metrics, record)
+    save_pictures(model, x_test, cfg.out)
+    report(record, cfg)
+    return record
 
 
 def train(args):
@@ -1243,24 +1373,23 @@ def training_run(args, ranks):
         final = run.ema or run.model.autoencoder
         record = evaluate_and_log(final, s.val, args, run.step, args.out, s.inception)
         if args.export:
-            export(final, args.export, args.resolution)
+            export(final, args.export, args.resolution, args.overwrite)
         return record
 
 
 def start_run(args, ranks):
     """Everything the loop needs: a new or resumed run, the model to call (DDP around it under torchrun, compiled
     with --compile), the data, the frozen networks; checks first, so that a mistake fails before any work."""
-    config, ckpt = model_config(args), None
+    config = model_config(args)
     ckpt_path, metrics = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["config"]["model"] != with_lists(config):
-            raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: "
-                            f"pass its sizes, or another --out")
-    elif os.path.exists(ckpt_path):
-        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or another --out for a new run")
+    ckpt = open_checkpoint(args, config, ckpt_path, metrics)
+    if ranks.main:
+        check_writable(args.out)
     if ranks.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    check_memory(args.batch_size * config["block_out_channels"][0] * args.resolution ** 2 * 4,
+                 f"--resolution {args.resolution} with --batch-size {args.batch_size}: one batch's first activation",
+                 torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None)
     perceptual = Perceptual(load_vgg16()).to(ranks.device) if args.perceptual_weight > 0 else None  # fails early
     if perceptual is not None and args.lpips_weights:
         load_lpips_weights(perceptual, args.lpips_weights)
@@ -1291,10 +1420,8 @@ def start_run(args, ranks):
             run.model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
     if args.compile:
         model.compile()
-    if ranks.main:
-        os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            open(metrics, "w").close()
+    if ranks.main and ckpt is None:
+        open(metrics, "w").close()
         n_params = sum(p.numel() for p in run.model.autoencoder.parameters())
         print(f"AutoencoderKL {config['block_out_channels']}, {n_params:,} parameters; {len(data):,} training and "
               f"{len(val):,} held-out images at {args.resolution}x{args.resolution}; {ranks.world} process(es) on "
@@ -1306,6 +1433,20 @@ def start_run(args, ranks):
                                              inception=inception, ckpt_path=ckpt_path, metrics=metrics)
 
 
+def open_checkpoint(args, config, ckpt_path, metrics):
+    """The checkpoint --resume continues (None for a new run, which must not write over another run's files)."""
+    if not args.resume:
+        for path in (ckpt_path, metrics, os.path.join(args.out, "reconstructions.png")):
+            if os.path.exists(path) and not args.overwrite:
+                raise UserError(f"{path} exists: pass --resume to continue that run, another --out, or --overwrite")
+        return None
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt["config"]["model"] != with_lists(config):
+        raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: "
+                        f"pass its sizes, or another --out")
+    return ckpt
+
+
 def mean_terms(run, ranks, ckpt_path):
     """The means of the logged terms since the last log line, averaged over the ranks, as floats; a run whose
     loss is not finite stops here, before a bad state is saved."""
@@ -1313,8 +1454,8 @@ def mean_terms(run, ranks, ckpt_path):
     ranks.mean_([values])
     means = dict(zip(LOG_COLUMNS, values.tolist()))
     if not all(math.isfinite(v) for v in means.values()):
-        raise UserError(f"the loss became {means['loss']} by step {run.step}; {ckpt_path} holds the last good step: "
-                        f"try a lower --lr")
+        kept = f"{ckpt_path} holds the last good step, {run.saved}" if run.saved is not None else "no checkpoint yet"
+        raise UserError(f"the loss became {means['loss']} by step {run.step} ({kept}): try a lower --lr")
     return means
 
 
@@ -1370,7 +1511,7 @@ class Parser(argparse.ArgumentParser):
 
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def _number(kind, low, inclusive):
+def _number(kind, low, inclusive, high=None):
     def parse(text):
         try:
             value = kind(text)
@@ -1378,12 +1519,15 @@ def _number(kind, low, inclusive):
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
         if not (value >= low if inclusive else value > low) or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
         return value
     return parse
 
 
 positive_int, nonnegative_int = _number(int, 0, False), _number(int, 0, True)
 positive_float, nonnegative_float = _number(float, 0, False), _number(float, 0, True)
+seed = _number(int, 0, True, 2 ** 63 - 1)
 
 
 def decay(text):
@@ -1420,6 +1564,7 @@ def parse_args(argv=None):
     r.add_argument("--device", default="auto", choices=devices)
     r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 is for GPUs (fp16 overflows in the SDXL VAE)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     t = sub.add_parser("train", help="train an autoencoder (one process, or one per GPU under torchrun)",
                        formatter_class=fmt)
@@ -1438,7 +1583,7 @@ def parse_args(argv=None):
                        help="images are resized and centre-cropped to this square")
         g.add_argument("--workers", type=nonnegative_int, default=None,
                        help="DataLoader workers (default: 4 for image files, 0 for arrays in memory)")
-        g.add_argument("--seed", type=nonnegative_int, default=0 if training else None,
+        g.add_argument("--seed", type=seed, default=0 if training else None,
                        help="the split, the data order, the initialisation")
         g = q.add_argument_group("run")
         g.add_argument("--device", default="auto", choices=devices)
@@ -1447,6 +1592,9 @@ def parse_args(argv=None):
         g.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
         g.add_argument("--export", default=None, metavar="FILE",
                        help="also write the weights as a diffusers safetensors file, config.json beside it")
+        g.add_argument("--overwrite", action="store_true",
+                       help="replace existing files: an existing --export FILE" + (", another run's files in --out"
+                                                                                 if training else ""))
     e.add_argument("--ckpt", required=True)
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     e.add_argument("--out", default=None,
@@ -1500,6 +1648,11 @@ def settle(args):
     (eval's remaining defaults come from its checkpoint, in eval_command)."""
     if args.command in ("train", "eval") and args.workers is None and args.data is not None:
         args.workers = 4 if os.path.isdir(args.data) or args.data == "celeba" else 0
+    if args.command == "reconstruct":
+        check_output(args.out, "--out", [args.image, args.weights], args.overwrite, OUTPUT_EXTENSIONS)
+    if getattr(args, "export", None):
+        inputs = [args.ckpt] if args.command == "eval" else [os.path.join(args.out, "ckpt.pt")]
+        check_output(args.export, "--export", inputs, args.overwrite, (".safetensors",), make_folder=True)
     if args.command != "train":
         return args
     if args.steps is not None and args.epochs is not None:
@@ -1507,8 +1660,29 @@ def settle(args):
     if args.steps is None and args.epochs is None:
         args.steps = 10_000
     args.precision = args.precision or ("bf16" if get_device(args.device).type == "cuda" else "fp32")
-    check_resolution(args.resolution, model_config(args), args.disc_weight)
+    config = model_config(args)
+    if any(c % 32 for c in config["block_out_channels"]):
+        raise UserError(f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}: each must be a "
+                        f"multiple of 32, the number of GroupNorm groups")
+    check_resolution(args.resolution, config, args.disc_weight)
     return args
+
+
+def check_output(path, flag, inputs, overwrite, extensions, make_folder=False):
+    """A file a command is about to write: never one of its inputs, never a folder, a kind it can write, and not
+    an existing file unless --overwrite says so; its folder must exist unless the command makes it."""
+    if any(os.path.abspath(path) == os.path.abspath(i) or (os.path.exists(path) and os.path.exists(i)
+                                                          and os.path.samefile(path, i)) for i in inputs):
+        raise UserError(f"{flag} {path} is also an input of this command: write to another file")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder: give a file name")
+    if not path.lower().endswith(extensions):
+        raise UserError(f"{flag} {path}: can write {', '.join(extensions)} files only")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{flag} {path} exists: pass --overwrite to replace it, or another name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not make_folder and not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
 
 
 def model_config(args):
@@ -1541,6 +1715,9 @@ def reconstruct(args):
     f = model.downsampling_factor
     x = read_image(args.image, model.config["in_channels"])
     h, w = x.shape[2:]
+    if h < f or w < f:
+        raise UserError(f"{args.image} is {h}x{w} (height x width), smaller than preset {args.preset}'s downsampling "
+                        f"factor {f}: it needs sides of at least {f}")
     if h % f or w % f:
         lo, hi = (f"{(h // f) * f}x{(w // f) * f}", f"{-(-h // f) * f}x{-(-w // f) * f}")
         raise UserError(f"{args.image} is {h}x{w} (height x width); preset {args.preset} needs sides that are "
@@ -1570,6 +1747,7 @@ def eval_command(args):
             setattr(args, key, saved.get(key))
     if args.data is None:
         raise UserError(f"{args.ckpt} does not say what data it was trained on: pass --data")
+    check_resolution(args.resolution, saved["model"], 0)
     device = get_device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     model = AutoencoderKL(**saved["model"])
@@ -1580,19 +1758,23 @@ def eval_command(args):
     inception = load_inception(device) if args.fid else None
     _, val = datasets(args)
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
-    os.makedirs(out, exist_ok=True)
+    check_writable(out)
     record = evaluate_and_log(model, val, args, ckpt["step"], out, inception)
     if args.export:
-        export(model, args.export, args.resolution)
+        export(model, args.export, args.resolution, args.overwrite)
     return record
 
 
 def main(argv=None):
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         args = parse_args(argv)
         return {"reconstruct": reconstruct, "train": train, "eval": eval_command}[args.command](args)
     except UserError as e:
-        print(f"kl_autoencoder.py: error: {e}", file=sys.stderr)
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker, which wraps it in its traceback
+            message = message.splitlines()[-1].split("Error: ", 1)[-1]
+        print(f"kl_autoencoder.py: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("kl_autoencoder.py: interrupted; the last checkpoint is kept", file=sys.stderr)

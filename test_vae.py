@@ -913,7 +913,8 @@ def test_perceptual_weights_offline_is_one_line_error(kl_data, tmp_path, monkeyp
 
 # ============================================================================= both files: layout and deliberate copies
 
-DELIBERATE_COPIES = ["UserError", "Parser", "_number", "get_device", "frechet_distance", "load_checkpoint", "append_jsonl"]
+DELIBERATE_COPIES = ["UserError", "Parser", "_number", "get_device", "frechet_distance", "load_checkpoint", "append_jsonl",
+                     "check_writable", "Progress", "interrupt"]
 
 
 @pytest.mark.parametrize("name", DELIBERATE_COPIES)

@@ -28,7 +28,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import tempfile
 import time
 
 import torch
@@ -290,11 +292,12 @@ TEST_SEED = 0  # the test set is binarized once with this seed, and evaluation d
 
 
 @torch.no_grad()
-def test_nll(model, x_test, k, rows=2 ** 16):
+def test_nll(model, x_test, k, rows=2 ** 16, progress=None):
     """-log p(x) estimated by -L_K with K importance samples, nats per example (an upper bound on
     the NLL that tightens as K grows; Burda et al. use K = 5000). The K samples are drawn in
     chunks of at most `rows` decoder evaluations and combined exactly:
-    log (1/K) sum_k w_k = logsumexp_c(L_{K_c} + log K_c) - log K over chunks c of K_c samples."""
+    log (1/K) sum_k w_k = logsumexp_c(L_{K_c} + log K_c) - log K over chunks c of K_c samples.
+    progress(n), if given, is told of every n images done."""
     model.eval()
     chunk = min(k, rows)
     total = torch.zeros((), dtype=torch.float64, device=x_test.device)
@@ -303,6 +306,8 @@ def test_nll(model, x_test, k, rows=2 ** 16):
         sizes = [min(chunk, k - start) for start in range(0, k, chunk)]
         parts = [iwae_bound(x, mu, logvar, model.log_likelihood, size) + math.log(size) for size in sizes]
         total -= (torch.logsumexp(torch.stack(parts), 0) - math.log(k)).double().sum()
+        if progress is not None:
+            progress(len(x))
     return total.item() / len(x_test)
 
 
@@ -359,14 +364,14 @@ def fid(model, x_test, n, features):
     return frechet_distance(*stats)
 
 
-def evaluate(model, x_test_grey, x_test, cfg, features=None):
+def evaluate(model, x_test_grey, x_test, cfg, features=None, progress=None):
     """The final record: test -ELBO, test NLL (K = eval_samples), active units, aggregate
     posterior, and FID when a feature network is given. Seeded, so the same checkpoint always
-    gives the same numbers, at the end of training and with --eval-only."""
+    gives the same numbers, at the end of training and with --eval-only. progress: see test_nll."""
     torch.manual_seed(TEST_SEED)
     nelbo, kl = test_elbo(model, x_test)
     t0 = time.time()
-    nll = test_nll(model, x_test, cfg.eval_samples)
+    nll = test_nll(model, x_test, cfg.eval_samples, progress=progress)
     mu, logvar = posterior_means(model, x_test)
     q_mean, q_std = aggregate_posterior(mu, logvar)
     record = {"kind": "eval", "test_nelbo": nelbo, "test_kl": kl, "test_nll": nll, "eval_samples": cfg.eval_samples,
@@ -398,8 +403,12 @@ def load_mnist(data_dir, device):
     for name in MNIST_FILES:
         path = os.path.join(raw, name)
         if not os.path.exists(path) and os.path.exists(path + ".gz"):
-            with gzip.open(path + ".gz") as src, open(path + ".tmp", "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            try:
+                with gzip.open(path + ".gz") as src, open(path + ".tmp", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (OSError, EOFError) as e:  # not gzip (BadGzipFile is an OSError), or truncated
+                os.remove(path + ".tmp")
+                raise UserError(f"{path}.gz is not a complete gzip file ({type(e).__name__}): download it again")
             os.replace(path + ".tmp", path)
     missing = not all(os.path.exists(os.path.join(raw, name)) for name in MNIST_FILES)
     if missing:
@@ -408,7 +417,10 @@ def load_mnist(data_dir, device):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             splits = [torchvision.datasets.MNIST(data_dir, train=train, download=missing).data
                       for train in (True, False)]
-    except (RuntimeError, OSError, ValueError) as e:
+    except AssertionError:  # torchvision's check of the IDX magic number
+        raise UserError(f"the files in {raw} are not MNIST's IDX files (wrong magic number): put the four original "
+                        f"files ({', '.join(MNIST_FILES)}, gzipped or not) there")
+    except (RuntimeError, OSError, ValueError, IndexError, TypeError) as e:  # no network, truncated files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not get MNIST ({reason}); put the four IDX files ({', '.join(MNIST_FILES)}, "
                         f"gzipped or not) into {raw}, or pass --data-dir")
@@ -459,7 +471,8 @@ def save_grid(images, path, nrow):
     """(N, 784) in [0, 1] -> one PNG grid."""
     grid = torchvision.utils.make_grid(images.detach().float().view(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow,
                                        padding=2, pad_value=1)
-    torchvision.io.write_png((grid[:1] * 255).round().to(torch.uint8), path)
+    torchvision.io.write_png((grid[:1] * 255).round().to(torch.uint8), path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: an interrupted write never leaves half a picture
 
 
 @torch.no_grad()
@@ -487,6 +500,7 @@ def save_pictures(model, x_test, out):
 # -----------------------------------------------------------------------------
 # checkpoints and exact resume
 
+PICTURES = ("samples.png", "reconstructions.png", "interpolations.png", "manifold.png")
 MODEL_KEYS = ("arch", "hidden", "latent_dim", "activation", "likelihood")  # what a checkpoint fixes
 PROGRAM, CHECKPOINT_KEYS = "vae.py", {"model", "config", "epoch"}
 
@@ -499,9 +513,13 @@ def save_checkpoint(path, model, opt, cfg, epoch):
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException:  # a failed write leaves nothing behind
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
 
 
 # A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
@@ -545,6 +563,48 @@ def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
+
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def check_writable(folder):
+    """Make `folder` if need be and check that a file can be written in it, before any long work starts."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write into {folder} ({e.strerror or type(e).__name__}): pass another --out")
+
+
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+class Progress:
+    """Progress of long work on stdout, from its fifth second on (quicker work prints nothing): one line updated
+    in place on a terminal, a line per tenth of the work otherwise."""
+
+    def __init__(self, what, total):
+        self.what, self.total, self.done, self.t0, self.shown = what, total, 0, time.time(), False
+
+    def update(self, n):
+        before, self.done = self.done, self.done + n
+        elapsed = time.time() - self.t0
+        if elapsed < 5 and not self.shown:
+            return
+        rate = self.done / elapsed
+        line = (f"{self.what}: {self.done:,}/{self.total:,} images, {rate:,.1f} images/s, "
+                f"{(self.total - self.done) / rate:,.0f} s left")
+        if sys.stdout.isatty():
+            print("\r" + line, end="\n" if self.done >= self.total else "", flush=True)
+        elif not self.shown or self.done * 10 // self.total > before * 10 // self.total:
+            print(line, flush=True)
+        self.shown = True
+
+
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def interrupt(signum, frame):
+    """SIGTERM (kill, a job scheduler's stop) ends the program the way Ctrl-C does: one line, exit 130."""
+    raise KeyboardInterrupt
+
 # -----------------------------------------------------------------------------
 # the run
 
@@ -575,7 +635,8 @@ def run(cfg):
         epoch = train_epochs(model, ckpt, x_train, x_test, cfg, metrics)
 
     features = (lambda images: inception_features(inception, images)) if inception is not None else None
-    record = evaluate(model, x_test_grey, x_test, cfg, features)
+    record = evaluate(model, x_test_grey, x_test, cfg, features, Progress(f"test NLL (K={cfg.eval_samples})",
+                                                                           len(x_test)).update)
     record["epoch"] = epoch
     append_jsonl(metrics, record)
     save_pictures(model, x_test, cfg.out)
@@ -591,8 +652,14 @@ def open_run(cfg, device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only or cfg.resume else None
-    if ckpt is None and os.path.exists(cfg.ckpt):
-        raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, or another --out for a new run")
+    if ckpt is None and os.path.exists(cfg.ckpt) and not cfg.overwrite:
+        raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, another --out for a new run, or --overwrite")
+    ours = os.path.abspath(cfg.out) == os.path.abspath(os.path.dirname(cfg.ckpt))  # the checkpoint's own folder
+    if (ckpt is None or not ours) and not cfg.overwrite:  # a new run, or outputs away from the checkpoint's folder
+        for name in ("metrics.jsonl", *PICTURES):
+            if os.path.exists(os.path.join(cfg.out, name)):
+                raise UserError(f"{cfg.out} holds another run's {name}: pass another --out, or --overwrite")
+    check_writable(cfg.out)
     if cfg.eval_only:  # the checkpoint decides the model
         for key in MODEL_KEYS:
             setattr(cfg, key, ckpt["config"].get(key))
@@ -630,8 +697,8 @@ def train_epochs(model, ckpt, x_train, x_test, cfg, metrics):
         loss, bound, train_kl = train_epoch(model, opt, x_train, cfg, e, terms_fn)  # reads the sums: syncs once
         seconds = time.time() - t0
         if not math.isfinite(loss):
-            raise UserError(f"the training loss became {loss} in epoch {e + 1}; {cfg.ckpt} holds the last good "
-                            f"epoch: try a lower --lr")
+            kept = f"{cfg.ckpt} holds the last good epoch, {e}" if e > 0 else "no checkpoint yet"
+            raise UserError(f"the training loss became {loss} in epoch {e + 1} ({kept}): try a lower --lr")
         nelbo, kl = test_elbo(model, x_test)
         append_jsonl(metrics, {"kind": "epoch", "epoch": e + 1, "lr": lr, "train_loss": loss, "train_bound": bound,
                                "train_kl": train_kl, "test_nelbo": nelbo, "test_kl": kl, "seconds": seconds,
@@ -650,8 +717,9 @@ def report(record, cfg):
     print("aggregate posterior q(z) per latent dimension (the prior N(0, I) has mean 0 and std 1):")
     print("  mean " + " ".join(f"{m:+.2f}" for m in record["posterior_mean"]))
     print("  std  " + " ".join(f"{s:5.2f}" for s in record["posterior_std"]))
-    print(f"wrote {cfg.out}/: ckpt.pt, metrics.jsonl, samples.png, reconstructions.png, interpolations.png"
-          + (", manifold.png" if record["latent_dim"] == 2 else ""))
+    print(f"wrote {cfg.out}/: metrics.jsonl, samples.png, reconstructions.png, interpolations.png"
+          + (", manifold.png" if record["latent_dim"] == 2 else "")
+          + ("" if cfg.eval_only else f"; the checkpoint: {cfg.ckpt}"))
 
 # -----------------------------------------------------------------------------
 # the command line
@@ -673,7 +741,7 @@ class Parser(argparse.ArgumentParser):
 
 
 # A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
-def _number(kind, low, inclusive):
+def _number(kind, low, inclusive, high=None):
     def parse(text):
         try:
             value = kind(text)
@@ -681,12 +749,15 @@ def _number(kind, low, inclusive):
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
         if not (value >= low if inclusive else value > low) or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
         return value
     return parse
 
 
 positive_int, nonnegative_int = _number(int, 0, False), _number(int, 0, True)
 positive_float, nonnegative_float = _number(float, 0, False), _number(float, 0, True)
+seed = _number(int, 0, True, 2 ** 63 - 1)
 
 
 # A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
@@ -737,10 +808,11 @@ def parse_args(argv=None):
     g.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "iwae"],
                    help="per epoch; iwae: stages i = 0.. of 3^i epochs at lr * 10^(-i/7)")
     g.add_argument("--adam-eps", type=positive_float, default=1e-8)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed, default=0)
     g.add_argument("--amp", action="store_true", help="bf16 autocast for the networks on CUDA (the math stays float32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--overwrite", action="store_true", help="a new run may replace the files of another run in OUT")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt without training")
     g.add_argument("--ckpt", default=None, help="checkpoint to evaluate or resume (default OUT/ckpt.pt)")
@@ -772,6 +844,7 @@ def settle(cfg):
 # entry point
 
 def main(argv=None):
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(parse_args(argv))
     except UserError as e:
