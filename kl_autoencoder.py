@@ -1383,13 +1383,13 @@ def start_run(args, ranks):
     config = model_config(args)
     ckpt_path, metrics = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
     ckpt = open_checkpoint(args, config, ckpt_path, metrics)
+    check_memory(args.batch_size * config["block_out_channels"][0] * args.resolution ** 2 * 4,
+                 f"--resolution {args.resolution} with --batch-size {args.batch_size}: one batch's first activation",
+                 torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None)
     if ranks.main:
         check_writable(args.out)
     if ranks.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    check_memory(args.batch_size * config["block_out_channels"][0] * args.resolution ** 2 * 4,
-                 f"--resolution {args.resolution} with --batch-size {args.batch_size}: one batch's first activation",
-                 torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None)
     perceptual = Perceptual(load_vgg16()).to(ranks.device) if args.perceptual_weight > 0 else None  # fails early
     if perceptual is not None and args.lpips_weights:
         load_lpips_weights(perceptual, args.lpips_weights)

@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -1205,3 +1206,243 @@ def test_kl_training_evaluates_the_ema_weights_when_it_keeps_them(kl_data, tmp_p
     with_ema = kl.main(["eval", "--ckpt", ckpt, "--device", "cpu", "--ema", "--out", str(tmp_path / "e")])
     without = kl.main(["eval", "--ckpt", ckpt, "--device", "cpu", "--out", str(tmp_path / "w")])
     assert final == with_ema and with_ema["psnr"] != without["psnr"]
+
+
+# ============================================================================= user mistakes: one line, exit 2, nothing lost
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_vae_new_run_never_writes_over_another_runs_folder(trained, data_dir, tmp_path, capsys):
+    out, _ = trained
+    before = snapshot(out)
+    code = run_main(["--data-dir", data_dir, "--out", out, "--ckpt", str(tmp_path / "elsewhere.pt"), "--epochs", "1",
+                     *TINY])
+    assert code == 2 and snapshot(out) == before and not os.path.exists(tmp_path / "elsewhere.pt")
+    one_line_error(capsys, "metrics.jsonl", "--overwrite")
+    # with --overwrite it may, and it says where the checkpoint went
+    vae.main(["--data-dir", data_dir, "--out", str(tmp_path / "o"), "--ckpt", str(tmp_path / "c.pt"), "--epochs", "1",
+              *TINY])
+    assert f"the checkpoint: {tmp_path / 'c.pt'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["out is a file", "eval-only, out is a file", "out under a file"])
+def test_vae_unwritable_out_fails_before_any_work(trained, data_dir, tmp_path, capsys, monkeypatch, case):
+    (tmp_path / "file").write_text("a file")
+    monkeypatch.setattr(vae, "load_mnist", lambda *a: pytest.fail("loaded data before checking --out"))
+    args = {"out is a file": ["--out", str(tmp_path / "file")],
+            "eval-only, out is a file": ["--eval-only", "--ckpt", os.path.join(trained[0], "ckpt.pt"),
+                                         "--out", str(tmp_path / "file")],
+            "out under a file": ["--out", str(tmp_path / "file" / "run")]}[case]
+    assert run_main(["--data-dir", data_dir, *TINY, *args]) == 2
+    one_line_error(capsys, "file")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--epochs", "1.5"], ["--epochs", "an integer", "'1.5'"]),
+    (["--seed", str(2 ** 64)], ["--seed", "at most"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--lr", "nan"], ["--lr"]),
+    (["--beta", "inf"], ["--beta"]),
+])
+def test_vae_numbers_are_validated(data_dir, tmp_path, capsys, args, words):
+    assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY, *args]) == 2
+    one_line_error(capsys, *words)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncated gz", ["train-images-idx3-ubyte.gz", "gzip"]),
+    ("not gzip", ["train-images-idx3-ubyte.gz", "gzip"]),
+    ("wrong magic", ["magic number"]),
+])
+def test_vae_damaged_mnist_files_are_one_line_errors(tmp_path, capsys, damage, words):
+    make_mnist(str(tmp_path), gz=damage != "wrong magic")
+    raw = tmp_path / "MNIST" / "raw"
+    if damage == "truncated gz":
+        blob = (raw / "train-images-idx3-ubyte.gz").read_bytes()
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(blob[:len(blob) // 2])
+    elif damage == "not gzip":
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"this is not gzip data at all")
+    else:
+        blob = bytearray((raw / "train-images-idx3-ubyte").read_bytes())
+        blob[:4] = b"\x00\x00\x08\x05"
+        (raw / "train-images-idx3-ubyte").write_bytes(bytes(blob))
+    assert run_main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *TINY]) == 2
+    one_line_error(capsys, *words)
+    assert not any(name.endswith(".tmp") for name in os.listdir(raw))
+
+
+def test_vae_text_file_as_checkpoint_is_one_line_error(data_dir, tmp_path, capsys):
+    (tmp_path / "ckpt.pt").write_text("hello, I am a text file\n" * 10)
+    assert run_main(["--data-dir", data_dir, "--eval-only", "--ckpt", str(tmp_path / "ckpt.pt"), *TINY]) == 2
+    one_line_error(capsys, "not a readable checkpoint")
+
+
+def test_vae_nan_in_the_first_epoch_says_no_checkpoint_was_written(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(vae, "train_epoch", lambda *args: [float("nan")] * 3)
+    assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY]) == 2
+    one_line_error(capsys, "nan", "no checkpoint yet")
+
+
+def test_sigterm_ends_a_run_like_ctrl_c(data_dir, tmp_path):
+    """A real process, stopped by SIGTERM in its first epochs: one line, exit 130, the last checkpoint kept."""
+    process = subprocess.Popen([sys.executable, "vae.py", "--data-dir", data_dir, "--out", str(tmp_path), "--epochs",
+                                "100000", *TINY], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:  # wait for the first finished epoch
+        if line.startswith("epoch"):
+            break
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.strip().splitlines() == [
+        "vae.py: interrupted; the checkpoint of the last finished epoch is kept"]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] >= 1
+
+
+@pytest.mark.parametrize("case, words", [
+    ("out is the weights", ["also an input"]),
+    ("out is the image", ["also an input"]),
+    ("out exists", ["exists", "--overwrite"]),
+    ("bmp", [".bmp", ".png, .jpg, .jpeg"]),
+    ("no such folder", ["does not exist"]),
+    ("out is a folder", ["is a folder"]),
+    ("image smaller than the factor", ["1x1", "at least 2"]),
+    ("nan weights", ["decoder.conv_out.weight", "NaN"]),
+])
+def test_reconstruct_never_loses_a_file_and_refuses_garbage(tiny_weights, tmp_path, capsys, case, words):
+    image, out, weights, flags = tmp_path / "in.png", tmp_path / "out.png", tiny_weights, []
+    write_test_image(image, 32, 32)
+    if case == "out is the weights":
+        weights = str(tmp_path / "w.safetensors")
+        kl.save_safetensors(kl.load_safetensors(tiny_weights), weights)
+        out = weights
+    elif case == "out is the image":
+        out = image
+    elif case == "out exists":
+        out.write_bytes(b"someone's picture")
+    elif case == "bmp":
+        out = tmp_path / "out.bmp"
+    elif case == "no such folder":
+        out = tmp_path / "missing" / "out.png"
+    elif case == "out is a folder":
+        out = tmp_path / "folder.png"
+        out.mkdir()
+    elif case == "image smaller than the factor":
+        write_test_image(image, 1, 1)
+    elif case == "nan weights":
+        state = kl.load_safetensors(tiny_weights)
+        state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"].clone().fill_(float("nan"))
+        weights = str(tmp_path / "nan.safetensors")
+        kl.save_safetensors(state, weights)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        kl.main(["reconstruct", "--weights", weights, "--preset", "tiny", "--image", str(image), "--out", str(out),
+                 "--device", "cpu", *flags])
+    assert e.value.code == 2
+    kl_error(capsys, *words)
+    assert snapshot(tmp_path) == before  # nothing written, nothing lost
+
+
+def test_reconstruct_overwrites_only_when_asked(tiny_weights, tmp_path):
+    write_test_image(tmp_path / "in.png", 32, 32)
+    (tmp_path / "out.jpg").write_bytes(b"old")
+    kl.main(["reconstruct", "--weights", tiny_weights, "--preset", "tiny", "--image", str(tmp_path / "in.png"),
+             "--out", str(tmp_path / "out.jpg"), "--device", "cpu", "--overwrite"])
+    assert torchvision.io.read_image(str(tmp_path / "out.jpg")).shape == (3, 32, 32)  # a JPEG now
+    assert sorted(os.listdir(tmp_path)) == ["in.png", "out.jpg"]
+
+
+def test_every_image_depth_and_mode_is_read_as_8_bit_rgb(tmp_path):
+    PIL = pytest.importorskip("PIL.Image")
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    PIL.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 16 bits: v * 257 is v in 8 bits
+    PIL.fromarray(grey, "L").save(tmp_path / "grey.png")
+    PIL.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 7)]), "RGBA").save(tmp_path / "rgba.png")
+    PIL.fromarray(grey, "L").convert("P").save(tmp_path / "palette.png")
+    for name in ("grey16.png", "grey.png", "rgba.png", "palette.png"):
+        image = kl.decode_image(str(tmp_path / name))
+        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16), name
+        assert torch.equal(image, torch.from_numpy(grey).expand(3, -1, -1)), name
+    # the same conversion for arrays: grey + alpha and RGBA npz images
+    for channels in (2, 4):
+        path = str(tmp_path / f"c{channels}.npz")
+        np.savez(path, images=np.stack([np.dstack([grey] * (channels - 1) + [np.full_like(grey, 7)])] * 4))
+        data, _ = kl.load_images(path, 16, "unused")
+        assert torch.equal(data[0], torch.from_numpy(grey).expand(3, -1, -1)), channels
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--grad-clip", "nan"], ["--grad-clip"]),
+    (["--eval-every", "-1"], ["--eval-every"]),
+    (["--lr", "nan"], ["--lr"]),
+    (["--weight-decay", "nan"], ["--weight-decay"]),
+    (["--workers", "-1"], ["--workers"]),
+    (["--epochs", "1.5"], ["--epochs", "an integer"]),
+    (["--seed", str(2 ** 64)], ["--seed", "at most"]),
+    (["--block-out-channels", "0"], ["--block-out-channels"]),
+    (["--block-out-channels", "33", "64"], ["multiple of 32"]),
+    (["--latent-channels", "0"], ["--latent-channels"]),
+    (["--layers-per-block", "-1"], ["--layers-per-block"]),
+    (["--resolution", "100000"], ["--resolution 100000", "GiB"]),
+    (["--ema", "1"], ["--ema"]),
+])
+def test_kl_bad_numbers_are_one_line_errors(kl_data, tmp_path, capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        kl.main(["train", "--data", kl_data, *KL_TINY, "--out", str(tmp_path / "run"), *argv])
+    assert e.value.code == 2
+    kl_error(capsys, *words)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_kl_outputs_never_write_over_inputs_or_another_runs_files(kl_data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--disc-weight", "0", "--out", out])
+    ckpt = os.path.join(out, "ckpt.pt")
+    before = snapshot(str(tmp_path))
+    attempts = [
+        (["eval", "--ckpt", ckpt, "--device", "cpu", "--export", ckpt], ["also an input"]),
+        (["eval", "--ckpt", ckpt, "--device", "cpu", "--export", str(tmp_path / "dir")], ["is a folder"]),
+        (["eval", "--ckpt", ckpt, "--device", "cpu", "--export", str(tmp_path / "w.bin")], [".safetensors"]),
+        (["eval", "--ckpt", ckpt, "--device", "cpu", "--resolution", "33"], ["multiple of 2"]),
+        (["eval", "--ckpt", ckpt, "--device", "cpu", "--resolution", "0"], ["--resolution"]),
+        (["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--out", out], ["exists", "--resume", "--overwrite"]),
+    ]
+    os.mkdir(tmp_path / "dir")
+    for argv, words in attempts:
+        with pytest.raises(SystemExit) as e:
+            kl.main(argv)
+        assert e.value.code == 2, argv
+        kl_error(capsys, *words)
+        assert snapshot(str(tmp_path)) == before, argv
+    # an eval's metrics.jsonl in a folder is another run's file too
+    os.remove(ckpt)
+    with pytest.raises(SystemExit):
+        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--out", out])
+    kl_error(capsys, "metrics.jsonl", "exists")
+    assert snapshot(str(tmp_path))[os.path.join("run", "metrics.jsonl")] == before[os.path.join("run", "metrics.jsonl")]
+
+
+def test_kl_data_mistakes_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "bad.npz").write_bytes(b"not a zip file, and not a pickle either")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(20):
+        torchvision.io.write_png(torch.full((3, 32, 32), 10 * i, dtype=torch.uint8), str(folder / f"{i:02d}.png"))
+    (folder / "13.png").write_bytes(b"\x89PNG broken")
+    for data, words, extra in [(str(tmp_path / "bad.npz"), ["bad.npz", "not a readable .npz"], []),
+                               (str(folder), ["13.png", "cannot decode"], ["--workers", "1", "--val-size", "2"])]:
+        with pytest.raises(SystemExit) as e:
+            kl.main(["train", "--data", data, *KL_TINY, "--steps", "4", "--disc-weight", "0", *extra,
+                     "--out", str(tmp_path / "run")])
+        assert e.value.code == 2
+        kl_error(capsys, *words)
+
+
+def test_kl_nan_before_the_first_checkpoint_says_so(kl_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(kl, "reconstruction_loss", lambda x, x_rec, kind="l1": (x - x_rec) * float("nan"))
+    with pytest.raises(SystemExit):
+        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "8", "--disc-weight", "0", "--out", str(tmp_path / "r")])
+    kl_error(capsys, "nan", "no checkpoint yet")
