@@ -32,7 +32,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1174 lines)
+    Part II, running it (1175 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, export),
         distributed training and exact resume, the training run, the command line, commands and main
 """
@@ -1164,7 +1164,8 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds of errors for a file that is not a checkpoint
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})")
+        detail = f"{type(e).__name__}: {reason}" if reason and not reason.isdigit() else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({detail}): pass a ckpt.pt that {PROGRAM} wrote")
     if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
         raise UserError(f"{path} is not a {PROGRAM} checkpoint (it lacks one of {', '.join(sorted(CHECKPOINT_KEYS))})")
     return ckpt

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 
 import numpy as np
@@ -1278,7 +1279,8 @@ def test_vae_damaged_mnist_files_are_one_line_errors(tmp_path, capsys, damage, w
 def test_vae_text_file_as_checkpoint_is_one_line_error(data_dir, tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_text("hello, I am a text file\n" * 10)
     assert run_main(["--data-dir", data_dir, "--eval-only", "--ckpt", str(tmp_path / "ckpt.pt"), *TINY]) == 2
-    one_line_error(capsys, "not a readable checkpoint")
+    err = one_line_error(capsys, "not a readable checkpoint", "pass a ckpt.pt that vae.py wrote")
+    assert "101" not in err  # torch.load's KeyError on a text file says nothing to a user
 
 
 def test_vae_nan_in_the_first_epoch_says_no_checkpoint_was_written(data_dir, tmp_path, capsys, monkeypatch):
@@ -1446,3 +1448,19 @@ def test_kl_nan_before_the_first_checkpoint_says_so(kl_data, tmp_path, capsys, m
     with pytest.raises(SystemExit):
         kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "8", "--disc-weight", "0", "--out", str(tmp_path / "r")])
     kl_error(capsys, "nan", "no checkpoint yet")
+
+
+def test_long_work_shows_progress_and_quick_work_does_not(monkeypatch, capsys):
+    """Not a terminal here: after its fifth second, a line per tenth of the work (images done, rate, time left)."""
+    clock = iter([0.0] + [1.0 + 3 * i for i in range(10)])  # the start, then one update every 3 s from t = 1 s
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    progress = vae.Progress("test NLL (K=5000)", 100)
+    for _ in range(10):
+        progress.update(10)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("test NLL (K=5000): 30/100 images, 4.3 images/s, 16 s left")  # t = 7 s, the first
+    assert len(lines) == 8 and lines[-1].startswith("test NLL (K=5000): 100/100 images")
+    clock = iter([0.0, 1.0, 2.0])
+    quick = vae.Progress("quick", 20)
+    quick.update(10), quick.update(10)
+    assert capsys.readouterr().out == ""
