@@ -32,7 +32,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1175 lines)
+    Part II, running it (1174 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, export),
         distributed training and exact resume, the training run, the command line, commands and main
 """
@@ -1413,8 +1413,7 @@ def start_run(args, ranks):
         if ranks.main:
             drop_records_after(metrics, run.step)
             print(f"resuming {ckpt_path} at step {run.step}")
-    # the discriminator is not wrapped in DDP: it also runs, frozen, inside the autoencoder's loss, which DDP
-    # would count as a forward awaiting a gradient reduction; train_step averages its gradients itself
+    # the discriminator is not in DDP: it also runs (frozen) in the autoencoder's loss; train_step averages its grads
     model = run.model
     if ranks.world > 1:
         model = nn.parallel.DistributedDataParallel(
