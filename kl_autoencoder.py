@@ -32,7 +32,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1174 lines)
+    Part II, running it (1178 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, export),
         distributed training and exact resume, the training run, the command line, commands and main
 """
@@ -1758,6 +1758,10 @@ def eval_command(args):
     inception = load_inception(device) if args.fid else None
     _, val = datasets(args)
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    if os.path.abspath(out) != os.path.dirname(os.path.abspath(args.ckpt)) and not args.overwrite:
+        for name in ("metrics.jsonl", "reconstructions.png"):  # away from its own run's folder: another run's files
+            if os.path.exists(os.path.join(out, name)):
+                raise UserError(f"{os.path.join(out, name)} exists: pass another --out, or --overwrite")
     check_writable(out)
     record = evaluate_and_log(model, val, args, ckpt["step"], out, inception)
     if args.export:

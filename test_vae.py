@@ -1411,7 +1411,12 @@ def test_kl_outputs_never_write_over_inputs_or_another_runs_files(kl_data, tmp_p
         (["eval", "--ckpt", ckpt, "--device", "cpu", "--resolution", "33"], ["multiple of 2"]),
         (["eval", "--ckpt", ckpt, "--device", "cpu", "--resolution", "0"], ["--resolution"]),
         (["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--out", out], ["exists", "--resume", "--overwrite"]),
+        (["eval", "--ckpt", str(tmp_path / "copy" / "ckpt.pt"), "--device", "cpu", "--out", out], ["metrics.jsonl"]),
     ]
+    os.mkdir(tmp_path / "copy")
+    with open(ckpt, "rb") as f:
+        (tmp_path / "copy" / "ckpt.pt").write_bytes(f.read())
+    before = snapshot(str(tmp_path))
     os.mkdir(tmp_path / "dir")
     for argv, words in attempts:
         with pytest.raises(SystemExit) as e:
