@@ -32,7 +32,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1178 lines)
+    Part II, running it (1140 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, export),
         distributed training and exact resume, the training run, the command line, commands and main
 """
@@ -1237,9 +1237,6 @@ def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
-# -----------------------------------------------------------------------------
-# the training run
-
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
 def check_writable(folder):
@@ -1283,42 +1280,7 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 # -----------------------------------------------------------------------------
-# the run
-
-def run(cfg):
-    """Train (unless --eval-only), evaluate and draw the pictures; everything lands in --out."""
-    device = get_device(cfg.device)
-    ckpt = open_run(cfg, device)
-    inception = load_inception(device) if cfg.fid else None  # fail before training, not after it
-    x_train, x_test_grey = load_mnist(cfg.data_dir, device)
-    if cfg.batch_size > len(x_train):
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(x_train)} images)")
-    x_test = prepare_test_set(x_test_grey, cfg.likelihood)
-    os.makedirs(cfg.out, exist_ok=True)
-    metrics = os.path.join(cfg.out, "metrics.jsonl")
-
-    torch.manual_seed(cfg.seed)
-    if ckpt is None:
-        model = VAE(cfg.arch, cfg.hidden, cfg.latent_dim, cfg.activation, cfg.likelihood).to(device)
-        init_output_bias(model, x_train)
-        open(metrics, "w").close()
-        epoch = 0
-    else:
-        model = model_from_checkpoint(ckpt, cfg.ckpt).to(device)
-        epoch = ckpt["epoch"]
-    print(f"{cfg.arch} VAE, {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.likelihood} likelihood, "
-          f"on {device}")
-    if not cfg.eval_only:
-        epoch = train_epochs(model, ckpt, x_train, x_test, cfg, metrics)
-
-    features = (lambda images: inception_features(inception, images)) if inception is not None else None
-    record = evaluate(model, x_test_grey, x_test, cfg, features, Progress(f"test NLL (K={cfg.eval_samples})",
-                                                                           len(x_test)).update)
-    record["epoch"] = epoch
-    append_jsonl(metrics, record)
-    save_pictures(model, x_test, cfg.out)
-    report(record, cfg)
-    return record
+# the training run
 
 
 def train(args):
