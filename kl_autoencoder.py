@@ -32,7 +32,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1139 lines)
+    Part II, running it (1141 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, export),
         distributed training and exact resume, the training run, the command line, commands and main
 """
@@ -1095,29 +1095,31 @@ def export(autoencoder, path, sample_size, overwrite=False):
 
 class Ranks:
     """This process among the training processes (torchrun sets WORLD_SIZE, RANK and LOCAL_RANK:
-    one process per device, NCCL on CUDA, gloo on the CPU), and the collectives the run needs;
-    with one process each of them is a no-op."""
+    one process per device, NCCL on CUDA, gloo on the CPU; also with a single process, so that one
+    GPU runs the same distributed code), and the collectives the run needs; without torchrun each
+    of them is a no-op."""
 
     def __init__(self, device_name):
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun
         self.device = get_device(device_name)
-        if self.world > 1 and self.device.type == "cuda":
+        if self.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
-        if self.world > 1:
+        if self.distributed:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.main = self.rank == 0  # the process that logs, evaluates and writes files
 
     def mean_(self, tensors):
         """Average tensors over the ranks, in place."""
-        if self.world > 1:
+        if self.distributed:
             for t in tensors:
                 dist.all_reduce(t)
                 t.div_(self.world)
 
     def gather(self, obj):
         """[obj of rank 0, obj of rank 1, ...] (every rank must call it)."""
-        if self.world == 1:
+        if not self.distributed:
             return [obj]
         objects = [None] * self.world
         dist.all_gather_object(objects, obj)
@@ -1125,12 +1127,12 @@ class Ranks:
 
     def sync_buffers(self, module):
         """Rank 0's buffers (BatchNorm's running statistics) on every rank; SyncBatchNorm does it on CUDA."""
-        if self.world > 1 and self.device.type != "cuda":
+        if self.distributed and self.device.type != "cuda":
             for b in module.buffers():
                 dist.broadcast(b, 0)
 
     def close(self):
-        if self.world > 1:
+        if self.distributed:
             dist.destroy_process_group()
 
 
@@ -1183,7 +1185,7 @@ def new_run(args, config, ranks):
     model = Trainable(AutoencoderKL(**config)).to(ranks.device)
     disc = NLayerDiscriminator().to(ranks.device)
     torch.manual_seed(args.seed + ranks.rank)
-    if ranks.world > 1 and cuda:
+    if ranks.distributed and cuda:
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     if cuda:
         model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
@@ -1326,7 +1328,7 @@ def training_run(args, ranks):
             if run.step >= s.total:
                 break
     # the end: the same weights on every rank, the final evaluation, the export
-    if ranks.world > 1:
+    if ranks.distributed:
         digests = ranks.gather(weights_digest(run.model, run.disc))
         if len(set(digests)) != 1:
             raise RuntimeError(f"the ranks ended with different weights: {digests}")
@@ -1377,7 +1379,7 @@ def start_run(args, ranks):
             print(f"resuming {ckpt_path} at step {run.step}")
     # the discriminator is not in DDP: it also runs (frozen) in the autoencoder's loss; train_step averages its grads
     model = run.model
-    if ranks.world > 1:
+    if ranks.distributed:
         model = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
     if args.compile:

@@ -815,6 +815,22 @@ def test_torchrun_two_processes_on_cpu_end_with_identical_weights(kl_data, tmp_p
     assert "2 process(es)" in result.stdout and result.stdout.count("eval on 16 held-out images") == 1  # only rank 0 writes
 
 
+def test_torchrun_with_one_process_runs_the_distributed_code_and_matches_a_plain_run(kl_data, tmp_path):
+    """Under torchrun even one process initialises the process group (gloo here, NCCL on a GPU) and wraps the model
+    in DDP; with one rank, averaging changes nothing, so it ends with the plain run's weights, bit for bit."""
+    args = ["train", "--data", kl_data, *KL_TINY, "--steps", "3", "--disc-start", "1"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                             "kl_autoencoder.py", *args, "--out", str(tmp_path / "ddp")], cwd=HERE, capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical on all 1 ranks" in result.stdout  # the distributed end-of-run check ran
+    subprocess.run([sys.executable, "kl_autoencoder.py", *args, "--out", str(tmp_path / "plain")], cwd=HERE, check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    a, b = (torch.load(str(tmp_path / run / "ckpt.pt"), weights_only=True) for run in ("ddp", "plain"))
+    for part in ("model", "disc"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
 def test_export_loads_into_diffusers(kl_data, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     exported = tmp_path / "exported" / "diffusion_pytorch_model.safetensors"
