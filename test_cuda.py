@@ -7,25 +7,17 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 
 import kl_autoencoder as kl
 import vae
-from test_vae import HERE, KL_CONFIGS, diffusers_autoencoder, make_mnist, relative_error, smooth_images
+from test_vae import HERE, KL_CONFIGS, data_dir, diffusers_autoencoder, kl_data, relative_error  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 VAE_TINY = ["--hidden", "64", "--latent-dim", "4", "--batch-size", "32", "--lr", "3e-3", "--eval-samples", "1000"]
-
-
-@pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("mnist"))
-    make_mnist(root)
-    return root
 
 
 def records(out, kind):
@@ -34,8 +26,8 @@ def records(out, kind):
 
 
 @pytest.mark.parametrize("flags", [[], ["--amp"], ["--compile"]], ids=["eager", "amp", "compile"])
-def test_vae_trains_on_cuda(mnist, tmp_path, flags):
-    record = vae.main(["--data-dir", mnist, "--out", str(tmp_path), "--epochs", "3", "--device", "cuda", *VAE_TINY,
+def test_vae_trains_on_cuda(data_dir, tmp_path, flags):
+    record = vae.main(["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "3", "--device", "cuda", *VAE_TINY,
                        *flags])
     epochs = records(str(tmp_path), "epoch")
     assert len(epochs) == 3 and all(math.isfinite(r["train_loss"]) for r in epochs)
@@ -43,24 +35,17 @@ def test_vae_trains_on_cuda(mnist, tmp_path, flags):
     assert math.isfinite(record["test_nll"]) and record["test_nll"] < record["test_nelbo"]
 
 
-def test_vae_checkpoint_gives_the_same_numbers_on_cpu_and_cuda(mnist, tmp_path):
+def test_vae_checkpoint_gives_the_same_numbers_on_cpu_and_cuda(data_dir, tmp_path):
     """Different devices draw different samples, so the two evaluations agree to Monte Carlo error: on this model
     (64 test images) the spread over seeds, measured on the CPU, is 0.39 nats for the one-sample -ELBO and 0.014
     nats for the K = 1000 NLL; the difference of two independent estimates is allowed 6 times sqrt(2) of that."""
-    vae.main(["--data-dir", mnist, "--out", str(tmp_path), "--epochs", "2", "--device", "cpu", *VAE_TINY])
+    vae.main(["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "2", "--device", "cpu", *VAE_TINY])
     ckpt = str(tmp_path / "ckpt.pt")
-    cpu, cuda = (vae.main(["--eval-only", "--ckpt", ckpt, "--data-dir", mnist, "--device", device, "--out",
+    cpu, cuda = (vae.main(["--eval-only", "--ckpt", ckpt, "--data-dir", data_dir, "--device", device, "--out",
                            str(tmp_path / device), "--eval-samples", "1000"]) for device in ("cpu", "cuda"))
     assert abs(cpu["test_nelbo"] - cuda["test_nelbo"]) <= 6 * math.sqrt(2) * 0.39
     assert abs(cpu["test_nll"] - cuda["test_nll"]) <= 6 * math.sqrt(2) * 0.014
     assert cpu["active_units"] == cuda["active_units"]
-
-
-@pytest.fixture(scope="module")
-def kl_data(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("kldata") / "images.npz")
-    np.savez(path, images=smooth_images(96, 32), labels=np.arange(96) % 4)
-    return path
 
 
 KL_CUDA = ["--preset", "tiny", "--resolution", "32", "--batch-size", "8", "--val-size", "16", "--device", "cuda",
