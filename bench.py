@@ -5,6 +5,7 @@ Side-by-side timings of our two programs against the code they replace, in one r
     python bench.py --device cuda [--compile] [--amp]
     python bench.py kl --device cpu --preset tiny --batch-size 8 --resolution 64
     python bench.py kl --device cuda --preset sd --batch-size 8 --resolution 256 --amp --channels-last
+    python bench.py tiles --device cpu --preset sd --resolution 1024
 
 vae: both train the same model, pytorch/examples' 784-400-20 ReLU VAE, with batch 128 and Adam 1e-3 on
 the real MNIST training set (60,000 images in --data-dir, as for vae.py). The classic loop is
@@ -20,13 +21,23 @@ the same loss: L1 reconstruction of a posterior sample + 1e-6 * KL. diffusers ru
 float32; ours optionally with bf16 autocast (--amp) and channels_last memory (--channels-last).
 On CUDA it also reports peak memory, and the inference time of encode + decode of one image.
 
+tiles: the peak memory and time of decoding one --resolution image (from a random latent, with the preset's
+random weights: memory and time do not depend on the values) by kl_autoencoder.py, whole and in tiles
+(--tile on: diffusers' enable_tiling scheme), each in a fresh process. On the CPU the peak is the process's
+peak resident set (ru_maxrss), shown with what it was before decoding (Python, torch, the weights); on CUDA
+it is torch.cuda.max_memory_allocated.
+
 Each side runs --warmup epochs (or steps) first, then --repeats timed ones; the median is reported.
 The kl steps are interleaved (one side, then the other, alternating which goes first), so that the
 drifts in speed of a shared machine affect both sides alike.
 """
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -119,8 +130,7 @@ def bench_kl(args, device):
         import diffusers
     except ImportError:
         raise SystemExit("bench.py: error: bench.py kl compares with diffusers: pip install diffusers")
-    config = kl.PRESETS[args.preset]
-    n = len(config["block_out_channels"])
+    config = kl.build(args.preset).config
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
@@ -129,8 +139,7 @@ def bench_kl(args, device):
         """(model, optimizer, one training step) of one side."""
         torch.manual_seed(0)
         if name == "diffusers":
-            model = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                                            **{k: v for k, v in config.items() if k != "scaling_factor"}).to(device)
+            model = diffusers.AutoencoderKL.from_config(kl.diffusers_config(config)).to(device)
             encode, decode, inputs = (lambda x: model.encode(x).latent_dist), (lambda z: model.decode(z).sample), x
             autocast = torch.autocast(device.type, enabled=False)
         else:
@@ -181,10 +190,37 @@ def bench_kl(args, device):
         print(f"{args.preset}: encode + decode of one 512x512 image: {seconds * 1000:.1f} ms")
 
 
+def bench_tiles(args, device):
+    if args.tile is not None:  # the child: one decode, its numbers as JSON
+        model = kl.build(args.preset).eval().to(device)
+        f = model.downsampling_factor
+        z = torch.randn(1, model.config["latent_channels"], args.resolution // f, args.resolution // f, device=device)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            kl.decode(model, z, tile=args.tile == "on")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            before, peak = 0, torch.cuda.max_memory_allocated(device)
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({"seconds": time.perf_counter() - t0, "before": before, "peak": peak}))
+        return
+    print(f"{describe(device)}; decoding one {args.resolution}x{args.resolution} image, preset {args.preset}, "
+          f"float32, each in a fresh process")
+    for tile in ("off", "on"):
+        child = subprocess.run([sys.executable, __file__, "tiles", "--device", str(device), "--preset", args.preset,
+                                "--resolution", str(args.resolution), "--tile", tile],
+                               capture_output=True, text=True, check=True)
+        r = json.loads(child.stdout.strip().splitlines()[-1])
+        where = "GPU peak allocated" if device.type == "cuda" else f"peak RSS (before decoding {r['before'] / 2 ** 30:.2f})"
+        print(f"--tile {tile:<3}  {where}: {r['peak'] / 2 ** 30:6.2f} GiB  {r['seconds']:7.1f} s")
+
+
 def main():
     p = argparse.ArgumentParser(description="Side-by-side timings; see the top of bench.py.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", nargs="?", default="vae", choices=["vae", "kl"])
+    p.add_argument("what", nargs="?", default="vae", choices=["vae", "kl", "tiles"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -197,6 +233,7 @@ def main():
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--resolution", type=int, default=64)
     g.add_argument("--channels-last", action="store_true", help="channels_last memory for our side")
+    g.add_argument("--tile", default=None, choices=["off", "on"], help=argparse.SUPPRESS)  # tiles: the child's side
     args = p.parse_args()
     try:
         device = vae.get_device(args.device)
@@ -204,7 +241,7 @@ def main():
         raise SystemExit(f"bench.py: error: {e}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    (bench_kl if args.what == "kl" else bench_vae)(args, device)
+    {"vae": bench_vae, "kl": bench_kl, "tiles": bench_tiles}[args.what](args, device)
 
 
 if __name__ == "__main__":

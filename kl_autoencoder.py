@@ -1,9 +1,13 @@
 """
 The KL autoencoder of Stable Diffusion (Rombach et al. 2022, "kl-f8"), in one file, to be read top
 to bottom. The architecture is that of diffusers' AutoencoderKL, and the weights are interchangeable:
-a diffusers state dict loads here with strict=True, key for key.
+a diffusers state dict loads here with strict=True, key for key; so do the CompVis/LDM-named files of
+the Stable Diffusion world (a whole SD checkpoint too), and any diffusers AutoencoderKL config.json.
 
     python kl_autoencoder.py reconstruct --weights vae.safetensors --preset sd --image in.png --out out.png
+    python kl_autoencoder.py encode --weights sdxl_vae.safetensors --preset sdxl --data images/ --out lat.safetensors
+    python kl_autoencoder.py decode --weights sdxl_vae.safetensors --preset sdxl --latents lat.safetensors --out dec/
+    python kl_autoencoder.py convert --weights v1-5.ckpt --export vae/diffusion_pytorch_model.safetensors
     python kl_autoencoder.py train --data images/ --preset sd --resolution 256 --out runs/kl
     torchrun --nproc_per_node 8 kl_autoencoder.py train --data images/ ...    # one process per GPU
     python kl_autoencoder.py eval --ckpt runs/kl/ckpt.pt --fid --export vae/diffusion_pytorch_model.safetensors
@@ -27,14 +31,15 @@ before --disc-start. With terms averaged over elements instead of summed, the sa
 kl_weight * N_latent / N_pixels (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels).
 
 The file:
-    Part I, the autoencoder and its objective (542 lines): read this part to learn the model
+    Part I, the autoencoder and its objective (555 lines): read this part to learn the model
         model           the modules in the order an image meets them, AutoencoderKL, the posterior
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1141 lines)
-        images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, export),
-        distributed training and exact resume, the training run, the command line, commands and main
+    Part II, running it (1542 lines)
+        images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
+        configs, export), latents for diffusion models and tiles, distributed training and exact resume,
+        the training run, the command line, commands and main
 """
 
 import argparse
@@ -47,6 +52,8 @@ import itertools
 import json
 import math
 import os
+import pickle
+import re
 import signal
 import struct
 import sys
@@ -79,12 +86,16 @@ def group_norm(channels, groups):
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
-class ResnetBlock(nn.Module):
-    """x + conv2(SiLU(norm2(conv1(SiLU(norm1(x)))))), with a 1x1 conv_shortcut on x when the
-    number of channels changes (diffusers' ResnetBlock2D without time embedding)."""
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "mish": F.mish}  # config's act_fn
 
-    def __init__(self, in_channels, out_channels, groups):
+
+class ResnetBlock(nn.Module):
+    """x + conv2(act(norm2(conv1(act(norm1(x)))))), with a 1x1 conv_shortcut on x when the number of
+    channels changes (diffusers' ResnetBlock2D without time embedding; act is SiLU in every published VAE)."""
+
+    def __init__(self, in_channels, out_channels, groups, act_fn="silu"):
         super().__init__()
+        self.act = ACTIVATIONS[act_fn]
         self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels, groups)
@@ -92,8 +103,8 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -143,9 +154,9 @@ class Level(nn.Module):
     """One resolution of the encoder or decoder: residual blocks, then an optional resampler
     (diffusers' DownEncoderBlock2D / UpDecoderBlock2D; the key is downsamplers.0 or upsamplers.0)."""
 
-    def __init__(self, in_channels, out_channels, n_blocks, groups, resample=None):
+    def __init__(self, in_channels, out_channels, n_blocks, groups, act_fn, resample=None):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+        self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
                                       for i in range(n_blocks)])
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample(out_channels)])
@@ -163,31 +174,36 @@ class Level(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """Residual block, attention, residual block, at the lowest resolution. The attention is
-    registered first, as in diffusers' UNetMidBlock2D, so the state dict lists it first."""
+    """Residual block, attention, residual block, at the lowest resolution (the attention left out when
+    the config says mid_block_add_attention: false). The attention is registered first, as in diffusers'
+    UNetMidBlock2D, so the state dict lists it first."""
 
-    def __init__(self, channels, groups):
+    def __init__(self, channels, groups, act_fn, attention=True):
         super().__init__()
-        self.attentions = nn.ModuleList([Attention(channels, groups)])
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)] if attention else [])
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups, act_fn) for _ in range(2)])
 
     def forward(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
 
 
 class Encoder(nn.Module):
     """x (B, in, H, W) -> (B, 2 * latent, H/f, W/f): conv_in, levels of `layers_per_block` residual
     blocks with a downsampler on all but the last, mid block, GroupNorm, SiLU, conv_out."""
 
-    def __init__(self, in_channels, latent_channels, block_out_channels, layers_per_block, groups):
+    def __init__(self, in_channels, latent_channels, block_out_channels, layers_per_block, groups, act_fn="silu",
+                 mid_attention=True):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
         channels = [block_out_channels[0], *block_out_channels]
         last = len(block_out_channels) - 1
         self.down_blocks = nn.ModuleList([
-            Level(channels[i], channels[i + 1], layers_per_block, groups, None if i == last else "down")
+            Level(channels[i], channels[i + 1], layers_per_block, groups, act_fn, None if i == last else "down")
             for i in range(len(block_out_channels))])
-        self.mid_block = MidBlock(block_out_channels[-1], groups)
+        self.mid_block = MidBlock(block_out_channels[-1], groups, act_fn, mid_attention)
         self.conv_norm_out = group_norm(block_out_channels[-1], groups)
         self.conv_out = nn.Conv2d(block_out_channels[-1], 2 * latent_channels, 3, padding=1)
 
@@ -202,15 +218,16 @@ class Decoder(nn.Module):
     """z (B, latent, h, w) -> (B, out, f h, f w): conv_in, mid block, levels in reverse with
     `layers_per_block + 1` residual blocks and an upsampler on all but the last, GroupNorm, SiLU, conv_out."""
 
-    def __init__(self, latent_channels, out_channels, block_out_channels, layers_per_block, groups):
+    def __init__(self, latent_channels, out_channels, block_out_channels, layers_per_block, groups, act_fn="silu",
+                 mid_attention=True):
         super().__init__()
         rev = list(reversed(block_out_channels))
         self.conv_in = nn.Conv2d(latent_channels, rev[0], 3, padding=1)
         last = len(rev) - 1  # up_blocks before mid_block: diffusers' state dict lists them first
         self.up_blocks = nn.ModuleList([
-            Level(rev[max(i - 1, 0)], rev[i], layers_per_block + 1, groups, None if i == last else "up")
+            Level(rev[max(i - 1, 0)], rev[i], layers_per_block + 1, groups, act_fn, None if i == last else "up")
             for i in range(len(rev))])
-        self.mid_block = MidBlock(rev[0], groups)
+        self.mid_block = MidBlock(rev[0], groups, act_fn, mid_attention)
         self.conv_norm_out = group_norm(block_out_channels[0], groups)
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
 
@@ -260,21 +277,29 @@ class DiagonalGaussianDistribution:
 
 
 class AutoencoderKL(nn.Module):
-    """Encoder -> quant_conv -> q(z|x);  z -> post_quant_conv -> Decoder. Keyword names as in
-    diffusers' config. scaling_factor is stored, not applied: diffusion works on z * scaling_factor."""
+    """Encoder -> quant_conv -> q(z|x);  z -> post_quant_conv -> Decoder. Keyword names and defaults as in
+    diffusers' config.json (except the SD-sized defaults). The last six keywords describe how the model is
+    used, not the model: sample_size is the tile size of tiled encoding; scaling_factor, shift_factor,
+    latents_mean, latents_std the latent convention of diffusion models (to_diffusion_latents, Part II);
+    force_upcast that float16 overflows in this model. They are kept, and exported, never applied here."""
 
     def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                 latent_channels=4, norm_num_groups=32, scaling_factor=0.18215, use_quant_conv=True,
-                 use_post_quant_conv=True):
+                 latent_channels=4, norm_num_groups=32, act_fn="silu", mid_block_add_attention=True,
+                 use_quant_conv=True, use_post_quant_conv=True, sample_size=512, scaling_factor=0.18215,
+                 shift_factor=None, latents_mean=None, latents_std=None, force_upcast=True):
         super().__init__()
         self.config = dict(in_channels=in_channels, out_channels=out_channels,
                            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                           latent_channels=latent_channels, norm_num_groups=norm_num_groups,
-                           scaling_factor=scaling_factor, use_quant_conv=use_quant_conv,
-                           use_post_quant_conv=use_post_quant_conv)
+                           latent_channels=latent_channels, norm_num_groups=norm_num_groups, act_fn=act_fn,
+                           mid_block_add_attention=mid_block_add_attention, use_quant_conv=use_quant_conv,
+                           use_post_quant_conv=use_post_quant_conv, sample_size=sample_size,
+                           scaling_factor=scaling_factor, shift_factor=shift_factor,
+                           latents_mean=None if latents_mean is None else tuple(latents_mean),
+                           latents_std=None if latents_std is None else tuple(latents_std), force_upcast=force_upcast)
         self.scaling_factor = scaling_factor
-        self.encoder = Encoder(in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups)
-        self.decoder = Decoder(latent_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups)
+        shape = (block_out_channels, layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
+        self.encoder = Encoder(in_channels, latent_channels, *shape)
+        self.decoder = Decoder(latent_channels, out_channels, *shape)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
@@ -300,28 +325,23 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
 
-    @classmethod
-    def from_config(cls, config):
-        """From a diffusers config.json dict: checks the keys this architecture fixes, keeps the rest."""
-        fixed = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
-        for key, block in fixed.items():
-            if key in config and any(t != block for t in config[key]):
-                raise UserError(f"{key} {config[key]} is not supported: only {block}")
-        if config.get("act_fn", "silu") != "silu" or not config.get("mid_block_add_attention", True):
-            raise UserError("only act_fn 'silu' with mid-block attention is supported")
-        names = inspect.signature(cls).parameters
-        return cls(**{k: v for k, v in config.items() if k in names})
 
-
-PRESETS = {
-    # Stable Diffusion 1.x / 2.x: kl-f8, 83,653,863 parameters.
-    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, scaling_factor=0.18215),
-    # SDXL: the same shapes, another scaling factor.
-    "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                 scaling_factor=0.13025),
+PRESETS = {  # the published VAE families; numbers from each model's vae/config.json on the Hugging Face Hub
+    # Stable Diffusion 1.x / 2.x (CompVis kl-f8): 83,653,863 parameters; 4 latent channels, scaled by 0.18215.
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+               scaling_factor=0.18215),
+    # SDXL (stabilityai/stable-diffusion-xl-base-1.0): the same shapes, scaled by 0.13025; float16 overflows.
+    "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
+                 scaling_factor=0.13025, force_upcast=True),
+    # SD3 (stabilityai/stable-diffusion-3-medium-diffusers): 16 latent channels, no quant convs, (z - 0.0609) * 1.5305.
+    "sd3": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
+                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609),
+    # FLUX.1 (black-forest-labs/FLUX.1-dev): the SD3 shapes, (z - 0.1159) * 0.3611.
+    "flux": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
+                 use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
     # small ones for CPUs and tests
-    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, latent_channels=4),
-    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4),
+    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, latent_channels=4, sample_size=256),
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=256),
 }
 
 
@@ -1013,6 +1033,13 @@ def save_safetensors(tensors, path, metadata=None):
         raise
 
 
+def safetensors_metadata(path):
+    """The "__metadata__" strings of a safetensors file that load_safetensors has read (so its header is valid)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
 def _no_duplicates(pairs):
     keys = [k for k, _ in pairs]
     if len(keys) != len(set(keys)):
@@ -1020,41 +1047,121 @@ def _no_duplicates(pairs):
     return dict(pairs)
 
 
-LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+def read_weights(path):
+    """A weights file -> {name: tensor}: .safetensors (read above), or a pickled .ckpt/.pt/.pth/.bin read with
+    torch.load(weights_only=True), which builds tensors and plain containers and refuses anything else (a pickle
+    can name any Python function to call; such a file is refused, never run). A whole training checkpoint's
+    "state_dict" is taken out of it."""
+    if os.path.isdir(path):
+        return read_weights(weights_in_folder(path))
+    if not os.path.isfile(path):
+        raise UserError(f"no weights file at {path}")
+    if path.endswith(".safetensors"):
+        return load_safetensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__)
+        raise UserError(f"{path} holds Python objects besides tensors ({reason}); loading it could run code, so it "
+                        f"is refused: use a .safetensors version of these weights")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a safetensors file or a PyTorch checkpoint ({type(e).__name__})")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{path} holds no state dict (a dict of tensors)")
+    return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
-def convert_state_dict(state):
-    """A state dict in diffusers' current names, from one that may use the older attention names
-    (query, key, value, proj_attn) and their [C, C, 1, 1] convolution-shaped weights."""
+def weights_in_folder(folder):
+    """A diffusers model folder's weights file."""
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise UserError(f"{folder} is a folder without diffusion_pytorch_model.safetensors: give the weights file")
+
+
+# The CompVis/LDM names of most community VAE files and of the VAE inside whole Stable Diffusion checkpoints, as
+# rewrites of diffusers' names (decoder levels count the other way round there: up.{levels - 1 - i}).
+LDM_PREFIXES = ("first_stage_model.", "vae.")  # the VAE's keys inside a whole SD checkpoint
+LDM_RULES = [
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block."),
+    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample."),
+    (r"\.mid_block\.resnets\.(\d)\.", lambda m, n: f".mid.block_{int(m[1]) + 1}."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"\.conv_norm_out\.", ".norm_out."),
+]
+LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # diffusers < 0.14
+
+
+def ldm_names(config):
+    """{diffusers name: LDM name} for every weight of an AutoencoderKL with this config."""
+    with torch.device("meta"):  # the names without the memory
+        names = list(AutoencoderKL(**config).state_dict())
+    levels = len(config["block_out_channels"])
+    table = {}
+    for name in names:
+        ldm = name
+        for pattern, new in LDM_RULES:
+            ldm = re.sub(pattern, new if isinstance(new, str) else lambda m, new=new: new(m, levels), ldm)
+        table[name] = ldm
+    return table
+
+
+def is_attention_matrix(name):
+    """A weight that diffusers keeps as a Linear's [C, C] and LDM as a 1x1 convolution's [C, C, 1, 1]."""
+    return name.endswith(".weight") and (".attentions." in name or ".attn_1." in name) and "norm" not in name
+
+
+def to_ldm(state, config):
+    """A diffusers-format state dict in LDM names and shapes (what ComfyUI and A1111-style tools load)."""
+    return {ldm: state[name][:, :, None, None] if is_attention_matrix(name) else state[name]
+            for name, ldm in ldm_names(config).items()}
+
+
+def diffusers_names(state, config):
+    """A state dict in any of the names VAE files use -> diffusers' names and shapes: the VAE's part of a whole
+    SD checkpoint (keys under first_stage_model. or vae.), LDM names, diffusers' older attention names."""
+    prefix = next((p for p in LDM_PREFIXES if any(k.startswith(p) for k in state)), "")
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in state):  # LDM names
+        diffusers_name = {ldm: name for name, ldm in ldm_names(config).items()}
+        state = {diffusers_name.get(k, k): v for k, v in state.items()}
     converted = {}
     for name, tensor in state.items():
         parts = name.split(".")
         if "attentions" in parts and len(parts) >= 2 and parts[-2] in LEGACY_ATTENTION:
             name = ".".join(parts[:-2] + [LEGACY_ATTENTION[parts[-2]], parts[-1]])
-        if ".attentions." in name and name.endswith(".weight") and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
+        if is_attention_matrix(name) and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
             tensor = tensor[:, :, 0, 0]
         converted[name] = tensor
     return converted
 
 
-def load_weights(model, state, source="the state dict", preset=None):
-    """Load a diffusers-format state dict (old attention names accepted) with strict key and shape
+def load_weights(model, state, source="the state dict", which=None):
+    """Load a state dict in diffusers', LDM's or an older naming (diffusers_names) with strict key and shape
     checks, raising one-line errors that name what does not fit."""
-    state = convert_state_dict(state)
+    state = diffusers_names(state, model.config)
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    which = f" (preset {preset})" if preset else ""
+    which = f" ({which})" if which else ""
+    hint = "; pass the --preset or --config these weights were made for"
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-        raise UserError(f"{source} does not fit this model{which}: keys {'; '.join(parts)}")
+        raise UserError(f"{source} does not fit this model{which}: keys {'; '.join(parts)}{hint}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise UserError(f"{source} does not fit this model{which}: {name} is {list(tensor.shape)} there "
-                            f"and {list(expected[name].shape)} here")
+                            f"and {list(expected[name].shape)} here{hint}")
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"{source}: {name} holds NaN or infinite values; these weights cannot reconstruct anything")
@@ -1067,16 +1174,51 @@ def with_lists(d):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def export(autoencoder, path, sample_size, overwrite=False):
-    """The weights as a diffusers-format safetensors file, with diffusers' config.json beside it, so that
-    diffusers.AutoencoderKL.from_pretrained(folder of FILE) loads them (name FILE
-    diffusion_pytorch_model.safetensors)."""
-    c = autoencoder.config
-    n = len(c["block_out_channels"])
-    config = {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
-              "up_block_types": ["UpDecoderBlock2D"] * n, "mid_block_add_attention": True, "sample_size": sample_size,
-              **with_lists(c)}
+def diffusers_config(config):
+    """Our config as diffusers' config.json holds it (every field, the latent convention too)."""
+    n = len(config["block_out_channels"])
+    return {"_class_name": "AutoencoderKL", "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n, **with_lists(config)}
+
+
+def read_config(path):
+    """A diffusers AutoencoderKL config.json (or a folder holding one) -> AutoencoderKL keywords. Every field that
+    changes the model is honoured, the latent convention kept, and a field this file does not know is refused
+    (diffusers' own bookkeeping, the keys starting with "_", is skipped)."""
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--config {path}: cannot read a JSON config ({type(e).__name__}: {e})")
+    if not isinstance(config, dict):
+        raise UserError(f"--config {path}: not a JSON object")
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise UserError(f"--config {path} is a {config['_class_name']} config, not an AutoencoderKL one")
+    for key, block in {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}.items():
+        if any(t != block for t in config.pop(key, [])):
+            raise UserError(f"--config {path}: {key} other than {block} are not AutoencoderKL's")
+    names = inspect.signature(AutoencoderKL).parameters
+    unknown = sorted(k for k in config if k not in names and not k.startswith("_"))
+    if unknown:
+        raise UserError(f"--config {path}: unknown AutoencoderKL fields {', '.join(unknown)}")
+    if config.get("act_fn", "silu") not in ACTIVATIONS:
+        raise UserError(f"--config {path}: act_fn {config['act_fn']!r} is not one of {', '.join(ACTIVATIONS)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
+
+
+def export(autoencoder, path, overwrite=False, fmt="diffusers"):
+    """Write the weights as FILE.safetensors. diffusers format: with diffusers' config.json beside it, so that
+    diffusers.AutoencoderKL.from_pretrained(folder of FILE) loads them (name FILE diffusion_pytorch_model.safetensors).
+    ldm format: one file in LDM names, as ComfyUI, A1111-style tools and diffusers' from_single_file load it, the
+    config in its metadata."""
+    config = diffusers_config(autoencoder.config)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if fmt == "ldm":
+        save_safetensors(to_ldm(autoencoder.state_dict(), autoencoder.config), path,
+                         metadata={"format": "pt", "config": json.dumps(config)})
+        print(f"exported {path} (LDM names)")
+        return
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if os.path.exists(config_path) and not overwrite:
         with open(config_path) as f:
@@ -1088,6 +1230,77 @@ def export(autoencoder, path, sample_size, overwrite=False):
         json.dump(config, f, indent=2)
     os.replace(config_path + ".tmp", config_path)
     print(f"exported {path} and {config_path}")
+
+# -----------------------------------------------------------------------------
+# latents for diffusion models, and large images in tiles
+
+
+def to_diffusion_latents(z, config):
+    """The latents a diffusion model works on: z_model = (z - shift_factor) * scaling_factor, or, where the config
+    has per-channel latents_mean and latents_std, (z - latents_mean) * scaling_factor / latents_std (the
+    conventions of diffusers' SD3/Flux and SDXL pipelines)."""
+    mean, std = latent_statistics(z, config)
+    return (z - mean) * config["scaling_factor"] / std
+
+
+def from_diffusion_latents(z_model, config):
+    """The inverse of to_diffusion_latents: z = z_model * std / scaling_factor + mean, what the decoder takes."""
+    mean, std = latent_statistics(z_model, config)
+    return z_model * std / config["scaling_factor"] + mean
+
+
+def latent_statistics(z, config):
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        return (torch.tensor(config[k], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+                for k in ("latents_mean", "latents_std"))
+    return config.get("shift_factor") or 0.0, 1.0
+
+
+TILE_OVERLAP = 0.25  # diffusers' tile_overlap_factor
+
+
+def tiled(fn, x, size, out_size):
+    """fn on overlapping size x size tiles of x, the outputs (out_size x out_size for a whole tile) blended
+    linearly over their overlap: diffusers' enable_tiling scheme, step for step, so that the result is the
+    same. Tiles start every (1 - TILE_OVERLAP) size; each output fades in from its upper and left neighbours
+    (already blended) over TILE_OVERLAP out_size rows and columns, then keeps its first out_size - that."""
+    step, extent = int(size * (1 - TILE_OVERLAP)), int(out_size * TILE_OVERLAP)
+    rows = [[fn(x[:, :, i:i + size, j:j + size]) for j in range(0, x.shape[3], step)]
+            for i in range(0, x.shape[2], step)]
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            if i > 0:
+                blend(rows[i - 1][j], tile, extent, dim=2)
+            if j > 0:
+                blend(row[j - 1], tile, extent, dim=3)
+    keep = out_size - extent
+    return torch.cat([torch.cat([tile[:, :, :keep, :keep] for tile in row], dim=3) for row in rows], dim=2)
+
+
+def blend(a, b, extent, dim):
+    """In place: b's first `extent` rows (dim 2) or columns (dim 3) = a's last ones * (1 - t) + b's * t, with
+    t = 0, 1/extent, 2/extent, ... (capped at the smaller tile's size)."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    t = (torch.arange(extent, dtype=b.dtype, device=b.device) / extent).view(-1, *[1] * (3 - dim))
+    b.narrow(dim, 0, extent).mul_(t).add_(a.narrow(dim, a.shape[dim] - extent, extent) * (1 - t))
+
+
+def encode(model, x, tile=False):
+    """The posterior q(z|x); with tile, in tiles of the config's sample_size when x is larger than that (as
+    diffusers' encode with enable_tiling)."""
+    size = model.config["sample_size"]
+    if tile and max(x.shape[2:]) > size:
+        moments = tiled(lambda t: model.encode(t).parameters, x, size, size // model.downsampling_factor)
+        return DiagonalGaussianDistribution(moments)
+    return model.encode(x)
+
+
+def decode(model, z, tile=False):
+    """The image of z; with tile, in tiles of sample_size / f latent pixels when z is larger (as diffusers)."""
+    size = model.config["sample_size"] // model.downsampling_factor
+    if tile and max(z.shape[2:]) > size:
+        return tiled(model.decode, z, size, model.config["sample_size"])
+    return model.decode(z)
 
 # -----------------------------------------------------------------------------
 # distributed training and exact resume
@@ -1182,7 +1395,10 @@ def new_run(args, config, ranks):
     Every rank starts from the same weights and then draws its own posterior samples."""
     cuda = ranks.device.type == "cuda"
     torch.manual_seed(args.seed)
-    model = Trainable(AutoencoderKL(**config)).to(ranks.device)
+    model = Trainable(AutoencoderKL(**config))
+    if args.weights:  # fine-tuning: start from a published VAE, in any format reconstruct reads
+        load_weights(model.autoencoder, read_weights(args.weights), args.weights, architecture(args)[1])
+    model = model.to(ranks.device)
     disc = NLayerDiscriminator().to(ranks.device)
     torch.manual_seed(args.seed + ranks.rank)
     if ranks.distributed and cuda:
@@ -1338,7 +1554,7 @@ def training_run(args, ranks):
         final = run.ema or run.model.autoencoder
         record = evaluate_and_log(final, s.val, args, run.step, args.out, s.inception)
         if args.export:
-            export(final, args.export, args.resolution, args.overwrite)
+            export(final, args.export, args.overwrite, args.export_format)
         return record
 
 
@@ -1405,7 +1621,7 @@ def open_checkpoint(args, config, ckpt_path, metrics):
                 raise UserError(f"{path} exists: pass --resume to continue that run, another --out, or --overwrite")
         return None
     ckpt = load_checkpoint(ckpt_path)
-    if ckpt["config"]["model"] != with_lists(config):
+    if with_lists(complete(ckpt["config"]["model"])) != with_lists(config):
         raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: "
                         f"pass its sizes, or another --out")
     return ckpt
@@ -1513,62 +1729,115 @@ def get_device(name):
 
 
 def parse_args(argv=None):
-    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct an image, train, evaluate.")
+    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct, encode and decode images, convert "
+                           "weights files, train, evaluate.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    devices = ["auto", "cpu", "cuda", "mps"]
-
-    r = sub.add_parser("reconstruct", help="encode and decode one image with given weights", formatter_class=fmt)
-    r.add_argument("--weights", required=True,
-                   help="a diffusers-format .safetensors file (e.g. diffusion_pytorch_model.safetensors)")
-    r.add_argument("--preset", default="sd", choices=sorted(PRESETS), help="the architecture the weights are for")
+    r = sub.add_parser("reconstruct", help="encode and decode one image", formatter_class=fmt)
+    add_model_source(r)
     r.add_argument("--image", required=True)
     r.add_argument("--out", required=True, help="where to write the reconstruction (.png, or .jpg)")
-    r.add_argument("--device", default="auto", choices=devices)
-    r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16 is for GPUs (fp16 overflows in the SDXL VAE)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_inference_options(r)
+
+    n = sub.add_parser("encode", help="images -> latents for diffusion training (one .safetensors file)",
+                       formatter_class=fmt)
+    add_model_source(n)
+    n.add_argument("--data", required=True, help="a folder of images, an .npz file, or cifar10, mnist, celeba")
+    n.add_argument("--data-root", default="./data", help="where torchvision datasets are kept")
+    n.add_argument("--resolution", type=positive_int, default=None,
+                   help="images are resized and centre-cropped to this square (default: the config's sample_size)")
+    n.add_argument("--out", required=True, help="the latents file (.safetensors)")
+    n.add_argument("--sample", action="store_true", help="latents from a posterior sample (default: its mean)")
+    n.add_argument("--seed", type=seed, default=0, help="of the posterior samples")
+    n.add_argument("--batch-size", type=positive_int, default=8)
+    n.add_argument("--workers", type=nonnegative_int, default=None,
+                   help="DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)")
+    add_inference_options(n)
+
+    d = sub.add_parser("decode", help="latents (a file of encode, or any with 'latents') -> images",
+                       formatter_class=fmt)
+    add_model_source(d)
+    d.add_argument("--latents", required=True, help="a .safetensors file with a 'latents' tensor (N, C, h, w)")
+    d.add_argument("--out", required=True, help="a folder for the images (PNG)")
+    d.add_argument("--batch-size", type=positive_int, default=1)
+    add_inference_options(d)
+
+    c = sub.add_parser("convert", help="a weights file to diffusers or LDM format", formatter_class=fmt)
+    add_model_source(c)
+    add_export_options(c, required=True)
 
     t = sub.add_parser("train", help="train an autoencoder (one process, or one per GPU under torchrun)",
                        formatter_class=fmt)
-    e = sub.add_parser("eval", help="evaluate a checkpoint on held-out images", formatter_class=fmt)
+    e = sub.add_parser("eval", help="evaluate a checkpoint or weights on held-out images", formatter_class=fmt)
+    add_model_source(e)
     for q, training in ((t, True), (e, False)):  # what both need; eval's defaults come from the checkpoint
-        g = q.add_argument_group("data")
-        g.add_argument("--data", required=training, default=None,
-                       help="a folder of images, an .npz file (uint8 N x H x W x C 'images'), "
-                            "or cifar10, mnist, celeba")
-        g.add_argument("--val-data", default=None, help="held-out images (otherwise --val-size images of --data)")
-        g.add_argument("--val-size", type=positive_int, default=1000 if training else None,
-                       help="held-out images split off --data (stratified by label when it has labels)")
-        g.add_argument("--data-root", default="./data" if training else None,
-                       help="where torchvision datasets are kept")
-        g.add_argument("--resolution", type=positive_int, default=256 if training else None,
-                       help="images are resized and centre-cropped to this square")
-        g.add_argument("--workers", type=nonnegative_int, default=None,
-                       help="DataLoader workers (default: 4 for image files, 0 for arrays in memory)")
-        g.add_argument("--seed", type=seed, default=0 if training else None,
-                       help="the split, the data order, the initialisation")
-        g = q.add_argument_group("run")
-        g.add_argument("--device", default="auto", choices=devices)
-        g.add_argument("--precision", default=None, choices=["bf16", "fp32"],
-                       help="autocast dtype (default: bf16 on CUDA, else fp32)")
-        g.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
-        g.add_argument("--export", default=None, metavar="FILE",
-                       help="also write the weights as a diffusers safetensors file, config.json beside it")
-        g.add_argument("--overwrite", action="store_true",
-                       help="replace existing files: an existing --export FILE" + (", another run's files in --out"
-                                                                                 if training else ""))
-    e.add_argument("--ckpt", required=True)
-    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+        add_data_options(q, training)
     e.add_argument("--out", default=None,
                    help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
     add_training_options(t)
     return settle(p.parse_args(argv))
 
 
+def add_model_source(q):
+    g = q.add_argument_group("model")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="a .safetensors, .ckpt or .pt file in diffusers' or LDM's names (a whole "
+                                          "Stable Diffusion checkpoint too), or a diffusers folder with config.json")
+    source.add_argument("--ckpt", help="a checkpoint written by train (its model's config is in it)")
+    g.add_argument("--ema", action="store_true", help="with --ckpt: its EMA weights")
+    add_architecture_options(g)
+
+
+def add_architecture_options(g):
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="the architecture (default: sd, or the config.json of a --weights folder)")
+    g.add_argument("--config", default=None, help="a diffusers AutoencoderKL config.json (or its folder)")
+
+
+def add_inference_options(q):
+    q.add_argument("--device", default="auto", choices=DEVICES)
+    q.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="bf16 is for GPUs; fp16 runs in fp32 where the config says force_upcast (it overflows)")
+    q.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
+                   help=f"encode and decode in tiles of the config's sample_size, as diffusers' enable_tiling "
+                        f"(auto: for images of more than {AUTO_TILE_PIXELS:,} pixels)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def add_export_options(q, required=False):
+    q.add_argument("--export", default=None, required=required, metavar="FILE",
+                   help="also write the weights as a .safetensors file" if not required else "the .safetensors file")
+    q.add_argument("--export-format", default="diffusers", choices=["diffusers", "ldm"],
+                   help="diffusers: config.json beside FILE; ldm: one file in CompVis/LDM names (ComfyUI, A1111)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def add_data_options(q, training):
+    g = q.add_argument_group("data")
+    g.add_argument("--data", required=training, default=None,
+                   help="a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, celeba")
+    g.add_argument("--val-data", default=None, help="held-out images (otherwise --val-size images of --data)")
+    g.add_argument("--val-size", type=positive_int, default=1000 if training else None,
+                   help="held-out images split off --data (stratified by label when it has labels)")
+    g.add_argument("--data-root", default="./data" if training else None, help="where torchvision datasets are kept")
+    g.add_argument("--resolution", type=positive_int, default=256 if training else None,
+                   help="images are resized and centre-cropped to this square")
+    g.add_argument("--workers", type=nonnegative_int, default=None,
+                   help="DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)")
+    g.add_argument("--seed", type=seed, default=0 if training else None,
+                   help="the split, the data order, the initialisation")
+    g = q.add_argument_group("run")
+    g.add_argument("--device", default="auto", choices=DEVICES)
+    g.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                   help="autocast dtype (default: bf16 on CUDA, else fp32)")
+    g.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
+    add_export_options(g)
+
+
 def add_training_options(t):
     g = t.add_argument_group("model")
-    g.add_argument("--preset", default="sd", choices=sorted(PRESETS))
+    g.add_argument("--weights", default=None, help="start from these weights (fine-tuning; any file reconstruct reads)")
+    add_architecture_options(g)
     g.add_argument("--block-out-channels", type=positive_int, nargs="+", default=None, help="overrides the preset")
     g.add_argument("--layers-per-block", type=positive_int, default=None, help="overrides the preset")
     g.add_argument("--latent-channels", type=positive_int, default=None, help="overrides the preset")
@@ -1609,12 +1878,26 @@ def add_training_options(t):
 def settle(args):
     """The one place where defaults that depend on other options are settled and options are checked together
     (eval's remaining defaults come from its checkpoint, in eval_command)."""
-    if args.command in ("train", "eval") and args.workers is None and args.data is not None:
-        args.workers = 4 if os.path.isdir(args.data) or args.data == "celeba" else 0
+    if args.command in ("train", "eval", "encode") and args.workers is None and args.data is not None:
+        args.workers = default_workers(args.data)
+    if args.config and args.preset:
+        raise UserError("--config and --preset both describe the model: pass one of them")
+    source = [] if args.command == "train" else [args.weights or args.ckpt]
+    if args.command != "train":
+        if args.ckpt and (args.config or args.preset):
+            raise UserError("--ckpt holds its model's config: leave out --preset and --config")
+        if args.ema and not args.ckpt:
+            raise UserError("--ema needs --ckpt: a weights file holds one set of weights")
     if args.command == "reconstruct":
-        check_output(args.out, "--out", [args.image, args.weights], args.overwrite, OUTPUT_EXTENSIONS)
+        check_output(args.out, "--out", [args.image, *source], args.overwrite, OUTPUT_EXTENSIONS)
+    if args.command == "encode":
+        check_output(args.out, "--out", [args.data, *source], args.overwrite, (".safetensors",), make_folder=True)
+    if args.command == "decode" and os.path.isfile(args.out):
+        raise UserError(f"--out {args.out} is a file: give a folder for the images")
+    if args.command == "eval" and args.weights and not args.out:
+        raise UserError("eval --weights: pass --out, the folder for metrics.jsonl and reconstructions.png")
     if getattr(args, "export", None):
-        inputs = [args.ckpt] if args.command == "eval" else [os.path.join(args.out, "ckpt.pt")]
+        inputs = source if args.command != "train" else [os.path.join(args.out, "ckpt.pt")]
         check_output(args.export, "--export", inputs, args.overwrite, (".safetensors",), make_folder=True)
     if args.command != "train":
         return args
@@ -1624,9 +1907,9 @@ def settle(args):
         args.steps = 10_000
     args.precision = args.precision or ("bf16" if get_device(args.device).type == "cuda" else "fp32")
     config = model_config(args)
-    if any(c % 32 for c in config["block_out_channels"]):
+    if any(c % config["norm_num_groups"] for c in config["block_out_channels"]):
         raise UserError(f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}: each must be a "
-                        f"multiple of 32, the number of GroupNorm groups")
+                        f"multiple of {config['norm_num_groups']}, the number of GroupNorm groups")
     check_resolution(args.resolution, config, args.disc_weight)
     return args
 
@@ -1648,13 +1931,70 @@ def check_output(path, flag, inputs, overwrite, extensions, make_folder=False):
         raise UserError(f"{flag} {path}: the folder {folder} does not exist")
 
 
+def default_workers(data):
+    """DataLoader workers: up to 4 (one per CPU core) to decode image files, none for arrays in memory."""
+    return min(4, os.cpu_count() or 1) if os.path.isdir(data) or data == "celeba" else 0
+
+
+def architecture(args):
+    """(AutoencoderKL keywords, what they came from): --config, else the config.json of a --weights folder,
+    else --preset (sd when none is given)."""
+    if args.config:
+        return complete(read_config(args.config)), f"--config {args.config}"
+    if args.weights and os.path.isfile(os.path.join(args.weights, "config.json")):
+        return complete(read_config(os.path.join(args.weights, "config.json"))), f"{args.weights}/config.json"
+    preset = args.preset or "sd"
+    return complete(PRESETS[preset]), f"preset {preset}"
+
+
+def complete(config):
+    """Every AutoencoderKL keyword, those not given at their defaults: what the model's .config holds."""
+    return {**{k: p.default for k, p in inspect.signature(AutoencoderKL).parameters.items()}, **config}
+
+
 def model_config(args):
-    """AutoencoderKL keywords from --preset, overridden by explicit sizes."""
-    config = dict(PRESETS[args.preset])
+    """train's AutoencoderKL keywords: the architecture, overridden by explicit sizes."""
+    config, _ = architecture(args)
     for key in ("block_out_channels", "layers_per_block", "latent_channels"):
         if getattr(args, key) is not None:
             config[key] = tuple(getattr(args, key)) if key == "block_out_channels" else getattr(args, key)
     return config
+
+
+def pretrained(args):
+    """(the autoencoder, on the CPU in float32, and the checkpoint or None): built from the config in --ckpt,
+    or from `architecture` and loaded with the --weights."""
+    if args.ckpt:
+        ckpt = load_checkpoint(args.ckpt)
+        if args.ema and not ckpt.get("ema"):
+            raise UserError(f"{args.ckpt} has no EMA weights (train with --ema DECAY)")
+        model = AutoencoderKL(**ckpt["config"]["model"])
+        model.load_state_dict(ckpt["ema"] if args.ema else ckpt["model"])
+        return model.eval(), ckpt
+    config, which = architecture(args)
+    return load_weights(AutoencoderKL(**config), read_weights(args.weights), args.weights, which).eval(), None
+
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO_TILE_PIXELS = 1024 * 1024  # --tile auto tiles images larger than this (see README for the memory it saves)
+
+
+def inference_setup(args, model):
+    """(device, dtype, whether to tile) for reconstruct/encode/decode, with the model moved there. float16 is
+    replaced by float32 where the config says force_upcast (float16 overflows in that model: SDXL's)."""
+    device = get_device(args.device)
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float16 and model.config["force_upcast"]:
+        print("--dtype fp16: this model's config says force_upcast (float16 overflows in it); running in fp32",
+              file=sys.stderr)
+        dtype = torch.float32
+    model.to(device=device, dtype=dtype)
+    return device, dtype
+
+
+def use_tiles(args, pixels):
+    return args.tile == "on" or (args.tile == "auto" and pixels > AUTO_TILE_PIXELS)
 
 
 def check_resolution(resolution, config, disc_weight):
@@ -1672,63 +2012,142 @@ def check_resolution(resolution, config, disc_weight):
 
 @torch.no_grad()
 def reconstruct(args):
-    device = get_device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = build(args.preset)
+    model, _ = pretrained(args)
     f = model.downsampling_factor
     x = read_image(args.image, model.config["in_channels"])
     h, w = x.shape[2:]
     if h < f or w < f:
-        raise UserError(f"{args.image} is {h}x{w} (height x width), smaller than preset {args.preset}'s downsampling "
+        raise UserError(f"{args.image} is {h}x{w} (height x width), smaller than this model's downsampling "
                         f"factor {f}: it needs sides of at least {f}")
     if h % f or w % f:
         lo, hi = (f"{(h // f) * f}x{(w // f) * f}", f"{-(-h // f) * f}x{-(-w // f) * f}")
-        raise UserError(f"{args.image} is {h}x{w} (height x width); preset {args.preset} needs sides that are "
+        raise UserError(f"{args.image} is {h}x{w} (height x width); this model needs sides that are "
                         f"multiples of {f}, e.g. {lo} or {hi}: crop or pad it")
-    load_weights(model, load_safetensors(args.weights), args.weights, args.preset)
-    model = model.to(device=device, dtype=dtype).eval()
+    device, dtype = inference_setup(args, model)
+    tile = use_tiles(args, h * w)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    posterior = model.encode(x.to(device=device, dtype=dtype))
-    out = model.decode(posterior.mode())
+    posterior = encode(model, x.to(device=device, dtype=dtype), tile)
+    out = decode(model, posterior.mode(), tile)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     write_image(out[0], args.out)
     quality = psnr((to_uint8(out).float() / 255).cpu(), to_uint8(x).float() / 255).item()
     print(f"latent {list(posterior.mean.shape)} (B, C, H/{f}, W/{f}) | PSNR {quality:.2f} dB | {seconds:.3f} s on "
-          f"{device} ({args.dtype}) | wrote {args.out}")
+          f"{device} ({str(dtype).split('.')[1]}{', tiled' if tile else ''}) | wrote {args.out}")
     return quality
 
 
+@torch.no_grad()
+def encode_command(args):
+    """--data -> one safetensors file: `latents` = to_diffusion_latents(z) (z the posterior mean, or a sample with
+    --sample), what a diffusion model trains on, and the posterior's `mean` and `logvar` (unscaled), all float32
+    (N, C, h, w); `labels` when the data has them. The metadata holds the model's config (the scaling and shift
+    used), how the latents were made, and the images' names in order."""
+    model, _ = pretrained(args)
+    if model.config["in_channels"] != 3:
+        raise UserError(f"encode reads RGB images; this model takes {model.config['in_channels']} channels")
+    resolution = args.resolution or model.config["sample_size"]
+    check_resolution(resolution, model.config, 0)
+    images, labels = load_images(args.data, resolution, args.data_root)
+    c, h = model.config["latent_channels"], resolution // model.downsampling_factor
+    check_memory(len(images) * c * h * h * 4 * 3, f"encoding {len(images):,} images at {resolution}")
+    device, dtype = inference_setup(args, model)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers,
+                                         generator=torch.Generator())
+    progress, parts = Progress("encoding", len(images)), []
+    for batch in loader:
+        posterior = encode(model, to_model_input(batch, device).to(dtype), use_tiles(args, resolution ** 2))
+        z = posterior.sample(generator) if args.sample else posterior.mode()
+        parts.append([t.float().cpu() for t in (to_diffusion_latents(z.float(), model.config), posterior.mean,
+                                                posterior.logvar)])
+        progress.update(len(batch))
+    tensors = {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(("latents", "mean", "logvar"))}
+    if labels is not None:
+        tensors["labels"] = labels
+    names = [os.path.relpath(f, args.data) for f in images.files] if isinstance(images, ImageFiles) else None
+    made = f"to_diffusion_latents of the posterior {'sample (seed %d)' % args.seed if args.sample else 'mean'}"
+    save_safetensors(tensors, args.out, metadata={"config": json.dumps(diffusers_config(model.config)),
+                                                  "latents": made, "resolution": resolution,
+                                                  "names": json.dumps(names)})
+    print(f"encoded {len(images):,} images at {resolution}x{resolution} into {args.out}: latents "
+          f"{list(tensors['latents'].shape)} = {made}")
+
+
+@torch.no_grad()
+def decode_command(args):
+    """A file's `latents` (N, C, h, w), taken back with from_diffusion_latents (with the scaling and shift in the
+    file's metadata when it has them, else the model's) and decoded -> OUT/<name>.png for each."""
+    latents, config = read_latents(args.latents)
+    model, _ = pretrained(args)
+    if latents.shape[1] != model.config["latent_channels"]:
+        raise UserError(f"{args.latents}: latents have {latents.shape[1]} channels, this model "
+                        f"{model.config['latent_channels']}")
+    names = config.pop("names", None) or [f"{i:06d}.png" for i in range(len(latents))]
+    paths = [os.path.join(args.out, os.path.splitext(n)[0] + ".png") for n in names]
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} exists ({len(existing)} of the images): pass --overwrite, or another --out")
+    device, dtype = inference_setup(args, model)
+    z = from_diffusion_latents(latents, {**model.config, **config})
+    tile = use_tiles(args, z.shape[2] * z.shape[3] * model.downsampling_factor ** 2)
+    progress = Progress("decoding", len(z))
+    for i in range(0, len(z), args.batch_size):
+        x = decode(model, z[i:i + args.batch_size].to(device=device, dtype=dtype), tile).float()
+        for image, path in zip(x, paths[i:i + args.batch_size]):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_image(image, path)
+        progress.update(len(x))
+    print(f"decoded {len(z):,} latents into {args.out}")
+
+
+def read_latents(path):
+    """(latents float32, the latent convention and image names in its metadata) of a latents file."""
+    if not os.path.isfile(path):
+        raise UserError(f"--latents {path}: no such file")
+    tensors = load_safetensors(path)
+    if "latents" not in tensors or tensors["latents"].ndim != 4:
+        raise UserError(f"{path} has no 'latents' tensor of shape (N, C, h, w)")
+    meta = safetensors_metadata(path)
+    saved = json.loads(meta.get("config", "{}"))
+    keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+    return tensors["latents"].float(), {**{k: saved[k] for k in keys if k in saved},
+                                        "names": json.loads(meta.get("names", "null"))}
+
+
+def convert(args):
+    export(pretrained(args)[0], args.export, args.overwrite, args.export_format)
+
+
 def eval_command(args):
-    ckpt = load_checkpoint(args.ckpt)
-    saved = ckpt["config"]
+    model, ckpt = pretrained(args)
+    saved = ckpt["config"] if ckpt else {
+        "data": args.data, "val_size": 1000, "data_root": "./data", "resolution": 256, "seed": 0, "workers": None}
     for key in ("data", "val_data", "val_size", "data_root", "resolution", "seed", "workers"):
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key))
     if args.data is None:
-        raise UserError(f"{args.ckpt} does not say what data it was trained on: pass --data")
-    check_resolution(args.resolution, saved["model"], 0)
+        raise UserError(f"{args.ckpt or args.weights} does not say what data to evaluate on: pass --data")
+    if args.workers is None:
+        args.workers = default_workers(args.data)
+    check_resolution(args.resolution, model.config, 0)
     device = get_device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    model = AutoencoderKL(**saved["model"])
-    if args.ema and not ckpt.get("ema"):
-        raise UserError(f"{args.ckpt} has no EMA weights (train with --ema DECAY)")
-    model.load_state_dict(ckpt["ema"] if args.ema else ckpt["model"])
     model.to(device)
     inception = load_inception(device) if args.fid else None
     _, val = datasets(args)
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
-    if os.path.abspath(out) != os.path.dirname(os.path.abspath(args.ckpt)) and not args.overwrite:
+    if args.weights or os.path.abspath(out) != os.path.dirname(os.path.abspath(args.ckpt)):
         for name in ("metrics.jsonl", "reconstructions.png"):  # away from its own run's folder: another run's files
-            if os.path.exists(os.path.join(out, name)):
+            if os.path.exists(os.path.join(out, name)) and not args.overwrite:
                 raise UserError(f"{os.path.join(out, name)} exists: pass another --out, or --overwrite")
     check_writable(out)
-    record = evaluate_and_log(model, val, args, ckpt["step"], out, inception)
+    record = evaluate_and_log(model, val, args, ckpt["step"] if ckpt else 0, out, inception)
     if args.export:
-        export(model, args.export, args.resolution, args.overwrite)
+        export(model, args.export, args.overwrite, args.export_format)
     return record
 
 
@@ -1736,7 +2155,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, interrupt)
     try:
         args = parse_args(argv)
-        return {"reconstruct": reconstruct, "train": train, "eval": eval_command}[args.command](args)
+        commands = {"reconstruct": reconstruct, "encode": encode_command, "decode": decode_command, "convert": convert,
+                    "train": train, "eval": eval_command}
+        return commands[args.command](args)
     except UserError as e:
         message = str(e).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker, which wraps it in its traceback

@@ -476,15 +476,19 @@ def test_sd_preset_has_the_published_size():
     assert model.downsampling_factor == 8 and kl.build("sdxl").scaling_factor == 0.13025
 
 
-def test_optional_quant_convs_and_from_config():
+def test_optional_quant_convs_and_read_config(tmp_path):
     model = kl.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False)
     assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in model.state_dict())
     assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
     config = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
               "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "latent_channels": 4, "sample_size": 32}
-    assert kl.AutoencoderKL.from_config(config).encode(torch.zeros(1, 3, 16, 16)).mean.shape == (1, 4, 8, 8)
-    with pytest.raises(kl.UserError, match="act_fn"):
-        kl.AutoencoderKL.from_config({**config, "act_fn": "gelu"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert kl.AutoencoderKL(**kl.read_config(str(tmp_path))).encode(torch.zeros(1, 3, 16, 16)).mean.shape == (1, 4, 8, 8)
+    for bad, words in [({"act_fn": "tanh"}, "act_fn"), ({"attention_head_dim": 8}, "unknown AutoencoderKL fields attention_head_dim"),
+                       ({"down_block_types": ["DownBlock2D"] * 2}, "down_block_types"), ({"_class_name": "UNet2DModel"}, "UNet2DModel")]:
+        (tmp_path / "bad.json").write_text(json.dumps({**config, **bad}))
+        with pytest.raises(kl.UserError, match=words):
+            kl.read_config(str(tmp_path / "bad.json"))
 
 
 def test_legacy_attention_names_and_4d_weights_load():
@@ -510,7 +514,7 @@ def test_load_weights_names_what_does_not_fit():
     with pytest.raises(kl.UserError, match=r"1 unexpected, e.g. extra.weight"):
         kl.load_weights(kl.build("tiny"), {**state, "extra.weight": torch.zeros(1)})
     with pytest.raises(kl.UserError, match=r"keys .* missing"):  # weights of another preset
-        kl.load_weights(kl.build("small"), state, preset="small")
+        kl.load_weights(kl.build("small"), state, which="preset small")
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -1488,3 +1492,333 @@ def test_long_work_shows_progress_and_quick_work_does_not(monkeypatch, capsys):
     quick = vae.Progress("quick", 20)
     quick.update(10), quick.update(10)
     assert capsys.readouterr().out == ""
+
+
+# ============================================================================= kl_autoencoder.py: Stable Diffusion files
+
+SD_CONFIGS = {  # a diffusers config each (what a vae/config.json holds), small enough for the CPU
+    "sd-like": dict(block_out_channels=[32, 64, 64], layers_per_block=2, latent_channels=4, scaling_factor=0.18215),
+    "flux-like": dict(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16, use_quant_conv=False,
+                      use_post_quant_conv=False, mid_block_add_attention=False, scaling_factor=0.3611, shift_factor=0.1159),
+    "sdxl-like": dict(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, act_fn="gelu", norm_num_groups=16,
+                      scaling_factor=0.13025, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0],
+                      force_upcast=False),
+}
+
+
+def diffusers_reference(name, sample_size=32):
+    """diffusers' AutoencoderKL of one SD_CONFIGS entry in float64, its 1-d parameters drawn too, and its config.json."""
+    diffusers = pytest.importorskip("diffusers")
+    n = len(SD_CONFIGS[name]["block_out_channels"])
+    config = {"_class_name": "AutoencoderKL", "down_block_types": ["DownEncoderBlock2D"] * n,
+              "up_block_types": ["UpDecoderBlock2D"] * n, "sample_size": sample_size, **SD_CONFIGS[name]}
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL.from_config(config).double().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return ref, config
+
+
+def ldm_state_dict(state, levels):
+    """diffusers names -> CompVis/LDM names and shapes, written out here independently of kl_autoencoder.py
+    (and checked against diffusers' own converter in the test)."""
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+    out = {}
+    for name, tensor in state.items():
+        p = name.split(".")
+        if p[1] in ("down_blocks", "up_blocks"):
+            level = p[2] if p[1] == "down_blocks" else str(levels - 1 - int(p[2]))
+            kind = {"resnets": ["block", p[4]], "downsamplers": ["downsample"], "upsamplers": ["upsample"]}[p[3]]
+            p = [p[0], "down" if p[1] == "down_blocks" else "up", level, *kind, *p[5:]]
+        elif p[1] == "mid_block" and p[2] == "resnets":
+            p = [p[0], "mid", f"block_{int(p[3]) + 1}", *p[4:]]
+        elif p[1] == "mid_block":
+            p = [p[0], "mid", "attn_1", attention[p[4]], p[-1]]
+            if p[3] != "norm" and p[-1] == "weight":
+                tensor = tensor[:, :, None, None]
+        out[".".join({"conv_shortcut": "nin_shortcut", "conv_norm_out": "norm_out"}.get(x, x) for x in p)] = tensor
+    return out
+
+
+def assert_same_model(ours, ref, size=32, tolerance=1e-12):
+    """Our model and diffusers' give the same posterior and decoding in float64."""
+    ours = ours.double().eval()
+    x = torch.rand(2, ours.config["in_channels"], size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert relative_error(ours.encode(x).mean, ref.encode(x).latent_dist.mean) <= tolerance
+        assert relative_error(ours.encode(x).logvar, ref.encode(x).latent_dist.logvar) <= tolerance
+        assert relative_error(ours(x), ref(x).sample) <= tolerance
+
+
+@pytest.mark.parametrize("name", ["sd-like", "flux-like"])
+def test_ldm_files_load_with_and_without_prefix_from_safetensors_and_ckpt(tmp_path, name):
+    ref, config = diffusers_reference(name)
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    ldm = ldm_state_dict(ref.state_dict(), len(config["block_out_channels"]))
+    assert any(k == "encoder.mid.block_1.norm1.weight" for k in ldm) and any(k.startswith("decoder.up.0.upsample") for k in ldm) is False
+    # the test's map is diffusers' map: diffusers' converter takes it back exactly
+    back = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ldm.items()}, config)
+    assert back.keys() == ref.state_dict().keys() and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+    whole_sd = {"model.diffusion_model.out.0.weight": torch.zeros(3), "cond_stage_model.x": torch.zeros(2)}
+    variants = {"plain": ldm, "first_stage_model.": {**whole_sd, **{"first_stage_model." + k: v for k, v in ldm.items()}},
+                "vae.": {"vae." + k: v for k, v in ldm.items()}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for variant, state in variants.items():
+        for ext in (".safetensors", ".ckpt"):
+            path = str(tmp_path / f"vae{ext}")
+            if ext == ".safetensors":
+                kl.save_safetensors(state, path)
+            else:  # a whole training checkpoint, as SD's .ckpt files are
+                torch.save({"state_dict": state, "global_step": 470000}, path)
+            ours = kl.AutoencoderKL(**kl.read_config(str(tmp_path / "config.json"))).double()
+            kl.load_weights(ours, kl.read_weights(path), path)
+            assert_same_model(ours, ref)
+
+
+def test_ldm_names_cover_every_weight_and_name_it_as_diffusers_converter_expects():
+    for preset in ("sd", "sd3"):
+        model = kl.build(preset)
+        table = kl.ldm_names(model.config)
+        ldm = ldm_state_dict(model.state_dict(), 4)
+        assert set(table) == set(model.state_dict()) and sorted(table.values()) == sorted(ldm)
+        exported = kl.to_ldm(model.state_dict(), model.config)
+        assert all(exported[k].shape == v.shape for k, v in ldm.items())  # attention as [C, C, 1, 1]
+    assert exported["decoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+
+
+class RunsCode:
+    """An object whose unpickling would call open(marker, "w"), as a malicious .ckpt would call anything."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_ckpt_that_needs_code_is_refused_and_never_run(tmp_path, capsys):
+    marker = str(tmp_path / "ran")
+    torch.save({"state_dict": kl.build("tiny").state_dict(), "callbacks": RunsCode(marker)}, str(tmp_path / "evil.ckpt"))
+    write_test_image(tmp_path / "in.png", 16, 16)
+    with pytest.raises(SystemExit):
+        kl.main(["reconstruct", "--weights", str(tmp_path / "evil.ckpt"), "--preset", "tiny", "--image", str(tmp_path / "in.png"),
+                 "--out", str(tmp_path / "out.png"), "--device", "cpu"])
+    kl_error(capsys, "evil.ckpt", "refused", ".safetensors")
+    assert not os.path.exists(marker)
+
+
+def test_ldm_export_loads_in_diffusers_from_single_file_and_back_here(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    ref, config = diffusers_reference("flux-like")
+    ours = kl.AutoencoderKL(**kl.read_config(write_json(tmp_path / "cfg" / "config.json", config)))
+    kl.load_weights(ours, ref.state_dict())  # float32 weights, as files have them
+    kl.export(ours, str(tmp_path / "vae_ldm.safetensors"), fmt="ldm")
+    assert "decoder.up.0.block.0.conv1.weight" in kl.load_safetensors(str(tmp_path / "vae_ldm.safetensors"))
+    theirs = diffusers.AutoencoderKL.from_single_file(str(tmp_path / "vae_ldm.safetensors"), config=str(tmp_path / "cfg"),
+                                                      local_files_only=True)
+    assert all(torch.equal(theirs.state_dict()[k], v) for k, v in ours.state_dict().items())
+    assert_same_model(copy.deepcopy(ours), theirs.double().eval())
+    again = kl.AutoencoderKL(**kl.read_config(str(tmp_path / "cfg")))
+    kl.load_weights(again, kl.read_weights(str(tmp_path / "vae_ldm.safetensors")))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", list(SD_CONFIGS))
+def test_any_diffusers_config_builds_the_same_model_and_survives_export(tmp_path, name):
+    diffusers = pytest.importorskip("diffusers")
+    ref, config = diffusers_reference(name)
+    ours = kl.AutoencoderKL(**kl.read_config(write_json(tmp_path / "in" / "config.json", {**config, "_diffusers_version": "0.42.1"})))
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    kl.load_weights(ours.double(), ref.state_dict())
+    assert_same_model(ours, ref)
+    kl.export(ours.float(), str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
+    reloaded = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "out"))
+    for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "mid_block_add_attention",
+                "act_fn", "norm_num_groups", "use_quant_conv", "use_post_quant_conv", "sample_size"):
+        assert reloaded.config[key] == ref.config[key], key
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+def test_presets_carry_the_published_latent_conventions():
+    assert {p: (kl.build(p).config["scaling_factor"], kl.build(p).config["shift_factor"]) for p in ("sd", "sdxl", "sd3", "flux")} == {
+        "sd": (0.18215, None), "sdxl": (0.13025, None), "sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+    for p in ("sd3", "flux"):
+        model = kl.build(p)
+        assert model.quant_conv is None and model.post_quant_conv is None and model.config["latent_channels"] == 16
+    assert kl.build("sdxl").config["force_upcast"] and kl.build("sdxl").config["sample_size"] == 1024
+
+
+@pytest.mark.parametrize("name", list(SD_CONFIGS))
+def test_diffusion_latents_follow_diffusers_pipelines(name):
+    config = kl.complete(SD_CONFIGS[name])
+    z = torch.randn(3, config["latent_channels"], 4, 5, dtype=torch.float64)
+    model_z = kl.to_diffusion_latents(z, config)
+    # what diffusers' pipelines do: SD3/Flux (z - shift) * scale; SDXL with latents_mean/std (z - mean) * scale / std
+    if config["latents_mean"] is not None:
+        mean, std = (torch.tensor(config[k], dtype=torch.float64).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
+        expected = (z - mean) * config["scaling_factor"] / std
+    else:
+        expected = (z - (config["shift_factor"] or 0)) * config["scaling_factor"]
+    assert torch.allclose(model_z, expected, rtol=1e-14, atol=0)
+    assert torch.allclose(kl.from_diffusion_latents(model_z, config), z, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("h, w", [(80, 56), (96, 96), (40, 40), (32, 24)])
+def test_tiled_encode_and_decode_equal_diffusers_tiling(h, w):
+    ref, _ = diffusers_reference("sd-like", sample_size=32)
+    ours = kl.AutoencoderKL(**kl.complete({**SD_CONFIGS["sd-like"], "sample_size": 32})).double().eval()
+    kl.load_weights(ours, ref.state_dict())
+    ref.enable_tiling()
+    ref.enable_slicing()  # one image at a time, which must change nothing
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, h, w, dtype=torch.float64, generator=g) * 2 - 1
+    z = torch.randn(2, 4, h // 4, w // 4, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        posterior, theirs = kl.encode(ours, x, tile=True), ref.encode(x).latent_dist
+        decoded = kl.decode(ours, z, tile=True)
+        assert relative_error(posterior.mean, theirs.mean) <= 1e-12 and relative_error(posterior.logvar, theirs.logvar) <= 1e-12
+        assert relative_error(decoded, ref.decode(z).sample) <= 1e-12
+        # and the tiles are real: whole-image encoding and decoding differ from them, except for images that fit one tile
+        if max(h, w) > 32:
+            assert relative_error(kl.encode(ours, x).mean, posterior.mean) > 1e-3
+            assert relative_error(kl.decode(ours, z), decoded) > 1e-3
+        else:
+            assert torch.equal(kl.encode(ours, x).mean, posterior.mean) and torch.equal(kl.decode(ours, z), decoded)
+
+
+@pytest.mark.parametrize("tile, limit, tiled", [("on", None, True), ("off", 1, False), ("auto", 1000, True), ("auto", 5000, False)])
+def test_reconstruct_tiles_when_asked_or_above_the_auto_size(tiny_weights, tmp_path, capsys, monkeypatch, tile, limit, tiled):
+    if limit is not None:
+        monkeypatch.setattr(kl, "AUTO_TILE_PIXELS", limit)
+    write_test_image(tmp_path / "in.png", 48, 40)  # 1,920 pixels, tiles of 16 x 16
+    config = write_json(tmp_path / "cfg" / "config.json", {**kl.PRESETS["tiny"], "sample_size": 16})
+    kl.main(["reconstruct", "--weights", tiny_weights, "--config", config, "--image", str(tmp_path / "in.png"),
+             "--out", str(tmp_path / "out.png"), "--device", "cpu", "--tile", tile])
+    assert (", tiled" in capsys.readouterr().out) == tiled
+    model = kl.AutoencoderKL(**kl.read_config(config)).eval()
+    kl.load_weights(model, kl.load_safetensors(tiny_weights))
+    with torch.no_grad():
+        x = kl.read_image(str(tmp_path / "in.png"))
+        expected = kl.to_uint8(kl.decode(model, kl.encode(model, x, tiled).mode(), tiled)[0])
+    assert (torchvision.io.read_image(str(tmp_path / "out.png")).int() - expected.int()).abs().max() <= 1
+
+
+def test_encode_and_decode_commands_round_trip(tiny_weights, tmp_path, capsys):
+    folder = tmp_path / "images" / "sub"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        torchvision.io.write_png(torch.from_numpy(smooth_images(1, 32, seed=i)[0]).permute(2, 0, 1).contiguous(), str(folder / f"{i}.png"))
+    common = ["--weights", tiny_weights, "--preset", "tiny", "--device", "cpu"]
+    kl.main(["encode", *common, "--data", str(tmp_path / "images"), "--resolution", "32", "--batch-size", "2", "--out", str(tmp_path / "lat.safetensors")])
+    saved = kl.load_safetensors(str(tmp_path / "lat.safetensors"))
+    meta = kl.safetensors_metadata(str(tmp_path / "lat.safetensors"))
+    assert json.loads(meta["names"]) == [os.path.join("sub", f"{i}.png") for i in range(3)]
+    model = kl.build("tiny").eval()
+    kl.load_weights(model, kl.load_safetensors(tiny_weights))
+    x = torch.stack([kl.read_image(str(folder / f"{i}.png"))[0] for i in range(3)])
+    with torch.no_grad():
+        posterior = model.encode(x)
+    assert torch.allclose(saved["mean"], posterior.mean, atol=1e-5) and torch.allclose(saved["logvar"], posterior.logvar, atol=1e-5)
+    assert torch.allclose(saved["latents"], posterior.mean * 0.18215, atol=1e-5)  # tiny keeps SD's scaling factor
+    kl.main(["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "decoded")])
+    for i in range(3):
+        kl.main(["reconstruct", *common, "--image", str(folder / f"{i}.png"), "--out", str(tmp_path / f"rec{i}.png")])
+        decoded = torchvision.io.read_image(str(tmp_path / "decoded" / "sub" / f"{i}.png")).int()
+        assert (decoded - torchvision.io.read_image(str(tmp_path / f"rec{i}.png")).int()).abs().max() <= 1
+    # --sample: another z, the same posterior
+    kl.main(["encode", *common, "--data", str(tmp_path / "images"), "--resolution", "32", "--sample", "--out", str(tmp_path / "s.safetensors")])
+    sampled = kl.load_safetensors(str(tmp_path / "s.safetensors"))
+    assert torch.allclose(sampled["mean"], saved["mean"], atol=1e-6)
+    eps = torch.randn(saved["mean"].shape, generator=torch.Generator().manual_seed(0))  # --seed 0, one batch of 3
+    z = saved["mean"] + torch.exp(0.5 * saved["logvar"]) * eps
+    assert torch.allclose(sampled["latents"], z * 0.18215, atol=1e-5) and not torch.allclose(z, saved["mean"], atol=0.1)
+
+
+def test_fp16_is_upcast_where_the_config_says_so(tiny_weights, tmp_path, capsys):
+    write_test_image(tmp_path / "in.png", 16, 16)
+    args = ["reconstruct", "--weights", tiny_weights, "--image", str(tmp_path / "in.png"), "--device", "cpu"]
+    upcast = write_json(tmp_path / "up" / "config.json", {**kl.PRESETS["tiny"], "force_upcast": True})
+    assert kl.main([*args, "--config", upcast, "--dtype", "fp16", "--out", str(tmp_path / "a.png")]) == \
+        kl.main([*args, "--config", upcast, "--dtype", "fp32", "--out", str(tmp_path / "b.png")])
+    assert "force_upcast" in capsys.readouterr().err
+    plain = write_json(tmp_path / "plain" / "config.json", {**kl.PRESETS["tiny"], "force_upcast": False})
+    kl.main([*args, "--config", plain, "--dtype", "fp16", "--out", str(tmp_path / "c.png")])
+    assert "float16" in capsys.readouterr().out
+
+
+def test_train_from_ldm_weights_and_eval_weights_files(kl_data, tmp_path, capsys):
+    torch.manual_seed(3)
+    start = kl.build("tiny").state_dict()
+    ldm = str(tmp_path / "start.ckpt")
+    torch.save({"state_dict": {"first_stage_model." + k: v for k, v in ldm_state_dict(start, 2).items()}}, ldm)
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--lr", "1e-12", "--disc-weight", "0", "--weights", ldm,
+             "--out", str(tmp_path / "run")])
+    trained = torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)["model"]
+    assert all(torch.allclose(trained[k], v, atol=1e-8) for k, v in start.items())
+    record = kl.main(["eval", "--weights", ldm, "--preset", "tiny", "--data", kl_data, "--val-size", "16", "--resolution", "32",
+                      "--device", "cpu", "--out", str(tmp_path / "ev")])
+    assert record["images"] == 16 and os.path.exists(tmp_path / "ev" / "metrics.jsonl")
+    kl.main(["eval", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--export", str(tmp_path / "ev" / "ldm.safetensors"),
+             "--export-format", "ldm"])
+    assert "decoder.up.0.block.0.conv1.weight" in kl.load_safetensors(str(tmp_path / "ev" / "ldm.safetensors"))
+    # convert: the LDM .ckpt to diffusers' format, which holds the same weights
+    kl.main(["convert", "--weights", ldm, "--preset", "tiny", "--export", str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")])
+    converted = kl.load_safetensors(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert converted.keys() == start.keys() and all(torch.equal(converted[k], v) for k, v in start.items())
+    assert kl.read_config(str(tmp_path / "vae"))["block_out_channels"] == (32, 64)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--preset", "tiny", "--config", "c.json"], ["--config and --preset"]),
+    (["--ckpt", "x.pt", "--preset", "tiny"], ["--ckpt holds its model's config"]),
+    (["--preset", "tiny", "--ema"], ["--ema needs --ckpt"]),
+    (["--config", "missing.json"], ["--config missing.json", "cannot read"]),
+    (["--preset", "sd3"], ["does not fit", "preset sd3", "--preset or --config"]),
+    (["--weights-folder"], ["without diffusion_pytorch_model.safetensors"]),
+])
+def test_model_choice_mistakes_are_one_line_errors(tiny_weights, tmp_path, capsys, argv, words):
+    write_test_image(tmp_path / "in.png", 16, 16)
+    weights = ["--weights", str(tmp_path)] if argv == ["--weights-folder"] else ["--weights", tiny_weights] * ("--ckpt" not in argv)
+    argv = [] if argv == ["--weights-folder"] else argv
+    with pytest.raises(SystemExit) as e:
+        kl.main(["reconstruct", *weights, *argv, "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
+    assert e.value.code == 2
+    kl_error(capsys, *words)
+
+
+def test_encode_decode_convert_mistakes_are_one_line_errors(tiny_weights, tmp_path, capsys):
+    common = ["--weights", tiny_weights, "--preset", "tiny", "--device", "cpu"]
+    (tmp_path / "imgs").mkdir()
+    write_test_image(tmp_path / "imgs" / "a.png", 32, 32)
+    kl.save_safetensors({"other": torch.zeros(1)}, str(tmp_path / "nolat.safetensors"))
+    kl.save_safetensors({"latents": torch.zeros(1, 16, 4, 4)}, str(tmp_path / "lat16.safetensors"))
+    kl.save_safetensors({"latents": torch.zeros(1, 4, 4, 4)}, str(tmp_path / "lat.safetensors"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "000000.png").write_bytes(b"mine")
+    cases = [
+        (["encode", *common, "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "lat.npz")], ["can write .safetensors"]),
+        (["encode", *common, "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "lat.safetensors")], ["exists", "--overwrite"]),
+        (["encode", *common, "--data", str(tmp_path / "imgs"), "--resolution", "31", "--out", str(tmp_path / "n.safetensors")], ["multiple of 2"]),
+        (["decode", *common, "--latents", str(tmp_path / "nolat.safetensors"), "--out", str(tmp_path / "d")], ["no 'latents' tensor"]),
+        (["decode", *common, "--latents", str(tmp_path / "lat16.safetensors"), "--out", str(tmp_path / "d")], ["16 channels", "4"]),
+        (["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "out")], ["000000.png exists"]),
+        (["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", tiny_weights], ["is a file"]),
+        (["decode", *common, "--latents", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "d")], ["no such file"]),
+        (["convert", *common[:-2], "--export", tiny_weights], ["also an input"]),
+        (["eval", *common, "--data", "x.npz"], ["pass --out"]),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            kl.main(argv)
+        assert e.value.code == 2, argv
+        kl_error(capsys, *words)
+    assert (tmp_path / "out" / "000000.png").read_bytes() == b"mine"
