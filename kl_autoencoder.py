@@ -36,7 +36,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1542 lines)
+    Part II, running it (1547 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main
@@ -1060,11 +1060,11 @@ def read_weights(path):
         return load_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__)
-        raise UserError(f"{path} holds Python objects besides tensors ({reason}); loading it could run code, so it "
-                        f"is refused: use a .safetensors version of these weights")
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (pickle.UnpicklingError, KeyError, RuntimeError, EOFError, OSError, ValueError) as e:
+        needs = re.search(r"GLOBAL (\S+)", str(e))
+        if needs:
+            raise UserError(f"{path} holds Python objects besides tensors ({needs[1]}); unpickling them could run "
+                            f"code, so the file is refused: use a .safetensors version of these weights")
         raise UserError(f"{path} is not a safetensors file or a PyTorch checkpoint ({type(e).__name__})")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -2086,7 +2086,10 @@ def decode_command(args):
     if latents.shape[1] != model.config["latent_channels"]:
         raise UserError(f"{args.latents}: latents have {latents.shape[1]} channels, this model "
                         f"{model.config['latent_channels']}")
-    names = config.pop("names", None) or [f"{i:06d}.png" for i in range(len(latents))]
+    names = config.pop("names", None)
+    if not (isinstance(names, list) and len(names) == len(latents) and all(  # names that stay inside --out
+            isinstance(n, str) and not os.path.isabs(n) and not os.path.normpath(n).startswith("..") for n in names)):
+        names = [f"{i:06d}.png" for i in range(len(latents))]
     paths = [os.path.join(args.out, os.path.splitext(n)[0] + ".png") for n in names]
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not args.overwrite:
@@ -2112,10 +2115,12 @@ def read_latents(path):
     if "latents" not in tensors or tensors["latents"].ndim != 4:
         raise UserError(f"{path} has no 'latents' tensor of shape (N, C, h, w)")
     meta = safetensors_metadata(path)
-    saved = json.loads(meta.get("config", "{}"))
+    try:
+        saved, names = json.loads(meta.get("config", "{}")), json.loads(meta.get("names", "null"))
+    except ValueError:
+        raise UserError(f"{path}: its metadata 'config' or 'names' is not JSON")
     keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
-    return tensors["latents"].float(), {**{k: saved[k] for k in keys if k in saved},
-                                        "names": json.loads(meta.get("names", "null"))}
+    return tensors["latents"].float(), {**{k: saved[k] for k in keys if k in saved}, "names": names}
 
 
 def convert(args):

@@ -1605,8 +1605,13 @@ def test_a_ckpt_that_needs_code_is_refused_and_never_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         kl.main(["reconstruct", "--weights", str(tmp_path / "evil.ckpt"), "--preset", "tiny", "--image", str(tmp_path / "in.png"),
                  "--out", str(tmp_path / "out.png"), "--device", "cpu"])
-    kl_error(capsys, "evil.ckpt", "refused", ".safetensors")
+    kl_error(capsys, "evil.ckpt", "open", "refused", ".safetensors")
     assert not os.path.exists(marker)
+    (tmp_path / "text.ckpt").write_text("hello")  # not a pickle at all: another message
+    with pytest.raises(SystemExit):
+        kl.main(["reconstruct", "--weights", str(tmp_path / "text.ckpt"), "--preset", "tiny", "--image", str(tmp_path / "in.png"),
+                 "--out", str(tmp_path / "out.png"), "--device", "cpu"])
+    kl_error(capsys, "text.ckpt is not a safetensors file or a PyTorch checkpoint")
 
 
 def test_ldm_export_loads_in_diffusers_from_single_file_and_back_here(tmp_path):
@@ -1822,3 +1827,10 @@ def test_encode_decode_convert_mistakes_are_one_line_errors(tiny_weights, tmp_pa
         assert e.value.code == 2, argv
         kl_error(capsys, *words)
     assert (tmp_path / "out" / "000000.png").read_bytes() == b"mine"
+
+
+def test_decode_writes_only_inside_its_out_folder(tiny_weights, tmp_path):
+    path = str(tmp_path / "lat.safetensors")
+    kl.save_safetensors({"latents": torch.zeros(1, 4, 4, 4)}, path, metadata={"names": json.dumps(["../escaped.png"])})
+    kl.main(["decode", "--weights", tiny_weights, "--preset", "tiny", "--device", "cpu", "--latents", path, "--out", str(tmp_path / "out")])
+    assert os.listdir(tmp_path / "out") == ["000000.png"] and not (tmp_path / "escaped.png").exists()
