@@ -1790,7 +1790,7 @@ def add_model_source(q):
 
 def add_architecture_options(g):
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="the architecture (default: sd, or the config.json of a --weights folder)")
+                   help="the architecture; without it (and --config): a --weights folder's config.json, else sd")
     g.add_argument("--config", default=None, help="a diffusers AutoencoderKL config.json (or its folder)")
 
 
@@ -1800,7 +1800,7 @@ def add_inference_options(q):
                    help="bf16 is for GPUs; fp16 runs in fp32 where the config says force_upcast (it overflows)")
     q.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
                    help=f"encode and decode in tiles of the config's sample_size, as diffusers' enable_tiling "
-                        f"(auto: for images of more than {AUTO_TILE_PIXELS:,} pixels)")
+                        f"(auto: for images of more than {AUTO_TILE_PIXELS:,} pixels, 1024 x 1024)")
     q.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
