@@ -36,7 +36,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1547 lines)
+    Part II, running it (1548 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main
@@ -2025,6 +2025,7 @@ def reconstruct(args):
                         f"multiples of {f}, e.g. {lo} or {hi}: crop or pad it")
     device, dtype = inference_setup(args, model)
     tile = use_tiles(args, h * w)
+    tiled = tile and max(h, w) > model.config["sample_size"]  # encode() tiles only images larger than one tile
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -2036,7 +2037,7 @@ def reconstruct(args):
     write_image(out[0], args.out)
     quality = psnr((to_uint8(out).float() / 255).cpu(), to_uint8(x).float() / 255).item()
     print(f"latent {list(posterior.mean.shape)} (B, C, H/{f}, W/{f}) | PSNR {quality:.2f} dB | {seconds:.3f} s on "
-          f"{device} ({str(dtype).split('.')[1]}{', tiled' if tile else ''}) | wrote {args.out}")
+          f"{device} ({str(dtype).split('.')[1]}{', tiled' if tiled else ''}) | wrote {args.out}")
     return quality
 
 

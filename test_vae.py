@@ -1700,12 +1700,13 @@ def test_tiled_encode_and_decode_equal_diffusers_tiling(h, w):
             assert torch.equal(kl.encode(ours, x).mean, posterior.mean) and torch.equal(kl.decode(ours, z), decoded)
 
 
-@pytest.mark.parametrize("tile, limit, tiled", [("on", None, True), ("off", 1, False), ("auto", 1000, True), ("auto", 5000, False)])
-def test_reconstruct_tiles_when_asked_or_above_the_auto_size(tiny_weights, tmp_path, capsys, monkeypatch, tile, limit, tiled):
+@pytest.mark.parametrize("tile, limit, size, tiled", [("on", None, 16, True), ("off", 1, 16, False), ("auto", 1000, 16, True),
+                                                     ("auto", 5000, 16, False), ("on", None, 48, False)])  # 48: one tile
+def test_reconstruct_tiles_when_asked_or_above_the_auto_size(tiny_weights, tmp_path, capsys, monkeypatch, tile, limit, size, tiled):
     if limit is not None:
         monkeypatch.setattr(kl, "AUTO_TILE_PIXELS", limit)
-    write_test_image(tmp_path / "in.png", 48, 40)  # 1,920 pixels, tiles of 16 x 16
-    config = write_json(tmp_path / "cfg" / "config.json", {**kl.PRESETS["tiny"], "sample_size": 16})
+    write_test_image(tmp_path / "in.png", 48, 40)  # 1,920 pixels, tiles of size x size
+    config = write_json(tmp_path / "cfg" / "config.json", {**kl.PRESETS["tiny"], "sample_size": size})
     kl.main(["reconstruct", "--weights", tiny_weights, "--config", config, "--image", str(tmp_path / "in.png"),
              "--out", str(tmp_path / "out.png"), "--device", "cpu", "--tile", tile])
     assert (", tiled" in capsys.readouterr().out) == tiled
