@@ -1835,3 +1835,13 @@ def test_decode_writes_only_inside_its_out_folder(tiny_weights, tmp_path):
     kl.save_safetensors({"latents": torch.zeros(1, 4, 4, 4)}, path, metadata={"names": json.dumps(["../escaped.png"])})
     kl.main(["decode", "--weights", tiny_weights, "--preset", "tiny", "--device", "cpu", "--latents", path, "--out", str(tmp_path / "out")])
     assert os.listdir(tmp_path / "out") == ["000000.png"] and not (tmp_path / "escaped.png").exists()
+
+
+def test_a_diffusers_folder_brings_its_own_config(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = kl.AutoencoderKL(**kl.complete({**SD_CONFIGS["flux-like"], "block_out_channels": (32, 64)}))
+    kl.export(model, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    write_test_image(tmp_path / "in.png", 16, 16)
+    kl.main(["reconstruct", "--weights", str(tmp_path / "vae"), "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "o.png"),
+             "--device", "cpu"])
+    assert "latent [1, 16, 8, 8]" in capsys.readouterr().out  # 16 channels, f = 2: the folder's config, not the sd preset
