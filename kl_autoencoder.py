@@ -31,12 +31,12 @@ before --disc-start. With terms averaged over elements instead of summed, the sa
 kl_weight * N_latent / N_pixels (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels).
 
 The file:
-    Part I, the autoencoder and its objective (555 lines): read this part to learn the model
+    Part I, the autoencoder and its objective (554 lines): read this part to learn the model
         model           the modules in the order an image meets them, AutoencoderKL, the posterior
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1548 lines)
+    Part II, running it (1555 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main
@@ -296,7 +296,6 @@ class AutoencoderKL(nn.Module):
                            scaling_factor=scaling_factor, shift_factor=shift_factor,
                            latents_mean=None if latents_mean is None else tuple(latents_mean),
                            latents_std=None if latents_std is None else tuple(latents_std), force_upcast=force_upcast)
-        self.scaling_factor = scaling_factor
         shape = (block_out_channels, layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
         self.encoder = Encoder(in_channels, latent_channels, *shape)
         self.decoder = Decoder(latent_channels, out_channels, *shape)
@@ -660,14 +659,25 @@ def read_image(path, channels=3):
 OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
+def write_atomically(path, write):
+    """write(path + ".tmp"), then rename it to path: a reader never sees half a file, and a failed or
+    interrupted write leaves nothing behind. Every file this program writes goes through here."""
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
+
+
 def write_image(x, path):
     """(C, H, W) in [-1, 1] -> PNG, or JPEG (quality 95) when the name ends in .jpg or .jpeg; atomically."""
     image = to_uint8(x).cpu()
     if path.lower().endswith((".jpg", ".jpeg")):
-        torchvision.io.write_jpeg(image, path + ".tmp", quality=95)
+        write_atomically(path, lambda tmp: torchvision.io.write_jpeg(image, tmp, quality=95))
     else:
-        torchvision.io.write_png(image, path + ".tmp")
-    os.replace(path + ".tmp", path)
+        write_atomically(path, lambda tmp: torchvision.io.write_png(image, tmp))
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -917,7 +927,7 @@ def inception_features(net, x):
     return net((x - mean) / std).double()
 
 # -----------------------------------------------------------------------------
-# weights I/O: a safetensors reader and writer, the names older files use, diffusers-format export
+# weights I/O: a safetensors reader and writer, .ckpt files, LDM and older names, configs, export
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -1021,16 +1031,13 @@ def save_safetensors(tensors, path, metadata=None):
         offset += len(data)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    try:
-        with open(path + ".tmp", "wb") as f:
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for data in chunks:
                 f.write(data)
-        os.replace(path + ".tmp", path)
-    except BaseException:  # a failed write leaves nothing behind
-        if os.path.isfile(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
+    write_atomically(path, write)
 
 
 def safetensors_metadata(path):
@@ -1226,9 +1233,11 @@ def export(autoencoder, path, overwrite=False, fmt="diffusers"):
                 raise UserError(f"{config_path} exists and describes another model: export into another folder, "
                                 f"or pass --overwrite")
     save_safetensors(autoencoder.state_dict(), path, metadata={"format": "pt"})
-    with open(config_path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(config_path + ".tmp", config_path)
+
+    def write_config(tmp):
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+    write_atomically(config_path, write_config)
     print(f"exported {path} and {config_path}")
 
 # -----------------------------------------------------------------------------
@@ -1360,14 +1369,7 @@ def weights_digest(*modules):
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file, nor a stray one."""
-    try:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except BaseException:
-        if os.path.isfile(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
@@ -1812,19 +1814,23 @@ def add_export_options(q, required=False):
     q.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
+TRAINING_DATA_DEFAULTS = {"val_size": 1000, "data_root": "./data", "resolution": 256, "seed": 0}
+
+
 def add_data_options(q, training):
+    defaults = TRAINING_DATA_DEFAULTS if training else dict.fromkeys(TRAINING_DATA_DEFAULTS)  # eval settles them later
     g = q.add_argument_group("data")
     g.add_argument("--data", required=training, default=None,
                    help="a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, celeba")
     g.add_argument("--val-data", default=None, help="held-out images (otherwise --val-size images of --data)")
-    g.add_argument("--val-size", type=positive_int, default=1000 if training else None,
+    g.add_argument("--val-size", type=positive_int, default=defaults["val_size"],
                    help="held-out images split off --data (stratified by label when it has labels)")
-    g.add_argument("--data-root", default="./data" if training else None, help="where torchvision datasets are kept")
-    g.add_argument("--resolution", type=positive_int, default=256 if training else None,
+    g.add_argument("--data-root", default=defaults["data_root"], help="where torchvision datasets are kept")
+    g.add_argument("--resolution", type=positive_int, default=defaults["resolution"],
                    help="images are resized and centre-cropped to this square")
     g.add_argument("--workers", type=nonnegative_int, default=None,
                    help="DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)")
-    g.add_argument("--seed", type=seed, default=0 if training else None,
+    g.add_argument("--seed", type=seed, default=defaults["seed"],
                    help="the split, the data order, the initialisation")
     g = q.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=DEVICES)
@@ -1981,7 +1987,7 @@ AUTO_TILE_PIXELS = 1024 * 1024  # --tile auto tiles images larger than this (see
 
 
 def inference_setup(args, model):
-    """(device, dtype, whether to tile) for reconstruct/encode/decode, with the model moved there. float16 is
+    """(device, dtype) for reconstruct/encode/decode, with the model moved there. float16 is
     replaced by float32 where the config says force_upcast (float16 overflows in that model: SDXL's)."""
     device = get_device(args.device)
     dtype = DTYPES[args.dtype]
@@ -2131,7 +2137,7 @@ def convert(args):
 def eval_command(args):
     model, ckpt = pretrained(args)
     saved = ckpt["config"] if ckpt else {
-        "data": args.data, "val_size": 1000, "data_root": "./data", "resolution": 256, "seed": 0, "workers": None}
+        "data": args.data, **TRAINING_DATA_DEFAULTS}  # the held-out split a default train run makes
     for key in ("data", "val_data", "val_size", "data_root", "resolution", "seed", "workers"):
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key))

@@ -473,7 +473,7 @@ def test_sd_preset_has_the_published_size():
     model = kl.build("sd")
     assert sum(p.numel() for p in model.parameters()) == 83_653_863
     assert len(model.state_dict()) == 248
-    assert model.downsampling_factor == 8 and kl.build("sdxl").scaling_factor == 0.13025
+    assert model.downsampling_factor == 8 and kl.build("sdxl").config["scaling_factor"] == 0.13025
 
 
 def test_optional_quant_convs_and_read_config(tmp_path):
@@ -1557,7 +1557,8 @@ def test_ldm_files_load_with_and_without_prefix_from_safetensors_and_ckpt(tmp_pa
     ref, config = diffusers_reference(name)
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     ldm = ldm_state_dict(ref.state_dict(), len(config["block_out_channels"]))
-    assert any(k == "encoder.mid.block_1.norm1.weight" for k in ldm) and any(k.startswith("decoder.up.0.upsample") for k in ldm) is False
+    # LDM's up.0 is the full-resolution level (diffusers' last up block): it has no upsampler
+    assert "encoder.mid.block_1.norm1.weight" in ldm and not any(k.startswith("decoder.up.0.upsample") for k in ldm)
     # the test's map is diffusers' map: diffusers' converter takes it back exactly
     back = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ldm.items()}, config)
     assert back.keys() == ref.state_dict().keys() and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
@@ -1845,3 +1846,36 @@ def test_a_diffusers_folder_brings_its_own_config(tmp_path, capsys):
     kl.main(["reconstruct", "--weights", str(tmp_path / "vae"), "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "o.png"),
              "--device", "cpu"])
     assert "latent [1, 16, 8, 8]" in capsys.readouterr().out  # 16 channels, f = 2: the folder's config, not the sd preset
+
+
+def test_kl_writes_are_atomic(tmp_path, monkeypatch):
+    """An interrupted write (here: after half a file) leaves the previous file as it was and no stray .tmp."""
+    kl.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 1})
+    kl.write_image(torch.zeros(3, 8, 8), str(tmp_path / "image.png"))
+    before = (tmp_path / "image.png").read_bytes()
+
+    def half_then_interrupt(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", half_then_interrupt)
+    monkeypatch.setattr(torchvision.io, "write_png", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        kl.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 2})
+    with pytest.raises(KeyboardInterrupt):
+        kl.write_image(torch.ones(3, 8, 8), str(tmp_path / "image.png"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "image.png"]
+    assert torch.load(str(tmp_path / "ckpt.pt"), weights_only=True)["step"] == 1 and (tmp_path / "image.png").read_bytes() == before
+
+
+def test_eval_of_a_weights_file_uses_the_held_out_split_of_a_default_training_run(tiny_weights, tmp_path):
+    images = smooth_images(1100, 16, seed=5)
+    np.savez(str(tmp_path / "big.npz"), images=images)
+    record = kl.main(["eval", "--weights", tiny_weights, "--preset", "tiny", "--data", str(tmp_path / "big.npz"), "--resolution", "16",
+                      "--device", "cpu", "--out", str(tmp_path / "ev")])
+    _, held_out = kl.split(1100, 1000, None, 0)  # train's defaults: --val-size 1000, --seed 0
+    grid = torchvision.io.read_image(str(tmp_path / "ev" / "reconstructions.png"))
+    top_row = torch.stack([grid[:, 2:18, 2 + 18 * i:18 + 18 * i] for i in range(8)])  # make_grid: padding 2
+    assert record["images"] == 1000
+    assert torch.equal(top_row, torch.from_numpy(images[held_out[:8].numpy()]).permute(0, 3, 1, 2))
