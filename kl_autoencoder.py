@@ -36,7 +36,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1555 lines)
+    Part II, running it (1567 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main
@@ -871,18 +871,36 @@ def held_out_batches(images, device, workers, batch_size=64):
 # pretrained networks: VGG16 for the perceptual loss, LPIPS' channel weights, Inception-v3 for rFID
 
 
-def load_vgg16():
-    """torchvision's ImageNet VGG16 convolutional layers (downloaded by torchvision on first use)."""
-    weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def load_pretrained(url, needed_by, otherwise=""):
+    """torchvision's pretrained weights at url, as a state dict. They live in $TORCH_HOME/hub/checkpoints,
+    downloaded there on first use or put there by hand, so the file is checked on every load, not only
+    on download: its sha256 must begin with the hex digits in its name (torchvision names its files so),
+    and it is unpickled with weights_only=True. A file planted under that name is refused unread."""
+    name = os.path.basename(url)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path, known = os.path.join(folder, name), name.split("-")[-1].split(".")[0]
     try:
-        state = torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
-    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt file
-        raise UserError(f"the perceptual loss needs torchvision's VGG16 weights and could not get them "
-                        f"({type(e).__name__}); put {os.path.basename(weights.url)} into "
-                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, "
-                        f"or train without it: --perceptual-weight 0")
+        if not os.path.isfile(path):
+            os.makedirs(folder, exist_ok=True)
+            torch.hub.download_url_to_file(url, path, hash_prefix=known, progress=False)
+        with open(path, "rb") as f:
+            data = f.read()  # hashed and unpickled from memory: the file cannot change between the two
+        found = hashlib.sha256(data).hexdigest()
+        if not found.startswith(known):
+            raise UserError(f"{path} is not torchvision's {name} (its sha256 begins {found[:len(known)]}, not "
+                            f"{known}), so it is not loaded: replace it with the file from {url}")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # no network (URLError is an OSError), bad file
+        raise UserError(f"{needed_by} needs torchvision's {name} and could not get it ({type(e).__name__}); "
+                        f"put that file into {folder}{otherwise}")
+
+
+def load_vgg16():
+    """torchvision's ImageNet VGG16 convolutional layers (downloaded on first use)."""
     vgg = torchvision.models.vgg16(weights=None)
-    vgg.load_state_dict(state)
+    vgg.load_state_dict(load_pretrained(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, "the perceptual loss",
+                                        ", or train without it: --perceptual-weight 0"))
     return vgg.features
 
 
@@ -907,14 +925,8 @@ INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
 
 def load_inception(device):
     """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
-    try:
-        state = torch.hub.load_state_dict_from_url(INCEPTION.url, progress=False, check_hash=True)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"--fid needs torchvision's Inception-v3 weights and could not get them ({type(e).__name__}); "
-                        f"put {os.path.basename(INCEPTION.url)} into "
-                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-    net.load_state_dict(state)
+    net.load_state_dict(load_pretrained(INCEPTION.url, "--fid"))
     net.fc = nn.Identity()
     return net.eval().to(device)
 

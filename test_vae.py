@@ -8,6 +8,7 @@ import argparse
 import ast
 import copy
 import gzip
+import hashlib
 import inspect
 import json
 import math
@@ -349,7 +350,8 @@ def test_fid_with_a_stand_in_network(data_dir, tmp_path, monkeypatch):
 def test_fid_without_inception_weights_is_one_line_error(data_dir, tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no file there: it would be downloaded
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY, "--fid"]) == 2
     one_line_error(capsys, "inception_v3_google", "checkpoints")
     assert not os.path.exists(tmp_path / "ckpt.pt")  # it failed before training
@@ -930,7 +932,8 @@ def test_kl_bad_input_is_one_line_error(kl_data, tmp_path, monkeypatch, capsys, 
 def test_perceptual_weights_offline_is_one_line_error(kl_data, tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no file there: it would be downloaded
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(SystemExit):
         kl.main(["train", "--data", kl_data, "--preset", "tiny", "--resolution", "32", "--device", "cpu", "--out", str(tmp_path / "r")])
     kl_error(capsys, "vgg16", "--perceptual-weight 0")
@@ -939,7 +942,7 @@ def test_perceptual_weights_offline_is_one_line_error(kl_data, tmp_path, monkeyp
 # ============================================================================= both files: layout and deliberate copies
 
 DELIBERATE_COPIES = ["UserError", "Parser", "_number", "get_device", "frechet_distance", "load_checkpoint", "append_jsonl",
-                     "check_writable", "Progress", "interrupt"]
+                     "check_writable", "Progress", "interrupt", "load_pretrained"]
 
 
 @pytest.mark.parametrize("name", DELIBERATE_COPIES)
@@ -1597,6 +1600,78 @@ class RunsCode:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+PRETRAINED_USERS = {  # each command that loads torchvision's weights from $TORCH_HOME/hub/checkpoints
+    "kl train (VGG16)": torchvision.models.VGG16_Weights.IMAGENET1K_V1.url,
+    "kl eval --fid (Inception)": kl.INCEPTION.url,
+    "vae.py --fid (Inception)": vae.INCEPTION.url,
+}
+
+
+@pytest.mark.parametrize("command", PRETRAINED_USERS)
+def test_a_planted_pretrained_network_file_is_refused_and_never_run(command, kl_data, data_dir, tmp_path, monkeypatch, capsys):
+    """README tells offline users to put these files into $TORCH_HOME/hub/checkpoints by hand, and torch.hub
+    checks a hash only when it downloads: a pickle planted there under the expected name must not run."""
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    planted = hub / os.path.basename(PRETRAINED_USERS[command])
+    marker = tmp_path / "ran"
+    torch.save({"features.0.weight": RunsCode(str(marker))}, str(planted))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("the file is there: no download"))
+    if command.startswith("vae.py"):
+        code = run_main(["--data-dir", data_dir, "--out", str(tmp_path / "run"), *TINY, "--fid"])
+        err = one_line_error(capsys, str(planted), "sha256", "not loaded")
+    else:
+        argv = ["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--out", str(tmp_path / "run")]
+        if "eval" in command:
+            kl.main(argv)
+            capsys.readouterr()
+            argv = ["eval", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--device", "cpu", "--fid"]
+        else:
+            argv[argv.index("--perceptual-weight") + 1] = "1"
+        with pytest.raises(SystemExit) as e:
+            kl.main(argv)
+        code = e.value.code
+        kl_error(capsys, str(planted), "sha256", "not loaded")
+    assert code == 2 and not marker.exists()
+    assert planted.exists()  # the user's file is refused, not deleted
+
+
+@pytest.mark.parametrize("module", [vae, kl])
+def test_load_pretrained_checks_the_hash_in_the_name_on_every_load_and_unpickles_only_tensors(module, tmp_path, monkeypatch):
+    """A file whose name carries its own sha256 prefix passes the hash check, so weights_only=True is the
+    second lock: a code-running pickle is still refused unread, and a state dict of tensors loads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+
+    def named_by_its_hash(obj, stem):
+        torch.save(obj, str(tmp_path / "f.pth"))
+        data = (tmp_path / "f.pth").read_bytes()
+        return f"https://example.invalid/{stem}-{hashlib.sha256(data).hexdigest()[:8]}.pth", data
+    marker = tmp_path / "ran"
+    url, data = named_by_its_hash({"w": RunsCode(str(marker))}, "evil")
+    hub.mkdir(parents=True)
+    (hub / os.path.basename(url)).write_bytes(data)
+    with pytest.raises(module.UserError, match="UnpicklingError"):
+        module.load_pretrained(url, "a test")
+    assert not marker.exists()
+
+    state = {"w": torch.arange(3.0)}
+    url, data = named_by_its_hash(state, "net")
+    downloads = []
+
+    def download(url, dst, hash_prefix=None, progress=True):  # torch.hub's: checks the prefix as it downloads
+        downloads.append(hash_prefix)
+        open(dst, "wb").write(data)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    for _ in range(2):
+        assert torch.equal(module.load_pretrained(url, "a test")["w"], state["w"])
+    assert downloads == [url[-12:-4]]  # downloaded once, with the hash from its name
+    (hub / os.path.basename(url)).write_bytes(data[:-1] + b"x")  # changed after the download
+    with pytest.raises(module.UserError, match="sha256 begins"):
+        module.load_pretrained(url, "a test")
 
 
 def test_a_ckpt_that_needs_code_is_refused_and_never_run(tmp_path, capsys):

@@ -23,10 +23,12 @@ The file:
 import argparse
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -439,19 +441,38 @@ def prepare_test_set(x_test, likelihood):
 # -----------------------------------------------------------------------------
 # the Inception network, for FID
 
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def load_pretrained(url, needed_by, otherwise=""):
+    """torchvision's pretrained weights at url, as a state dict. They live in $TORCH_HOME/hub/checkpoints,
+    downloaded there on first use or put there by hand, so the file is checked on every load, not only
+    on download: its sha256 must begin with the hex digits in its name (torchvision names its files so),
+    and it is unpickled with weights_only=True. A file planted under that name is refused unread."""
+    name = os.path.basename(url)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path, known = os.path.join(folder, name), name.split("-")[-1].split(".")[0]
+    try:
+        if not os.path.isfile(path):
+            os.makedirs(folder, exist_ok=True)
+            torch.hub.download_url_to_file(url, path, hash_prefix=known, progress=False)
+        with open(path, "rb") as f:
+            data = f.read()  # hashed and unpickled from memory: the file cannot change between the two
+        found = hashlib.sha256(data).hexdigest()
+        if not found.startswith(known):
+            raise UserError(f"{path} is not torchvision's {name} (its sha256 begins {found[:len(known)]}, not "
+                            f"{known}), so it is not loaded: replace it with the file from {url}")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # no network (URLError is an OSError), bad file
+        raise UserError(f"{needed_by} needs torchvision's {name} and could not get it ({type(e).__name__}); "
+                        f"put that file into {folder}{otherwise}")
+
+
 INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
 
 
 def load_inception(device):
     """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
-    try:
-        state = torch.hub.load_state_dict_from_url(INCEPTION.url, progress=False, check_hash=True)
-    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt file
-        raise UserError(f"--fid needs torchvision's Inception-v3 weights and could not get them ({type(e).__name__}); "
-                        f"put {os.path.basename(INCEPTION.url)} into "
-                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-    net.load_state_dict(state)
+    net.load_state_dict(load_pretrained(INCEPTION.url, "--fid"))
     net.fc = nn.Identity()
     return net.eval().to(device)
 
