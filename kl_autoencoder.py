@@ -36,7 +36,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1567 lines)
+    Part II, running it (1575 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main
@@ -1804,7 +1804,8 @@ def add_model_source(q):
 
 def add_architecture_options(g):
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="the architecture; without it (and --config): a --weights folder's config.json, else sd")
+                   help="the architecture (default: --config, else a --weights folder's config.json, else sd); "
+                        "refused where it contradicts either")
     g.add_argument("--config", default=None, help="a diffusers AutoencoderKL config.json (or its folder)")
 
 
@@ -1956,13 +1957,18 @@ def default_workers(data):
 
 def architecture(args):
     """(AutoencoderKL keywords, what they came from): --config, else the config.json of a --weights folder,
-    else --preset (sd when none is given)."""
-    if args.config:
-        return complete(read_config(args.config)), f"--config {args.config}"
-    if args.weights and os.path.isfile(os.path.join(args.weights, "config.json")):
-        return complete(read_config(os.path.join(args.weights, "config.json"))), f"{args.weights}/config.json"
-    preset = args.preset or "sd"
-    return complete(PRESETS[preset]), f"preset {preset}"
+    else --preset (sd when none is given). A --preset that describes another model than the config is refused
+    (the tile size and force_upcast may differ)."""
+    folder_config = os.path.join(args.weights, "config.json") if args.weights else ""
+    file = args.config or (folder_config if os.path.isfile(folder_config) else None)
+    if file is None:
+        preset = args.preset or "sd"
+        return complete(PRESETS[preset]), f"preset {preset}"
+    config, which = complete(read_config(file)), f"--config {file}" if args.config else file
+    if args.preset and any(v != config[k] for k, v in complete(PRESETS[args.preset]).items()
+                           if k not in ("sample_size", "force_upcast")):
+        raise UserError(f"--preset {args.preset} describes another model than {which}: drop --preset")
+    return config, which
 
 
 def complete(config):
@@ -2089,7 +2095,7 @@ def encode_command(args):
         tensors["labels"] = labels
     names = [os.path.relpath(f, args.data) for f in images.files] if isinstance(images, ImageFiles) else None
     made = f"to_diffusion_latents of the posterior {'sample (seed %d)' % args.seed if args.sample else 'mean'}"
-    save_safetensors(tensors, args.out, metadata={"config": json.dumps(diffusers_config(model.config)),
+    save_safetensors(tensors, args.out, metadata={"format": "pt", "config": json.dumps(diffusers_config(model.config)),
                                                   "latents": made, "resolution": resolution,
                                                   "names": json.dumps(names)})
     print(f"encoded {len(images):,} images at {resolution}x{resolution} into {args.out}: latents "
@@ -2176,7 +2182,7 @@ def eval_command(args):
 
 
 def main(argv=None):
-    signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)  # put back on the way out: main() may be called from Python
     try:
         args = parse_args(argv)
         commands = {"reconstruct": reconstruct, "encode": encode_command, "decode": decode_command, "convert": convert,
@@ -2191,6 +2197,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("kl_autoencoder.py: interrupted; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

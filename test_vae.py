@@ -14,9 +14,11 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 
 import numpy as np
@@ -183,10 +185,44 @@ def test_every_output_is_written(trained):
     assert final["test_nll"] < final["test_nelbo"]
 
 
-def test_manifold_for_two_latents(data_dir, tmp_path):
-    vae.main(["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "1", *TINY, "--latent-dim", "2"])
-    manifold = torchvision.io.read_image(str(tmp_path / "manifold.png"))
-    assert manifold.shape == (1, 20 * 30 + 2, 20 * 30 + 2)
+def test_pictures_show_what_their_docstrings_say(data_dir, tmp_path):
+    """From a run with two latents (tanh, widths 48 and 32: a model built with these options must load its weights):
+    reconstructions.png has test images 0-15 above the decoder means at their posterior means, then 16-31 likewise;
+    interpolations.png row i goes in 10 equal steps from the posterior mean of test image i to that of 8 + i;
+    samples.png decodes 64 draws of N(0, I) seeded with TEST_SEED; manifold.png is Kingma & Welling's figure 4: z1 at
+    the 5%..95% normal quantiles from left to right, z2 from top (high) to bottom. --eval-only draws them again."""
+    vae.main(["--data-dir", data_dir, "--out", str(tmp_path / "run"), "--epochs", "1", *TINY, "--latent-dim", "2",
+              "--hidden", "48", "32", "--activation", "tanh"])
+    model = vae.VAE("mlp", [48, 32], 2, "tanh", "bernoulli")
+    model.load_state_dict(torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)["model"])
+    model.eval()
+    x = vae.prepare_test_set(torch.from_numpy(fake_digits(64, 1)).reshape(64, -1).float() / 255, "bernoulli")
+
+    def picture(name, rows, cols):
+        grid = torchvision.io.read_image(str(tmp_path / "run" / name))[0].int()
+        return [[grid_tile(grid[None], r, c, 28)[0] for c in range(cols)] for r in range(rows)]
+
+    def close(tile, image):  # within one grey level of the [0, 1] image (784,)
+        return (tile - (image.detach().clamp(0, 1) * 255).round().int().view(28, 28)).abs().max() <= 1
+    with torch.no_grad():
+        mu, _ = model.encode(x[:32])
+        recs = picture("reconstructions.png", 4, 16)
+        for row, first in ((0, 0), (2, 16)):
+            assert all(close(recs[row][c], x[first + c]) and close(recs[row + 1][c], model.mean(mu[first + c]))
+                       for c in range(16)), row
+        lines = picture("interpolations.png", 8, 10)
+        assert all(close(lines[i][j], model.mean(mu[i] + j / 9 * (mu[8 + i] - mu[i]))) for i in range(8) for j in range(10))
+        torch.manual_seed(vae.TEST_SEED)
+        z = torch.randn(64, 2)
+        samples = picture("samples.png", 8, 8)
+        assert all(close(samples[i // 8][i % 8], model.mean(z[i])) for i in range(64))
+        q = torch.special.ndtri(torch.linspace(0.05, 0.95, 20))
+        manifold = picture("manifold.png", 20, 20)
+        assert all(close(manifold[i][j], model.mean(torch.stack([q[j], q[19 - i]]))) for i in range(20) for j in range(20))
+    vae.main(["--eval-only", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--data-dir", data_dir, "--device", "cpu",
+              "--eval-samples", "16", "--out", str(tmp_path / "again")])
+    for name in vae.PICTURES:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("flags", [
@@ -724,9 +760,17 @@ def test_kl_training_lowers_the_loss_and_learns_the_logvar(kl_data, tmp_path, ca
     assert final["images"] == 16 and final["step"] == 40
 
 
+_RANDOM_VGG = []  # built once (torchvision builds the whole VGG16, classifier too: about a second), then copied
+
+
 def random_vgg_features():
-    torch.manual_seed(0)
-    return torchvision.models.vgg16(weights=None).features
+    """VGG16's convolutional layers with torch.manual_seed(0)'s random weights; the global random state left as
+    building them leaves it."""
+    if not _RANDOM_VGG:
+        torch.manual_seed(0)
+        _RANDOM_VGG.extend([torchvision.models.vgg16(weights=None).features, torch.get_rng_state()])
+    torch.set_rng_state(_RANDOM_VGG[1])
+    return copy.deepcopy(_RANDOM_VGG[0])
 
 
 def test_perceptual_loss_trains_the_autoencoder_not_the_vgg(kl_data, tmp_path, monkeypatch):
@@ -809,16 +853,6 @@ def test_kl_resume_equals_uninterrupted_run(kl_data, tmp_path, monkeypatch, eval
         return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
     assert comparable(kl_records(str(tmp_path / "resumed"), "train")) == comparable(kl_records(str(tmp_path / "straight"), "train"))
     assert kl_records(str(tmp_path / "resumed"), "eval")[-1] == kl_records(str(tmp_path / "straight"), "eval")[-1]
-
-
-def test_torchrun_two_processes_on_cpu_end_with_identical_weights(kl_data, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "kl_autoencoder.py",
-                             "train", "--data", kl_data, *KL_TINY, "--steps", "4", "--disc-start", "2", "--out", str(tmp_path / "ddp")],
-                            cwd=HERE, capture_output=True, text=True, env=env, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "weights identical on all 2 ranks" in result.stdout
-    assert "2 process(es)" in result.stdout and result.stdout.count("eval on 16 held-out images") == 1  # only rank 0 writes
 
 
 def test_torchrun_with_one_process_runs_the_distributed_code_and_matches_a_plain_run(kl_data, tmp_path):
@@ -1477,7 +1511,8 @@ def test_kl_data_mistakes_are_one_line_errors(tmp_path, capsys):
 def test_kl_nan_before_the_first_checkpoint_says_so(kl_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(kl, "reconstruction_loss", lambda x, x_rec, kind="l1": (x - x_rec) * float("nan"))
     with pytest.raises(SystemExit):
-        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "8", "--disc-weight", "0", "--out", str(tmp_path / "r")])
+        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "8", "--disc-weight", "0", "--log-every", "1",
+                 "--out", str(tmp_path / "r")])
     kl_error(capsys, "nan", "no checkpoint yet")
 
 
@@ -1954,3 +1989,448 @@ def test_eval_of_a_weights_file_uses_the_held_out_split_of_a_default_training_ru
     top_row = torch.stack([grid[:, 2:18, 2 + 18 * i:18 + 18 * i] for i in range(8)])  # make_grid: padding 2
     assert record["images"] == 1000
     assert torch.equal(top_row, torch.from_numpy(images[held_out[:8].numpy()]).permute(0, 3, 1, 2))
+
+
+# ============================================================================= what the programs compute from their options
+# Each test here asserts what a command computed, not what it printed: a one-line change to how an option, the data
+# pipeline, several processes, a picture or a metric's input is wired makes one of them fail.
+
+def spy_optimizer(base):
+    """A subclass of a torch optimizer that notes, at every step, its hyperparameters, the norm of the gradients it is
+    handed and the weights before the step (patched in for torch.optim.<name>, it sees what the program passes)."""
+    class Spy(base):
+        steps = []
+
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
+            Spy.steps.append({**{k: v for k, v in self.param_groups[0].items() if k != "params"},
+                              "grad_norm": torch.cat(grads).norm().item(), "weights": [p.detach().clone() for p in params]})
+            return super().step(closure)
+    return Spy
+
+
+def grid_tile(grid, row, col, size, padding=2):
+    """The image at (row, col) of a picture drawn by torchvision's make_grid (C, H, W), padding 2."""
+    y, x = padding + row * (size + padding), padding + col * (size + padding)
+    return grid[:, y:y + size, x:x + size]
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    """Data and weights for tests that compute by hand what a training step sees: 8 and 16 training images and 4
+    held-out ones, 32 x 32, and a tiny autoencoder whose posterior is a point mass in practice (log-variance -30,
+    std 3e-7: no posterior noise matters), saved as a .pt file for --weights."""
+    root = tmp_path_factory.mktemp("frozen")
+    paths = {}
+    for name, n, seed in (("train", 8, 1), ("train16", 16, 3), ("val", 4, 2)):
+        paths[name] = str(root / f"{name}.npz")
+        np.savez(paths[name], images=smooth_images(n, 32, seed=seed))
+    torch.manual_seed(0)
+    model = kl.build("tiny")
+    with torch.no_grad():
+        c = model.config["latent_channels"]
+        model.quant_conv.weight[c:] = 0
+        model.quant_conv.bias[c:] = -30
+    torch.save(model.state_dict(), str(root / "frozen.pt"))
+    return types.SimpleNamespace(**paths, weights=str(root / "frozen.pt"), model=model.eval(),
+                                 images=smooth_images(8, 32, seed=1))
+
+
+def frozen_train(frozen, out, *flags, data=None):
+    """kl train from the frozen weights on the 8 training images (one batch of all 8 per step), a log line per step;
+    flags given here win. Returns the train records and the checkpoint."""
+    data = data or ["--data", frozen.train, "--val-data", frozen.val]
+    kl.main(["train", *data, "--weights", frozen.weights, "--preset", "tiny",
+             "--resolution", "32", "--batch-size", "8", "--device", "cpu", "--perceptual-weight", "0", "--disc-weight", "0",
+             "--log-every", "1", "--eval-every", "0", "--out", str(out), *flags])
+    return kl_records(str(out), "train"), torch.load(os.path.join(str(out), "ckpt.pt"), weights_only=True)
+
+
+def frozen_terms(model, images, flip=False):
+    """What a step on uint8 (N, H, W, 3) images computes from the frozen weights: x in [-1, 1] (mirrored left-right
+    with flip), its reconstruction from the posterior mean, and the KL per image in nats."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = x.flip(-1) if flip else x
+    with torch.no_grad():
+        posterior = model.encode(x)
+        x_rec = model.decode(posterior.mean)
+    mean, logvar = posterior.mean, posterior.logvar
+    return x, x_rec, 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("flags", [[], ["--rec-loss", "mse", "--kl-weight", "0.5", "--perceptual-weight", "0.3", "--lr", "3e-4",
+                                        "--weight-decay", "0.1", "--grad-clip", "0.01", "--compile"]],
+                         ids=["defaults", "options"])
+def test_kl_train_options_reach_the_objective_and_the_optimizer(frozen, tmp_path, monkeypatch, flags):
+    """The first step from weights with a point-mass posterior, computed by hand: the logged terms are THE OBJECTIVE's
+    with the options given (s = 0 before the first step), and AdamW gets their lr, weight decay, LDM's betas and the
+    gradients clipped to --grad-clip; --compile compiles the model."""
+    monkeypatch.setattr(kl, "load_vgg16", random_vgg_features)
+    spy = spy_optimizer(torch.optim.AdamW)
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    hp = {"rec_loss": "l1", "kl_weight": 1e-6, "perceptual_weight": 0.0, "lr": 1e-4, "weight_decay": 0.0, "grad_clip": 0.0}
+    hp.update((f[2:].replace("-", "_"), v if f == "--rec-loss" else float(v)) for f, v in zip(flags[::2], flags[1::2])
+              if f != "--compile")
+    records, _ = frozen_train(frozen, tmp_path, "--steps", "1", *flags)
+    x, x_rec, kl_per_image = frozen_terms(frozen.model, frozen.images)
+    rec = ((x - x_rec).abs() if hp["rec_loss"] == "l1" else (x - x_rec) ** 2).mean().item()
+    p = kl.Perceptual(random_vgg_features())(x, x_rec).mean().item() if hp["perceptual_weight"] else 0.0
+    first = records[0]
+    assert first["step"] == 1
+    assert first["rec"] == pytest.approx(rec, rel=1e-5)
+    assert first["kl"] == pytest.approx(kl_per_image.mean().item(), rel=1e-5)
+    assert first["perceptual"] == pytest.approx(p, rel=1e-4, abs=1e-9)
+    assert first["nll"] == pytest.approx(x[0].numel() * (rec + hp["perceptual_weight"] * p), rel=1e-5)
+    assert first["loss"] == pytest.approx(first["nll"] + hp["kl_weight"] * first["kl"], rel=1e-6)
+    step = spy.steps[0]
+    assert (step["lr"], step["weight_decay"], tuple(step["betas"])) == (hp["lr"], hp["weight_decay"], (0.5, 0.9))
+    if hp["grad_clip"]:
+        assert step["grad_norm"] == pytest.approx(hp["grad_clip"], rel=1e-3)
+    else:
+        assert step["grad_norm"] > 1  # unclipped
+    assert compiled == (["Trainable"] if "--compile" in flags else [])
+
+
+def test_kl_disc_ema_and_export_options_reach_the_run(frozen, tmp_path, monkeypatch):
+    """--disc-start counts steps from 0: the adversarial term and the discriminator's Adam (LDM's betas) start at the
+    step it names, the term weighted by --disc-weight and the adaptive lambda; the NLL divides by exp(s) of the step
+    before; the EMA (--ema decay) starts at the initial weights, and --export writes the EMA."""
+    spy, spy_d = spy_optimizer(torch.optim.AdamW), spy_optimizer(torch.optim.Adam)
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    monkeypatch.setattr(torch.optim, "Adam", spy_d)
+    export = tmp_path / "export" / "w.safetensors"
+    records, ckpt = frozen_train(frozen, tmp_path / "run", "--steps", "3", "--disc-start", "1", "--disc-weight", "0.3",
+                                 "--ema", "0.75", "--lr", "2e-4", "--export", str(export))
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["g"] == records[0]["lambda"] == records[0]["d"] == 0
+    assert len(spy_d.steps) == 2 and tuple(spy_d.steps[0]["betas"]) == (0.5, 0.9) and spy_d.steps[0]["lr"] == 2e-4
+    npix = 3 * 32 * 32
+    for before, r in zip(records, records[1:]):
+        assert r["d"] > 0 and r["lambda"] > 0 and r["g"] != 0
+        assert r["loss"] == pytest.approx(r["nll"] + 1e-6 * r["kl"] + 0.3 * r["lambda"] * r["g"], rel=1e-5)
+        s = before["logvar"]  # s after the step before: the one this step's NLL used
+        assert r["nll"] == pytest.approx(npix * (r["rec"] * math.exp(-s) + s), rel=1e-5)
+    names = [name for name, _ in frozen.model.named_parameters()]
+    w0, w1, w2 = ([w for w in step["weights"] if w.ndim > 0] for step in spy.steps)  # without s, the one scalar
+    exported = kl.load_safetensors(str(export))
+    d = 0.75
+    for i, name in enumerate(names):  # e_k = d e_(k-1) + (1 - d) w_k, e_0 = w_0
+        expected = d ** 3 * w0[i] + (1 - d) * (d ** 2 * w1[i] + d * w2[i] + ckpt["model"][name])
+        assert torch.allclose(ckpt["ema"][name], expected, rtol=0, atol=1e-6), name
+        assert torch.equal(exported[name], ckpt["ema"][name]), name
+
+
+def test_kl_epochs_batch_size_and_log_lines(frozen, tmp_path):
+    """--epochs 2 of --batch-size 4 on 8 images is 4 steps; a log line holds the means of the steps since the one
+    before, a checkpoint in between does not cut that interval, and the run's last line covers the partial one."""
+    every, ckpt = frozen_train(frozen, tmp_path / "every", "--epochs", "2", "--batch-size", "4")
+    assert [r["step"] for r in every] == [1, 2, 3, 4] and ckpt["step"] == 4
+    sparse, _ = frozen_train(frozen, tmp_path / "sparse", "--epochs", "2", "--batch-size", "4", "--log-every", "3",
+                             "--ckpt-every", "2")
+    assert [r["step"] for r in sparse] == [3, 4]
+    for key in ("loss", "rec", "nll", "kl"):
+        assert sparse[0][key] == pytest.approx(sum(r[key] for r in every[:3]) / 3, rel=1e-6), key
+        assert sparse[1][key] == pytest.approx(every[3][key], rel=1e-6), key
+    assert sparse[0]["logvar"] == every[2]["logvar"] and sparse[1]["logvar"] == every[3]["logvar"]
+
+
+def test_kl_batches_follow_a_new_permutation_each_epoch_and_hflip_mirrors_at_random(frozen, tmp_path):
+    """With --lr 1e-30 the weights stay put, so each step's logged L1 (batch 1) is that of one training image, as it
+    is or mirrored left-right (not upside down); each epoch shows every image once, in a new order; some steps
+    mirror, some do not."""
+    records, _ = frozen_train(frozen, tmp_path, "--lr", "1e-30", "--batch-size", "1", "--steps", "16", "--hflip")
+    candidates = {}
+    for flip in (False, True):
+        x, x_rec, _ = frozen_terms(frozen.model, frozen.images, flip)
+        for i, value in enumerate((x - x_rec).abs().mean(dim=(1, 2, 3)).tolist()):
+            candidates[i, flip] = value
+    seen = []
+    for r in records:
+        matches = [key for key, value in candidates.items() if abs(r["rec"] - value) <= 1e-5 * value]
+        assert len(matches) == 1, (r["rec"], candidates)
+        seen += matches
+    epochs = [[i for i, _ in seen[:8]], [i for i, _ in seen[8:]]]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(8)) and epochs[0] != epochs[1]
+    assert 0 < sum(flip for _, flip in seen) < 16
+    records, _ = frozen_train(frozen, tmp_path / "seed1", "--lr", "1e-30", "--batch-size", "1", "--steps", "8", "--seed", "1")
+    assert [candidates[i, False] for i in epochs[0]] != pytest.approx([r["rec"] for r in records], rel=1e-5)  # --seed
+
+
+def test_kl_train_size_options_build_that_model(kl_data, tmp_path):
+    export = tmp_path / "export" / "diffusion_pytorch_model.safetensors"
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--latent-channels", "3", "--block-out-channels", "32", "64",
+             "64", "--layers-per-block", "2", "--export", str(export), "--out", str(tmp_path / "run")])
+    state = torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)["model"]
+    assert state["encoder.conv_out.weight"].shape[0] == 6 and state["decoder.conv_in.weight"].shape[1] == 3
+    assert [state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(3)] == [32, 64, 64]
+    assert "encoder.down_blocks.0.resnets.1.conv1.weight" in state and "encoder.down_blocks.0.resnets.2.conv1.weight" not in state
+    config = json.loads((export.parent / "config.json").read_text())
+    assert (config["latent_channels"], config["block_out_channels"], config["layers_per_block"]) == (3, [32, 64, 64], 2)
+
+
+class RecordingFeatures(nn.Module):
+    """A stand-in for Inception-v3 that keeps what reaches it and returns a few of its pixels as features."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return x[:, :, ::60, ::60].flatten(1).double()
+
+
+IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def thirds(h, w, dot):
+    """uint8 (h, w, 3): red, green and blue thirds along the longer side, a white square of `dot` pixels at the centre."""
+    image = np.zeros((h, w, 3), np.uint8)
+    long_axis = 1 if w > h else 0
+    n = max(h, w) // 3
+    for c in range(3):
+        index = [slice(None), slice(None)]
+        index[long_axis] = slice(c * n, (c + 1) * n)
+        image[tuple(index) + (c,)] = 255
+    image[h // 2:h // 2 + dot, w // 2:w // 2 + dot] = 255
+    return image
+
+
+def test_kl_image_pipeline_pictures_and_rfid_inputs(tiny_weights, tmp_path, monkeypatch):
+    """Through eval's reconstructions.png (held-out inputs above their reconstructions): images are resized on their
+    shorter side and centre-cropped, RGB kept in order, 16-bit levels rounded to 8 bits; the bottom row decodes the
+    posterior mean; a second eval draws the same picture; and rFID's network gets inputs and reconstructions as
+    they are in [0, 1], resized bilinearly to 299 x 299 and normalised with ImageNet's mean and std."""
+    PIL = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    PIL.fromarray(thirds(32, 96, 2)).save(folder / "a_big.png")  # resized to 16 x 48, then the green third
+    level = np.arange(256).reshape(16, 16)
+    PIL.fromarray((level.clip(0, 254) * 257 + np.where(level % 2, 129, 128)).astype(np.uint16)).save(folder / "b_grey16.png")
+    PIL.fromarray(thirds(48, 16, 1)).save(folder / "c_tall.png")  # centre-cropped: green, the dot at (8, 8)
+    PIL.fromarray(thirds(16, 48, 1)).save(folder / "d_wide.png")
+    recorder = RecordingFeatures()
+    monkeypatch.setattr(kl, "load_inception", lambda device: recorder)
+    outs = []
+    for run in ("first", "second"):
+        outs.append(tmp_path / run)
+        kl.main(["eval", "--weights", tiny_weights, "--preset", "tiny", "--data", str(folder), "--val-data", str(folder),
+                 "--resolution", "16", "--workers", "0", "--device", "cpu", "--fid", "--out", str(outs[-1])])
+    picture = (outs[0] / "reconstructions.png").read_bytes()
+    assert (outs[1] / "reconstructions.png").read_bytes() == picture
+    grid = torchvision.io.decode_png(torch.frombuffer(bytearray(picture), dtype=torch.uint8)).int()
+    inputs = torch.stack([grid_tile(grid, 0, i, 16) for i in range(4)])
+    green, dot = torch.tensor([0, 255, 0]).view(3, 1, 1).expand(3, 16, 16).clone(), torch.tensor([255, 255, 255])
+    green[:, 8, 8] = dot
+    assert torch.equal(inputs[2], green) and torch.equal(inputs[3], green)
+    big = inputs[0]
+    assert torch.equal(big[:, :5, 2:14], green[:, :5, 2:14]) and torch.equal(big[:, 12:, 2:14], green[:, 12:, 2:14])
+    assert divmod(int(big[0].argmax()), 16) in {(7, 7), (7, 8), (8, 7), (8, 8)}  # the white square, blurred
+    expected_grey = torch.from_numpy(level.clip(0, 254) + level % 2).int()  # x.5 + 1/514 rounds up, x.5 - 1/514 down
+    expected_grey[15, 15] = 254 + 1  # the last pixel: 254 * 257 + 129
+    assert torch.equal(inputs[1], expected_grey.expand(3, -1, -1))
+    model = kl.build("tiny").eval()
+    kl.load_weights(model, kl.load_safetensors(tiny_weights))
+    x = inputs.float() / 127.5 - 1
+    with torch.no_grad():
+        x_rec = model.decode(model.encode(x).mean)
+    expected_rec = ((x_rec.clamp(-1, 1) + 1) * 127.5).round().int()
+    recs = torch.stack([grid_tile(grid, 1, i, 16) for i in range(4)])
+    assert (recs - expected_rec).abs().max() <= 1
+    seen = torch.cat(recorder.inputs[:2])  # the first eval: inputs, then reconstructions, of its one batch
+    assert seen.shape == (8, 3, 299, 299) and len(recorder.inputs) == 4
+    for got, images in ((seen[:4], inputs), (seen[4:], recs)):
+        want = torch.nn.functional.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False)
+        assert (got * IMAGENET_STD + IMAGENET_MEAN - want).abs().max() < 1e-2 / 255
+
+
+def test_kl_held_out_split_is_stratified_seeded_and_apart_from_training(frozen, tmp_path):
+    """40 uniform images of distinct grey levels in 4 classes, --val-size 8: reconstructions.png shows the held-out
+    images, two of each class; one step on all 32 others with the weights held still (--lr 1e-30) logs the mean L1
+    of exactly those; another --seed holds out others, stratified too."""
+    path = str(tmp_path / "levels.npz")
+    levels = 10 + 5 * np.arange(40)
+    np.savez(path, images=np.broadcast_to(levels[:, None, None, None], (40, 16, 16, 3)).astype(np.uint8),
+             labels=np.arange(40) % 4)
+
+    def held_out(out):
+        grid = torchvision.io.read_image(str(out / "reconstructions.png"))
+        return sorted((int(grid_tile(grid, 0, i, 16)[0, 8, 8]) - 10) // 5 for i in range(8))
+    records, _ = frozen_train(frozen, tmp_path / "train", "--val-size", "8", "--resolution", "16", "--batch-size", "32",
+                              "--steps", "1", "--lr", "1e-30", data=["--data", path])
+    val = held_out(tmp_path / "train")
+    assert sorted(np.bincount(np.array(val) % 4)) == [2, 2, 2, 2]
+    x, x_rec, _ = frozen_terms(frozen.model, np.broadcast_to(levels[:, None, None, None], (40, 16, 16, 3)).astype(np.uint8))
+    per_image = (x - x_rec).abs().mean(dim=(1, 2, 3))
+    training = [i for i in range(40) if i not in val]
+    assert records[0]["rec"] == pytest.approx(per_image[training].mean().item(), rel=1e-5)
+    kl.main(["eval", "--weights", frozen.weights, "--preset", "tiny", "--data", path, "--val-size", "8", "--resolution", "16",
+             "--seed", "1", "--device", "cpu", "--out", str(tmp_path / "seed1")])
+    other = held_out(tmp_path / "seed1")
+    assert other != val and sorted(np.bincount(np.array(other) % 4)) == [2, 2, 2, 2]
+
+
+def test_vae_options_reach_the_optimizer_the_schedule_and_the_evaluation(data_dir, tmp_path, monkeypatch):
+    """Adam gets --adam-eps and, per epoch, the cosine schedule's lr; --batch-size sets the steps per epoch; --compile
+    compiles the training step's terms; the test NLL draws --eval-samples importance samples per image; FID's network
+    gets --fid-samples decoded prior samples and as many grey-level test images (not binarized) as 299 x 299 RGB,
+    normalised with ImageNet's mean and std."""
+    spy = spy_optimizer(torch.optim.Adam)
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    compiled, draws, recorder = [], [], RecordingFeatures()
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)
+    real_bound = vae.iwae_bound
+    monkeypatch.setattr(vae, "iwae_bound", lambda x, mu, logvar, ll, k: draws.append(k * len(x)) or real_bound(x, mu, logvar, ll, k))
+    monkeypatch.setattr(vae, "load_inception", lambda device: recorder)
+    record = vae.main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY, "--epochs", "3", "--batch-size", "64", "--lr", "2e-3",
+                       "--adam-eps", "1e-5", "--compile", "--eval-samples", "24", "--fid", "--fid-samples", "40"])
+    assert [s["lr"] for s in spy.steps] == pytest.approx([2e-3] * 4 + [1.5e-3] * 4 + [0.5e-3] * 4, rel=1e-12)
+    assert all(s["eps"] == 1e-5 and tuple(s["betas"]) == (0.9, 0.999) for s in spy.steps)
+    assert len(compiled) == 1 and sum(draws) == 24 * 64 and record["eval_samples"] == 24
+    seen = torch.cat(recorder.inputs) * IMAGENET_STD + IMAGENET_MEAN
+    assert seen.shape == (80, 3, 299, 299) and record["fid_samples"] == 40
+    assert (seen - seen[:, :1]).abs().max() < 1e-5  # grey repeated to RGB
+    grey = torch.from_numpy(fake_digits(64, 1)[:40]).float().div(255).view(40, 1, 28, 28)
+    want = torch.nn.functional.interpolate(grey, size=(299, 299), mode="bilinear", align_corners=False)
+    assert (seen[40:, :1] - want).abs().max() < 1e-5
+    assert seen[:40].min() >= -1e-6 and seen[:40].max() <= 1 + 1e-6  # decoder means in [0, 1]
+
+
+def run_two_processes(argv):
+    """kl_autoencoder.py in two processes as torchrun starts them (RANK, LOCAL_RANK, WORLD_SIZE and a rendezvous
+    address in their environment; gloo on the CPU), without torchrun's own process. Returns rank 0's stdout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "kl_autoencoder.py", *argv], cwd=HERE, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return outputs[0][0]
+
+
+def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(frozen, tmp_path):
+    """Each of 2 processes takes its share of every global batch of the epoch's permutation (seeded by --seed and the
+    epoch), and the gradients and logged means are averaged, not summed. From weights with a point-mass posterior (no
+    noise) and without the discriminator (its BatchNorm sees each process's own batch), 2 processes of batch 4 train
+    as 1 process of batch 8, over 2 epochs and through a --resume; only rank 0 logs, evaluates and writes."""
+    common = ["train", "--data", frozen.train16, "--val-data", frozen.val, "--weights", frozen.weights, "--preset", "tiny",
+              "--resolution", "32", "--device", "cpu", "--perceptual-weight", "0", "--disc-weight", "0", "--log-every", "1",
+              "--ckpt-every", "2", "--eval-every", "3", "--lr", "1e-3"]
+    two = str(tmp_path / "two")
+    printed = run_two_processes([*common, "--batch-size", "4", "--steps", "1", "--out", two])  # stops mid-epoch
+    assert "2 process(es)" in printed and "weights identical on all 2 ranks" in printed
+    printed = run_two_processes([*common, "--batch-size", "4", "--steps", "4", "--out", two, "--resume"])
+    assert "resuming" in printed and "weights identical on all 2 ranks" in printed
+    kl.main([*common, "--batch-size", "8", "--steps", "4", "--out", str(tmp_path / "one")])
+    assert sorted(os.listdir(two)) == ["ckpt.pt", "metrics.jsonl", "reconstructions.png"]
+    assert [r["step"] for r in kl_records(two, "eval")] == [1, 3, 4]  # the first run's final evaluation, then one each
+    for kind, steps in (("train", [1, 2, 3, 4]), ("eval", [3, 4])):
+        a, b = kl_records(two, kind)[-len(steps):], kl_records(str(tmp_path / "one"), kind)
+        assert [r["step"] for r in a] == [r["step"] for r in b] == steps, kind
+        for ra, rb in zip(a, b):
+            for key in ("loss", "rec", "nll", "kl", "logvar") if kind == "train" else ("psnr", "ssim", "kl"):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (kind, ra["step"], key)
+    # the same function (weights whose gradient is 0 in exact arithmetic, a conv bias before GroupNorm, attention's key
+    # bias, follow float noise: Adam moves them by lr either way, with no effect on any output)
+    x, _, _ = frozen_terms(frozen.model, smooth_images(4, 32, seed=2))
+    outputs = []
+    for run in ("two", "one"):
+        model = kl.build("tiny").eval()
+        model.load_state_dict(torch.load(str(tmp_path / run / "ckpt.pt"), weights_only=True)["model"])
+        with torch.no_grad():
+            outputs.append(model.decode(model.encode(x).mean) - frozen.model.decode(frozen.model.encode(x).mean))
+    assert relative_error(*outputs) < 1e-4  # 8e-6 measured; of the change the 4 steps made to the reconstructions
+
+
+@pytest.mark.parametrize("program", ["vae", "kl"])
+def test_main_puts_back_the_sigterm_handler_it_found(program, data_dir, tmp_path):
+    """main() turns SIGTERM into Ctrl-C while it runs, and puts the caller's handler back, also after an error:
+    otherwise a later SIGTERM (a CI timeout's) would become a KeyboardInterrupt in whatever runs next."""
+    def mine(signum, frame):
+        pass
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        main = vae.main if program == "vae" else kl.main
+        with pytest.raises(SystemExit):
+            main(["--data-dir", data_dir, "--out", str(tmp_path), "--lr", "-1"] if program == "vae" else ["eval", "--ckpt", "none"])
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_preset_that_contradicts_the_folders_config_is_refused(tmp_path, capsys):
+    """A --weights folder brings its config.json; --preset may name the same model (its tile size aside), not another."""
+    model = kl.build("tiny", latent_channels=8, use_quant_conv=False)
+    kl.export(model, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    write_test_image(tmp_path / "in.png", 16, 16)
+    argv = ["reconstruct", "--weights", str(tmp_path / "vae"), "--image", str(tmp_path / "in.png"), "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        kl.main([*argv, "--preset", "tiny", "--out", str(tmp_path / "a.png")])
+    assert e.value.code == 2
+    kl_error(capsys, "--preset tiny", "config.json", "drop --preset")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "latent_channels": 4, "use_quant_conv": True,
+                                                              "sample_size": 64}))
+    kl.save_safetensors(kl.build("tiny").state_dict(), str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    kl.main([*argv, "--preset", "tiny", "--out", str(tmp_path / "b.png")])  # the same model, another tile size: fine
+    assert os.path.isfile(tmp_path / "b.png")
+
+
+def test_the_safetensors_files_we_write_open_in_the_safetensors_package(tiny_weights, tmp_path):
+    """Latents, a diffusers export and an LDM export: the package reads every tensor as we do, the header is padded
+    to 8 bytes, and the metadata are strings (JSON where they hold structure)."""
+    safetensors = pytest.importorskip("safetensors")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_test_image(folder / "a.png", 32, 32)
+    common = ["--weights", tiny_weights, "--preset", "tiny", "--device", "cpu"]
+    kl.main(["encode", *common, "--data", str(folder), "--resolution", "32", "--out", str(tmp_path / "lat.safetensors")])
+    kl.main(["convert", *common[:4], "--export", str(tmp_path / "d" / "diffusion_pytorch_model.safetensors")])
+    kl.main(["convert", *common[:4], "--export-format", "ldm", "--export", str(tmp_path / "ldm.safetensors")])
+    for path in (tmp_path / "lat.safetensors", tmp_path / "d" / "diffusion_pytorch_model.safetensors", tmp_path / "ldm.safetensors"):
+        assert int.from_bytes(path.read_bytes()[:8], "little") % 8 == 0, path
+        ours = kl.load_safetensors(str(path))
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            assert sorted(f.keys()) == sorted(ours) and all(torch.equal(f.get_tensor(k), ours[k]) for k in ours), path
+            metadata = f.metadata()
+        assert metadata["format"] == "pt" and all(isinstance(v, str) for v in metadata.values()), path
+        for key in ("config", "names"):
+            if key in metadata:
+                json.loads(metadata[key])
+
+
+def test_vae_seed_decides_the_run(data_dir, tmp_path):
+    """The same --seed trains the same weights; another seed, others."""
+    weights = []
+    for seed, out in (("0", "a"), ("0", "b"), ("1", "c")):
+        vae.main(["--data-dir", data_dir, "--out", str(tmp_path / out), *TINY, "--epochs", "1", "--seed", seed])
+        weights.append(torch.load(str(tmp_path / out / "ckpt.pt"), weights_only=True)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_export_never_pairs_weights_with_another_models_config(tiny_weights, tmp_path, capsys):
+    """diffusers loads a folder's weights with its config.json: exporting into a folder whose config.json describes
+    another model is refused (nothing written), and with --overwrite both files are replaced together."""
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    other = json.loads(json.dumps(kl.diffusers_config(kl.build("tiny", latent_channels=8).config)))
+    (folder / "config.json").write_text(json.dumps(other))
+    argv = ["convert", "--weights", tiny_weights, "--preset", "tiny", "--export", str(folder / "diffusion_pytorch_model.safetensors")]
+    with pytest.raises(SystemExit) as e:
+        kl.main(argv)
+    assert e.value.code == 2
+    kl_error(capsys, "config.json", "another model", "--overwrite")
+    assert sorted(os.listdir(folder)) == ["config.json"] and json.loads((folder / "config.json").read_text()) == other
+    kl.main([*argv, "--overwrite"])
+    assert json.loads((folder / "config.json").read_text())["latent_channels"] == 4
+    state = kl.load_safetensors(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert state["decoder.conv_in.weight"].shape[1] == 4

@@ -871,7 +871,7 @@ def settle(cfg):
 # entry point
 
 def main(argv=None):
-    signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)  # put back on the way out: main() may be called from Python
     try:
         return run(parse_args(argv))
     except UserError as e:
@@ -880,6 +880,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("vae.py: interrupted; the checkpoint of the last finished epoch is kept", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
