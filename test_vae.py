@@ -2060,8 +2060,8 @@ def frozen_terms(model, images, flip=False):
 
 
 @pytest.mark.parametrize("flags", [[], ["--rec-loss", "mse", "--kl-weight", "0.5", "--perceptual-weight", "0.3", "--lr", "3e-4",
-                                        "--weight-decay", "0.1", "--grad-clip", "0.01", "--compile"]],
-                         ids=["defaults", "options"])
+                                        "--weight-decay", "0.1", "--grad-clip", "0.01", "--compile"], ["--precision", "bf16"]],
+                         ids=["defaults", "options", "bf16"])
 def test_kl_train_options_reach_the_objective_and_the_optimizer(frozen, tmp_path, monkeypatch, flags):
     """The first step from weights with a point-mass posterior, computed by hand: the logged terms are THE OBJECTIVE's
     with the options given (s = 0 before the first step), and AdamW gets their lr, weight decay, LDM's betas and the
@@ -2072,14 +2072,17 @@ def test_kl_train_options_reach_the_objective_and_the_optimizer(frozen, tmp_path
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
     hp = {"rec_loss": "l1", "kl_weight": 1e-6, "perceptual_weight": 0.0, "lr": 1e-4, "weight_decay": 0.0, "grad_clip": 0.0}
-    hp.update((f[2:].replace("-", "_"), v if f == "--rec-loss" else float(v)) for f, v in zip(flags[::2], flags[1::2])
-              if f != "--compile")
+    hp.update((f[2:].replace("-", "_"), v if f in ("--rec-loss", "--precision") else float(v))
+              for f, v in zip(flags[::2], flags[1::2]) if f != "--compile")
     records, _ = frozen_train(frozen, tmp_path, "--steps", "1", *flags)
     x, x_rec, kl_per_image = frozen_terms(frozen.model, frozen.images)
     rec = ((x - x_rec).abs() if hp["rec_loss"] == "l1" else (x - x_rec) ** 2).mean().item()
     p = kl.Perceptual(random_vgg_features())(x, x_rec).mean().item() if hp["perceptual_weight"] else 0.0
     first = records[0]
     assert first["step"] == 1
+    if "--precision" in flags:  # bf16 autocast: the networks in bfloat16 (8 bits of mantissa), not float32
+        assert first["rec"] == pytest.approx(rec, rel=2e-2) and first["rec"] != pytest.approx(rec, rel=1e-4)
+        return
     assert first["rec"] == pytest.approx(rec, rel=1e-5)
     assert first["kl"] == pytest.approx(kl_per_image.mean().item(), rel=1e-5)
     assert first["perceptual"] == pytest.approx(p, rel=1e-4, abs=1e-9)
@@ -2095,15 +2098,17 @@ def test_kl_train_options_reach_the_objective_and_the_optimizer(frozen, tmp_path
 
 
 def test_kl_disc_ema_and_export_options_reach_the_run(frozen, tmp_path, monkeypatch):
-    """--disc-start counts steps from 0: the adversarial term and the discriminator's Adam (LDM's betas) start at the
+    """--fid adds rFID to the final evaluation. --disc-start counts steps from 0: the adversarial term and the discriminator's Adam (LDM's betas) start at the
     step it names, the term weighted by --disc-weight and the adaptive lambda; the NLL divides by exp(s) of the step
     before; the EMA (--ema decay) starts at the initial weights, and --export writes the EMA."""
     spy, spy_d = spy_optimizer(torch.optim.AdamW), spy_optimizer(torch.optim.Adam)
     monkeypatch.setattr(torch.optim, "AdamW", spy)
     monkeypatch.setattr(torch.optim, "Adam", spy_d)
+    monkeypatch.setattr(kl, "load_inception", lambda device: RecordingFeatures())
     export = tmp_path / "export" / "w.safetensors"
     records, ckpt = frozen_train(frozen, tmp_path / "run", "--steps", "3", "--disc-start", "1", "--disc-weight", "0.3",
-                                 "--ema", "0.75", "--lr", "2e-4", "--export", str(export))
+                                 "--ema", "0.75", "--lr", "2e-4", "--fid", "--export", str(export))
+    assert "rfid" in kl_records(str(tmp_path / "run"), "eval")[-1]  # --fid: the final evaluation has it
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["g"] == records[0]["lambda"] == records[0]["d"] == 0
     assert len(spy_d.steps) == 2 and tuple(spy_d.steps[0]["betas"]) == (0.5, 0.9) and spy_d.steps[0]["lr"] == 2e-4
