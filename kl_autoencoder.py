@@ -36,7 +36,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1575 lines)
+    Part II, running it (1576 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main
@@ -1804,8 +1804,8 @@ def add_model_source(q):
 
 def add_architecture_options(g):
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="the architecture (default: --config, else a --weights folder's config.json, else sd); "
-                        "refused where it contradicts either")
+                   help="the architecture (default: a --weights folder's config.json, else sd); refused where it "
+                        "contradicts that config.json")
     g.add_argument("--config", default=None, help="a diffusers AutoencoderKL config.json (or its folder)")
 
 
@@ -1957,18 +1957,19 @@ def default_workers(data):
 
 def architecture(args):
     """(AutoencoderKL keywords, what they came from): --config, else the config.json of a --weights folder,
-    else --preset (sd when none is given). A --preset that describes another model than the config is refused
-    (the tile size and force_upcast may differ)."""
+    else --preset (sd when none is given). A --preset that describes another model than the folder's config.json
+    is refused (the tile size and force_upcast may differ)."""
+    if args.config:
+        return complete(read_config(args.config)), f"--config {args.config}"
     folder_config = os.path.join(args.weights, "config.json") if args.weights else ""
-    file = args.config or (folder_config if os.path.isfile(folder_config) else None)
-    if file is None:
+    if not os.path.isfile(folder_config):
         preset = args.preset or "sd"
         return complete(PRESETS[preset]), f"preset {preset}"
-    config, which = complete(read_config(file)), f"--config {file}" if args.config else file
+    config = complete(read_config(folder_config))
     if args.preset and any(v != config[k] for k, v in complete(PRESETS[args.preset]).items()
                            if k not in ("sample_size", "force_upcast")):
-        raise UserError(f"--preset {args.preset} describes another model than {which}: drop --preset")
-    return config, which
+        raise UserError(f"--preset {args.preset} describes another model than {folder_config}: drop --preset")
+    return config, folder_config
 
 
 def complete(config):
@@ -2198,7 +2199,7 @@ def main(argv=None):
         print("kl_autoencoder.py: interrupted; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python
 
 
 if __name__ == "__main__":

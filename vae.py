@@ -881,7 +881,7 @@ def main(argv=None):
         print("vae.py: interrupted; the checkpoint of the last finished epoch is kept", file=sys.stderr)
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python
 
 
 if __name__ == "__main__":
