@@ -259,16 +259,18 @@ def train_epoch(model, opt, x_train, cfg, epoch, terms_fn=train_terms):
     for i in range(steps):
         x = x_epoch[i * bs:(i + 1) * bs]
         with autocast:
-            first, kl = terms_fn(model, x, cfg.train_samples)
-        if cfg.train_samples > 1:  # first is L_K
-            loss = bound = -first.mean()
-        else:  # first is log p(x|z)
-            bound = (kl - first).mean()
+            terms = terms_fn(model, x, cfg.train_samples)
+        if cfg.train_samples > 1:  # the importance-weighted bound L_K; its KL is only logged
+            l_k, kl = terms
+            loss = bound = -l_k.mean()
+        else:  # the ELBO's two terms, weighted by the objective
+            log_px_z, kl = terms
+            bound = (kl - log_px_z).mean()
             if cfg.capacity is not None:
                 c = capacity_at(epoch * steps + i, cfg.capacity, cfg.capacity_iters)
-                loss = capacity_loss(first, kl, cfg.gamma, c).mean()
+                loss = capacity_loss(log_px_z, kl, cfg.gamma, c).mean()
             else:
-                loss = beta_vae_loss(first, kl, cfg.beta).mean()
+                loss = beta_vae_loss(log_px_z, kl, cfg.beta).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -286,6 +288,26 @@ def test_elbo(model, x_test, batch_size=2000):
         value, _, kl = elbo(x, mu, logvar, model.log_likelihood)
         sums += torch.stack([-value.sum(), kl.sum()])
     return (sums / len(x_test)).tolist()
+
+def train(model, x_train, x_test, cfg, first_epoch=0, opt_state=None):
+    """Adam (eps cfg.adam_eps), then the epochs first_epoch .. cfg.epochs - 1 (counted from 0), each at the learning
+    rate lr_at gives: one train_epoch and the test -ELBO. Yields each epoch's log record (epochs counted when
+    finished, losses in nats per example) and the optimizer, for the caller to log, checkpoint, or stop on a NaN."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=x_train.device.type == "cuda")
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    terms_fn = torch.compile(train_terms) if cfg.compile else train_terms
+    images = len(x_train) // cfg.batch_size * cfg.batch_size
+    for epoch in range(first_epoch, cfg.epochs):
+        lr = lr_at(epoch, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        loss, bound, kl = train_epoch(model, opt, x_train, cfg, epoch, terms_fn)  # reads the sums: syncs once
+        seconds = time.time() - t0
+        test_nelbo, test_kl = test_elbo(model, x_test)
+        yield {"kind": "epoch", "epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_bound": bound, "train_kl": kl,
+               "test_nelbo": test_nelbo, "test_kl": test_kl, "seconds": seconds, "images_per_s": images / seconds}, opt
 
 # -----------------------------------------------------------------------------
 # evaluation
@@ -659,7 +681,7 @@ def run(cfg):
     print(f"{cfg.arch} VAE, {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.likelihood} likelihood, "
           f"on {device}")
     if not cfg.eval_only:
-        epoch = train_epochs(model, ckpt, x_train, x_test, cfg, metrics)
+        epoch = train_and_log(model, ckpt, x_train, x_test, cfg, metrics)
 
     features = (lambda images: inception_features(inception, images)) if inception is not None else None
     record = evaluate(model, x_test_grey, x_test, cfg, features, Progress(f"test NLL (K={cfg.eval_samples})",
@@ -699,40 +721,27 @@ def open_run(cfg, device):
     return ckpt
 
 
-def train_epochs(model, ckpt, x_train, x_test, cfg, metrics):
-    """The epochs from the checkpoint's (or the first) to --epochs: a log line and a checkpoint after each.
-    Returns the number of finished epochs."""
-    device = x_train.device
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=device.type == "cuda")
-    epoch = 0
+def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
+    """train() from the checkpoint's epoch (and optimizer and random state) or the first: after each epoch a log
+    line, a line in metrics.jsonl and a checkpoint. Returns the number of finished epochs."""
+    epoch, opt_state = (ckpt["epoch"], ckpt["optimizer"]) if ckpt is not None else (0, None)
     if ckpt is not None:
-        epoch = ckpt["epoch"]
-        opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"]:
+        if x_train.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         drop_epochs_after(metrics, epoch)
         print(f"resuming {cfg.ckpt} after epoch {epoch}")
-    terms_fn = torch.compile(train_terms) if cfg.compile else train_terms
-    images = len(x_train) // cfg.batch_size * cfg.batch_size
     label = "-ELBO" if cfg.train_samples == 1 else f"-L_{cfg.train_samples}"  # train_bound in metrics.jsonl
-    for e in range(epoch, cfg.epochs):  # e counts from 0; the log and the checkpoint count finished epochs
-        lr = lr_at(e, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        t0 = time.time()
-        loss, bound, train_kl = train_epoch(model, opt, x_train, cfg, e, terms_fn)  # reads the sums: syncs once
-        seconds = time.time() - t0
-        if not math.isfinite(loss):
-            kept = f"{cfg.ckpt} holds the last good epoch, {e}" if e > 0 else "no checkpoint yet"
-            raise UserError(f"the training loss became {loss} in epoch {e + 1} ({kept}): try a lower --lr")
-        nelbo, kl = test_elbo(model, x_test)
-        append_jsonl(metrics, {"kind": "epoch", "epoch": e + 1, "lr": lr, "train_loss": loss, "train_bound": bound,
-                               "train_kl": train_kl, "test_nelbo": nelbo, "test_kl": kl, "seconds": seconds,
-                               "images_per_s": images / seconds})
-        save_checkpoint(cfg.ckpt, model, opt, cfg, e + 1)  # after the log line: a resume drops lines past it
-        print(f"epoch {e + 1:4d}/{cfg.epochs} | train {label} {bound:7.2f} | test -ELBO {nelbo:7.2f} | KL {kl:6.2f} | "
-              f"{seconds:6.2f} s | {images / seconds:9,.0f} img/s", flush=True)
+    for r, opt in train(model, x_train, x_test, cfg, epoch, opt_state):
+        e = r["epoch"]
+        if not math.isfinite(r["train_loss"]):
+            kept = f"{cfg.ckpt} holds the last good epoch, {e - 1}" if e > 1 else "no checkpoint yet"
+            raise UserError(f"the training loss became {r['train_loss']} in epoch {e} ({kept}): try a lower --lr")
+        append_jsonl(metrics, r)
+        save_checkpoint(cfg.ckpt, model, opt, cfg, e)  # after the log line: a resume drops lines past it
+        print(f"epoch {e:4d}/{cfg.epochs} | train {label} {r['train_bound']:7.2f} | test -ELBO "
+              f"{r['test_nelbo']:7.2f} | KL {r['test_kl']:6.2f} | {r['seconds']:6.2f} s | "
+              f"{r['images_per_s']:9,.0f} img/s", flush=True)
     return max(epoch, cfg.epochs)
 
 
