@@ -31,10 +31,10 @@ before --disc-start. With terms averaged over elements instead of summed, the sa
 kl_weight * N_latent / N_pixels (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels).
 
 The file:
-    Part I, the autoencoder and its objective (554 lines): read this part to learn the model
+    Part I, the autoencoder and its objective (574 lines): read this part to learn the model
         model           the modules in the order an image meets them, AutoencoderKL, the posterior
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
-        training step   train_step: the autoencoder's step, its EMA, the discriminator's step
+        training step   Config, LDM's recipe; train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
     Part II, running it (1576 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
@@ -45,6 +45,7 @@ The file:
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -476,6 +477,24 @@ def autoencoder_loss(x, x_rec, kl, logvar, rec_loss="l1", perceptual=None, perce
 # one training step
 
 
+@dataclasses.dataclass
+class Config:
+    """LDM's recipe for one training step (configs/autoencoder/autoencoder_kl_*.yaml and its LPIPSWithDiscriminator),
+    the train command's options of the same names (each comment is the option's help)."""
+    rec_loss: str = "l1"  # the per-pixel reconstruction loss: l1 (LDM) or mse
+    perceptual_weight: float = 1.0  # weight of the LPIPS-style VGG16 distance (LDM: 1; 0: off, nothing downloaded)
+    kl_weight: float = 1e-6  # weight of the KL summed over latent elements (LDM: 1e-6)
+    learn_logvar: bool = True  # learn the NLL's scalar log-variance s (LDM's code leaves it at 0)
+    disc_weight: float = 0.5  # weight of the adversarial term (LDM: 0.5; 0: no discriminator)
+    disc_start: int = 50001  # the step from which the discriminator trains and judges (LDM: 50001)
+    lr: float = 1e-4  # both optimizers (LDM: 4.5e-6 x GPUs x batch size)
+    betas: tuple = (0.5, 0.9)  # Adam's betas for both optimizers (LDM)
+    weight_decay: float = 0.0  # the autoencoder's AdamW weight decay (LDM: 0, Adam)
+    grad_clip: float = 0.0  # max gradient norm of the autoencoder (0: off)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999 (0: none)
+    precision: str = "fp32"  # autocast dtype, bf16 or fp32 (the train command's default: bf16 on CUDA)
+
+
 class Trainable(nn.Module):
     """What the autoencoder's optimizer trains, and what DistributedDataParallel wraps: the
     autoencoder and the scalar log-variance s of the NLL (a parameter, frozen at 0 with
@@ -492,29 +511,28 @@ class Trainable(nn.Module):
         return self.autoencoder.decode(posterior.sample()), posterior.kl()
 
 
-def train_step(model, disc, opt, opt_d, x, step, args, perceptual=None, ema=None, ranks=None):
-    """One step of THE OBJECTIVE on a batch x: the autoencoder's optimizer step (then its EMA), and from
-    args.disc_start on the discriminator's. model: a Trainable, or DistributedDataParallel around one;
-    args: rec_loss, perceptual_weight, kl_weight, disc_weight, disc_start, grad_clip, ema (the decay),
-    precision; ranks (several processes): averages the discriminator's gradients, syncs its statistics.
+def train_step(model, disc, x, step, *, opt, opt_d, cfg, perceptual=None, ema=None):
+    """One step of THE OBJECTIVE on a batch x with the recipe cfg (a Config): the autoencoder's optimizer step (then
+    its EMA), and from cfg.disc_start on the discriminator's. model: a Trainable, or DistributedDataParallel around
+    one; in several processes the discriminator's gradients are averaged and its statistics shared here.
     Returns the terms of autoencoder_loss and the discriminator's loss d, on the device (no host sync)."""
     raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    disc_on = args.disc_weight > 0 and step >= args.disc_start
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    disc_on = cfg.disc_weight > 0 and step >= cfg.disc_start
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     # the autoencoder: decode a posterior sample, the objective (the discriminator frozen while it judges), a step
     with autocast:
         x_rec, kl = model(x)
         disc.requires_grad_(False)
         loss, terms = autoencoder_loss(
-            x, x_rec, kl, raw_model.logvar, args.rec_loss, perceptual, args.perceptual_weight, args.kl_weight,
-            disc if disc_on else None, args.disc_weight, raw_model.autoencoder.decoder.conv_out.weight)
+            x, x_rec, kl, raw_model.logvar, cfg.rec_loss, perceptual, cfg.perceptual_weight, cfg.kl_weight,
+            disc if disc_on else None, cfg.disc_weight, raw_model.autoencoder.decoder.conv_out.weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if args.grad_clip > 0:
-        nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
     opt.step()
     if ema is not None:  # ema <- decay * ema + (1 - decay) * weights
-        torch._foreach_lerp_(list(ema.parameters()), list(raw_model.autoencoder.parameters()), 1 - args.ema)
+        torch._foreach_lerp_(list(ema.parameters()), list(raw_model.autoencoder.parameters()), 1 - cfg.ema)
     # the discriminator: the hinge loss on the real images and the (detached) reconstructions, a step
     terms["d"] = torch.zeros((), device=x.device)
     if disc_on:
@@ -523,11 +541,14 @@ def train_step(model, disc, opt, opt_d, x, step, args, perceptual=None, ema=None
             d = hinge_d_loss(disc(x.detach()).float(), disc(x_rec.detach()).float())
         opt_d.zero_grad(set_to_none=True)
         d.backward()
-        if ranks is not None:
-            ranks.mean_([p.grad for p in disc.parameters()])
+        if dist.is_initialized():  # the discriminator is not in DDP: average its gradients over the processes
+            for p in disc.parameters():
+                dist.all_reduce(p.grad)
+                p.grad.div_(dist.get_world_size())
         opt_d.step()
-        if ranks is not None:
-            ranks.sync_buffers(disc)
+        if dist.is_initialized() and x.device.type != "cuda":  # rank 0's BatchNorm statistics (CUDA: SyncBatchNorm)
+            for b in disc.buffers():
+                dist.broadcast(b, 0)
         terms["d"] = d.detach().float()
     return terms
 
@@ -1359,12 +1380,6 @@ class Ranks:
         dist.all_gather_object(objects, obj)
         return objects
 
-    def sync_buffers(self, module):
-        """Rank 0's buffers (BatchNorm's running statistics) on every rank; SyncBatchNorm does it on CUDA."""
-        if self.distributed and self.device.type != "cuda":
-            for b in module.buffers():
-                dist.broadcast(b, 0)
-
     def close(self):
         if self.distributed:
             dist.destroy_process_group()
@@ -1419,8 +1434,8 @@ def new_run(args, config, ranks):
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     if cuda:
         model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=tuple(args.betas))
     model.logvar.requires_grad_(args.learn_logvar)
     ema = copy.deepcopy(model.autoencoder).requires_grad_(False) if args.ema else None
     return types.SimpleNamespace(model=model, disc=disc, opt=opt, opt_d=opt_d, ema=ema, step=0, saved=None,
@@ -1537,7 +1552,8 @@ def training_run(args, ranks):
             if ranks.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             # one step of the autoencoder, its EMA and the discriminator
-            terms = train_step(model, run.disc, run.opt, run.opt_d, x, run.step, args, s.perceptual, run.ema, ranks)
+            terms = train_step(model, run.disc, x, run.step, opt=run.opt, opt_d=run.opt_d, cfg=s.recipe,
+                               perceptual=s.perceptual, ema=run.ema)
             run.sums += torch.stack([terms[name] for name in LOG_COLUMNS])
             run.step, run.since_log, images = run.step + 1, run.since_log + 1, images + len(x) * ranks.world
             # the log: the means since the last line, over all ranks (the only host sync of the loop)
@@ -1622,8 +1638,9 @@ def start_run(args, ranks):
               f"{ranks.device}; {total:,} steps")
     if ranks.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ranks.device)
-    return run, model, types.SimpleNamespace(config=config, sampler=sampler, loader=loader, val=val, total=total,
-                                             steps_per_epoch=steps_per_epoch, perceptual=perceptual,
+    recipe = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    return run, model, types.SimpleNamespace(config=config, recipe=recipe, sampler=sampler, loader=loader, val=val,
+                                             total=total, steps_per_epoch=steps_per_epoch, perceptual=perceptual,
                                              inception=inception, ckpt_path=ckpt_path, metrics=metrics)
 
 
@@ -1860,29 +1877,14 @@ def add_training_options(t):
     g.add_argument("--block-out-channels", type=positive_int, nargs="+", default=None, help="overrides the preset")
     g.add_argument("--layers-per-block", type=positive_int, default=None, help="overrides the preset")
     g.add_argument("--latent-channels", type=positive_int, default=None, help="overrides the preset")
-    g = t.add_argument_group("loss")
-    g.add_argument("--rec-loss", default="l1", choices=["l1", "mse"])
-    g.add_argument("--perceptual-weight", type=nonnegative_float, default=1.0,
-                   help="LPIPS-style VGG16 term (0: off, nothing downloaded)")
+    g = t.add_argument_group("the recipe (Config)")
+    add_config_options(g)
     g.add_argument("--lpips-weights", default=None,
                    help="the LPIPS project's v0.1 vgg.pth for calibrated channel weights (default: all 1)")
-    g.add_argument("--kl-weight", type=nonnegative_float, default=1e-6,
-                   help="on the KL summed over latent elements (LDM)")
-    g.add_argument("--learn-logvar", action=argparse.BooleanOptionalAction, default=True,
-                   help="optimise the NLL's scalar log-variance (off: it stays 0, as in LDM's code)")
-    g.add_argument("--disc-weight", type=nonnegative_float, default=0.5, help="adversarial term (0: no discriminator)")
-    g.add_argument("--disc-start", type=nonnegative_int, default=50001,
-                   help="step at which the discriminator starts (LDM: 50001)")
     g = t.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=positive_int, default=8, help="per process")
-    g.add_argument("--lr", type=positive_float, default=1e-4, help="both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
-    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW's; 0 is Adam")
     g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: --epochs, or 10000)")
     g.add_argument("--epochs", type=positive_int, default=None)
-    g.add_argument("--grad-clip", type=nonnegative_float, default=0.0,
-                   help="max gradient norm of the autoencoder (0: off)")
-    g.add_argument("--ema", type=decay, default=0.0, metavar="DECAY",
-                   help="keep an exponential moving average of the weights (e.g. 0.999)")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips")
     g.add_argument("--compile", action="store_true")
     g = t.add_argument_group("outputs")
@@ -1892,6 +1894,25 @@ def add_training_options(t):
     g.add_argument("--ckpt-every", type=positive_int, default=1000)
     g.add_argument("--eval-every", type=nonnegative_int, default=1000,
                    help="held-out evaluation every N steps (0: only at the end)")
+
+
+def add_config_options(g):
+    """An option for each field of Config but precision (eval has it too), its comment the help: the recipe is
+    written once."""
+    comments = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
+    kinds = {"lr": positive_float, "ema": decay, "betas": decay, "disc_start": nonnegative_int}
+    for f in dataclasses.fields(Config):
+        flag, kw = "--" + f.name.replace("_", "-"), {"default": f.default, "help": comments[f.name]}
+        if f.name == "precision":
+            continue
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.type is str:
+            kw["choices"] = ("l1", "mse")  # rec_loss
+        else:
+            kw.update(type=kinds.get(f.name, nonnegative_float), nargs=2 if f.type is tuple else None,
+                      metavar=("BETA1", "BETA2") if f.type is tuple else None)
+        g.add_argument(flag, **kw)
 
 
 def settle(args):

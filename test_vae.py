@@ -7,6 +7,7 @@ The property tests of the formulas are in test_math.py.
 import argparse
 import ast
 import copy
+import dataclasses
 import gzip
 import hashlib
 import inspect
@@ -1069,12 +1070,12 @@ def test_kl_train_step_applies_the_gradient_of_the_stated_objective(step):
     """The gradient train_step hands the autoencoder's optimizer is that of THE OBJECTIVE (KL averaged over the
     batch, a posterior sample decoded, perceptual per pixel, the learned s, the adversarial term with the adaptive
     weight at decoder.conv_out exactly from --disc-start on); the discriminator's is that of the hinge loss."""
-    hp = argparse.Namespace(**KL_HP)
+    hp = kl.Config(**KL_HP)
     model, disc, perceptual, x = kl_objective_setup()
     ref_model, ref_disc = copy.deepcopy(model), copy.deepcopy(disc)
     opt, opt_d = Recorder(model.parameters()), Recorder(disc.parameters())
     torch.manual_seed(7)
-    terms = kl.train_step(model, disc, opt, opt_d, x, step, hp, perceptual)
+    terms = kl.train_step(model, disc, x, step, opt=opt, opt_d=opt_d, cfg=hp, perceptual=perceptual)
     with_disc = step >= hp.disc_start
     loss, x_rec = stated_objective(ref_model, ref_disc, perceptual, x, hp, with_disc, seed=7)
     expected = torch.autograd.grad(loss, list(ref_model.parameters()))
@@ -1091,10 +1092,10 @@ def test_kl_train_step_applies_the_gradient_of_the_stated_objective(step):
 
 def test_kl_train_step_clips_the_gradient_and_moves_the_ema_towards_the_weights():
     model, disc, perceptual, x = kl_objective_setup()
-    hp = argparse.Namespace(**KL_HP)
+    hp = kl.Config(**KL_HP)
     opt = Recorder(model.parameters())
     torch.manual_seed(7)
-    kl.train_step(model, disc, opt, Recorder(disc.parameters()), x, 0, hp, perceptual)
+    kl.train_step(model, disc, x, 0, opt=opt, opt_d=Recorder(disc.parameters()), cfg=hp, perceptual=perceptual)
     norm = flat(opt.grads).norm().item()
     hp.grad_clip, hp.ema = norm / 10, 0.9
     ema = copy.deepcopy(model.autoencoder).requires_grad_(False)
@@ -1103,7 +1104,7 @@ def test_kl_train_step_clips_the_gradient_and_moves_the_ema_towards_the_weights(
             p.add_(1.0)
     before = [p.detach().clone() for p in ema.parameters()]
     torch.manual_seed(7)
-    kl.train_step(model, disc, opt, Recorder(disc.parameters()), x, 0, hp, perceptual, ema=ema)
+    kl.train_step(model, disc, x, 0, opt=opt, opt_d=Recorder(disc.parameters()), cfg=hp, perceptual=perceptual, ema=ema)
     assert flat(opt.grads).norm().item() == pytest.approx(norm / 10, rel=1e-6)  # clipped to --grad-clip
     for e, b, w in zip(ema.parameters(), before, model.autoencoder.parameters()):  # ema = 0.9 ema + 0.1 weights
         assert torch.allclose(e, 0.9 * b + 0.1 * w, rtol=0, atol=1e-12)
@@ -2460,3 +2461,18 @@ def test_export_never_pairs_weights_with_another_models_config(tiny_weights, tmp
     assert json.loads((folder / "config.json").read_text())["latent_channels"] == 4
     state = kl.load_safetensors(str(folder / "diffusion_pytorch_model.safetensors"))
     assert state["decoder.conv_in.weight"].shape[1] == 4
+
+
+def test_config_holds_ldms_recipe_and_is_the_train_commands_options():
+    """LDM's values (latent-diffusion's contperceptual.py and kl-f8 config; FACTS.md), with our two documented
+    departures (--learn-logvar on; lr 1e-4 for one small GPU), and the train command's defaults are Config's."""
+    ldm = kl.Config()
+    assert (ldm.rec_loss, ldm.perceptual_weight, ldm.kl_weight, ldm.disc_weight, ldm.disc_start, ldm.betas) == \
+        ("l1", 1.0, 1e-6, 0.5, 50001, (0.5, 0.9))
+    assert (ldm.weight_decay, ldm.grad_clip, ldm.ema, ldm.learn_logvar, ldm.lr) == (0.0, 0.0, 0.0, True, 1e-4)
+    args = kl.parse_args(["train", "--data", "x.npz", "--device", "cpu"])
+    assert all(getattr(args, f.name) == getattr(ldm, f.name) for f in dataclasses.fields(kl.Config)
+               if f.name not in ("betas", "precision"))
+    assert tuple(args.betas) == ldm.betas and args.precision == "fp32"  # bf16 on CUDA
+    args = kl.parse_args(["train", "--data", "x.npz", "--betas", "0.9", "0.99", "--no-learn-logvar", "--rec-loss", "mse"])
+    assert (tuple(args.betas), args.learn_logvar, args.rec_loss) == ((0.9, 0.99), False, "mse")
