@@ -36,7 +36,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   Config, LDM's recipe; train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1576 lines)
+    Part II, running it (1578 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main
@@ -919,9 +919,10 @@ def load_pretrained(url, needed_by, otherwise=""):
 
 def load_vgg16():
     """torchvision's ImageNet VGG16 convolutional layers (downloaded on first use)."""
+    state = load_pretrained(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, "the perceptual loss",
+                            ", or train without it: --perceptual-weight 0")
     vgg = torchvision.models.vgg16(weights=None)
-    vgg.load_state_dict(load_pretrained(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, "the perceptual loss",
-                                        ", or train without it: --perceptual-weight 0"))
+    vgg.load_state_dict(state)
     return vgg.features
 
 
@@ -946,8 +947,9 @@ INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
 
 def load_inception(device):
     """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
+    state = load_pretrained(INCEPTION.url, "--fid")  # first: a missing or refused file fails before any work
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-    net.load_state_dict(load_pretrained(INCEPTION.url, "--fid"))
+    net.load_state_dict(state)
     net.fc = nn.Identity()
     return net.eval().to(device)
 

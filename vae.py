@@ -493,8 +493,9 @@ INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
 
 def load_inception(device):
     """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
+    state = load_pretrained(INCEPTION.url, "--fid")  # first: a missing or refused file fails before any work
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-    net.load_state_dict(load_pretrained(INCEPTION.url, "--fid"))
+    net.load_state_dict(state)
     net.fc = nn.Identity()
     return net.eval().to(device)
 
