@@ -396,18 +396,16 @@ def test_fid_without_inception_weights_is_one_line_error(data_dir, tmp_path, mon
 
 # ----------------------------------------------------------------------------- the command line
 
-def test_help_works():
-    result = subprocess.run([sys.executable, "vae.py", "--help"], cwd=HERE, capture_output=True, text=True)
-    assert result.returncode == 0
-    assert "--eval-samples" in result.stdout and "--preset" in result.stdout
+def test_help_works(capsys):
+    assert run_main(["--help"]) == 0  # the program as a process: test_sigterm_ends_a_run_like_ctrl_c
+    out = capsys.readouterr().out
+    assert "--eval-samples" in out and "--preset" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_cuda_without_cuda_fails_cleanly(data_dir, tmp_path):
-    result = subprocess.run([sys.executable, "vae.py", "--device", "cuda", "--data-dir", data_dir, "--out", str(tmp_path)],
-                            cwd=HERE, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("vae.py: error: --device cuda") and len(result.stderr.strip().splitlines()) == 1
+def test_device_cuda_without_cuda_fails_cleanly(data_dir, tmp_path, capsys):
+    assert run_main(["--device", "cuda", "--data-dir", data_dir, "--out", str(tmp_path)]) == 2
+    one_line_error(capsys, "--device cuda")
 
 
 def test_preset_iwae_and_its_schedule():
@@ -1770,12 +1768,14 @@ def test_any_diffusers_config_builds_the_same_model_and_survives_export(tmp_path
 
 
 def test_presets_carry_the_published_latent_conventions():
-    assert {p: (kl.build(p).config["scaling_factor"], kl.build(p).config["shift_factor"]) for p in ("sd", "sdxl", "sd3", "flux")} == {
+    with torch.device("meta"):  # the modules and their config, without allocating weights
+        models = {p: kl.build(p) for p in ("sd", "sdxl", "sd3", "flux")}
+    assert {p: (m.config["scaling_factor"], m.config["shift_factor"]) for p, m in models.items()} == {
         "sd": (0.18215, None), "sdxl": (0.13025, None), "sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
     for p in ("sd3", "flux"):
-        model = kl.build(p)
+        model = models[p]
         assert model.quant_conv is None and model.post_quant_conv is None and model.config["latent_channels"] == 16
-    assert kl.build("sdxl").config["force_upcast"] and kl.build("sdxl").config["sample_size"] == 1024
+    assert models["sdxl"].config["force_upcast"] and models["sdxl"].config["sample_size"] == 1024
 
 
 @pytest.mark.parametrize("name", list(SD_CONFIGS))
