@@ -912,7 +912,7 @@ def load_pretrained(url, needed_by, otherwise=""):
             raise UserError(f"{path} is not torchvision's {name} (its sha256 begins {found[:len(known)]}, not "
                             f"{known}), so it is not loaded: replace it with the file from {url}")
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # no network (URLError is an OSError), bad file
+    except (OSError, RuntimeError, MemoryError, pickle.UnpicklingError) as e:  # no network (URLError: OSError)
         raise UserError(f"{needed_by} needs torchvision's {name} and could not get it ({type(e).__name__}); "
                         f"put that file into {folder}{otherwise}")
 

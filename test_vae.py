@@ -1710,6 +1710,13 @@ def test_load_pretrained_checks_the_hash_in_the_name_on_every_load_and_unpickles
     (hub / os.path.basename(url)).write_bytes(data[:-1] + b"x")  # changed after the download
     with pytest.raises(module.UserError, match="sha256 begins"):
         module.load_pretrained(url, "a test")
+    (hub / os.path.basename(url)).write_bytes(data)
+
+    def out_of_memory(*args, **kwargs):  # as reading or unpickling a huge file planted under the name would
+        raise MemoryError
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(module.UserError, match="MemoryError"):
+        module.load_pretrained(url, "a test")
 
 
 def test_a_ckpt_that_needs_code_is_refused_and_never_run(tmp_path, capsys):
