@@ -36,7 +36,7 @@ The file:
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   Config, LDM's recipe; train_step: the autoencoder's step, its EMA, the discriminator's step
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1578 lines)
+    Part II, running it (1579 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main
@@ -1743,9 +1743,10 @@ seed = _number(int, 0, True, 2 ** 63 - 1)
 
 
 def decay(text):
+    """A number in [0, 1): an EMA's decay, Adam's betas."""
     value = nonnegative_float(text)
     if value >= 1:
-        raise argparse.ArgumentTypeError(f"a decay in [0, 1), e.g. 0.999 (0: off), got {text}")
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 

@@ -1452,7 +1452,8 @@ def test_every_image_depth_and_mode_is_read_as_8_bit_rgb(tmp_path):
     (["--latent-channels", "0"], ["--latent-channels"]),
     (["--layers-per-block", "-1"], ["--layers-per-block"]),
     (["--resolution", "100000"], ["--resolution 100000", "GiB"]),
-    (["--ema", "1"], ["--ema"]),
+    (["--ema", "1"], ["--ema", "[0, 1)"]),
+    (["--betas", "0.5", "1.5"], ["--betas", "[0, 1)"]),
 ])
 def test_kl_bad_numbers_are_one_line_errors(kl_data, tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as e:
