@@ -31,12 +31,12 @@ before --disc-start. With terms averaged over elements instead of summed, the sa
 kl_weight * N_latent / N_pixels (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels).
 
 The file:
-    Part I, the autoencoder and its objective (574 lines): read this part to learn the model
+    Part I, the autoencoder and its objective (579 lines): read this part to learn the model
         model           the modules in the order an image meets them, AutoencoderKL, the posterior
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
-        training step   Config, LDM's recipe; train_step: the autoencoder's step, its EMA, the discriminator's step
+        training step   Config, LDM's recipe; train_step, the autoencoder's step, its EMA, the discriminator's
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1579 lines)
+    Part II, running it (1575 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main
@@ -477,22 +477,27 @@ def autoencoder_loss(x, x_rec, kl, logvar, rec_loss="l1", perceptual=None, perce
 # one training step
 
 
+def knob(default, help, **option):
+    """A field of Config: its default, and the help (and any choices or metavar) of its train option."""
+    return dataclasses.field(default=default, metadata={"help": help, **option})
+
+
 @dataclasses.dataclass
 class Config:
-    """LDM's recipe for one training step (configs/autoencoder/autoencoder_kl_*.yaml and its LPIPSWithDiscriminator),
-    the train command's options of the same names (each comment is the option's help)."""
-    rec_loss: str = "l1"  # the per-pixel reconstruction loss: l1 (LDM) or mse
-    perceptual_weight: float = 1.0  # weight of the LPIPS-style VGG16 distance (LDM: 1; 0: off, nothing downloaded)
-    kl_weight: float = 1e-6  # weight of the KL summed over latent elements (LDM: 1e-6)
-    learn_logvar: bool = True  # learn the NLL's scalar log-variance s (LDM's code leaves it at 0)
-    disc_weight: float = 0.5  # weight of the adversarial term (LDM: 0.5; 0: no discriminator)
-    disc_start: int = 50001  # the step from which the discriminator trains and judges (LDM: 50001)
-    lr: float = 1e-4  # both optimizers (LDM: 4.5e-6 x GPUs x batch size)
-    betas: tuple = (0.5, 0.9)  # Adam's betas for both optimizers (LDM)
-    weight_decay: float = 0.0  # the autoencoder's AdamW weight decay (LDM: 0, Adam)
-    grad_clip: float = 0.0  # max gradient norm of the autoencoder (0: off)
-    ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999 (0: none)
-    precision: str = "fp32"  # autocast dtype, bf16 or fp32 (the train command's default: bf16 on CUDA)
+    """LDM's training recipe (configs/autoencoder/autoencoder_kl_*.yaml and LPIPSWithDiscriminator): the objective's
+    weights and both optimizers' settings. Each field is a train option of the same name, with this help."""
+    rec_loss: str = knob("l1", "the per-pixel reconstruction loss (LDM: l1)", choices=("l1", "mse"))
+    perceptual_weight: float = knob(1.0, "weight of the LPIPS-style VGG16 distance (LDM: 1; 0: off)")
+    kl_weight: float = knob(1e-6, "weight of the KL summed over latent elements (LDM: 1e-6)")
+    learn_logvar: bool = knob(True, "learn the NLL's scalar log-variance s (LDM's code leaves it at 0)")
+    disc_weight: float = knob(0.5, "weight of the adversarial term (LDM: 0.5; 0: no discriminator)")
+    disc_start: int = knob(50001, "the step from which the discriminator trains and judges (LDM: 50001)")
+    lr: float = knob(1e-4, "learning rate of both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
+    betas: tuple = knob((0.5, 0.9), "Adam's betas, both optimizers (LDM)", metavar=("BETA1", "BETA2"))
+    weight_decay: float = knob(0.0, "the autoencoder's AdamW weight decay (LDM: 0, Adam)")
+    grad_clip: float = knob(0.0, "max gradient norm of the autoencoder (0: off)")
+    ema: float = knob(0.0, "decay of a moving average of the weights, e.g. 0.999 (0: none)", metavar="DECAY")
+    precision: str = knob("fp32", "autocast dtype (train and eval: bf16 on CUDA)", choices=("bf16", "fp32"))
 
 
 class Trainable(nn.Module):
@@ -1421,7 +1426,7 @@ PROGRAM, CHECKPOINT_KEYS = "kl_autoencoder.py", {"model", "config", "step"}
 LOG_COLUMNS = ("loss", "rec", "perceptual", "nll", "kl", "g", "lambda", "d")  # train_step's terms, as logged
 
 
-def new_run(args, config, ranks):
+def new_run(args, recipe, config, ranks):
     """A run's state: the networks, their optimizers, the EMA, the step and the log line in progress.
     Every rank starts from the same weights and then draws its own posterior samples."""
     cuda = ranks.device.type == "cuda"
@@ -1436,10 +1441,10 @@ def new_run(args, config, ranks):
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     if cuda:
         model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=tuple(args.betas))
-    model.logvar.requires_grad_(args.learn_logvar)
-    ema = copy.deepcopy(model.autoencoder).requires_grad_(False) if args.ema else None
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=recipe.lr, betas=recipe.betas)
+    model.logvar.requires_grad_(recipe.learn_logvar)
+    ema = copy.deepcopy(model.autoencoder).requires_grad_(False) if recipe.ema else None
     return types.SimpleNamespace(model=model, disc=disc, opt=opt, opt_d=opt_d, ema=ema, step=0, saved=None,
                                  sums=torch.zeros(len(LOG_COLUMNS), device=ranks.device), since_log=0)
 
@@ -1619,7 +1624,8 @@ def start_run(args, ranks):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(sampler)} training images of each "
                         f"of the {ranks.world} processes")
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
-    run = new_run(args, config, ranks)
+    recipe = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    run = new_run(args, recipe, config, ranks)
     if ckpt is not None:
         restore_run(run, ckpt, ranks)
         if ranks.main:
@@ -1640,7 +1646,6 @@ def start_run(args, ranks):
               f"{ranks.device}; {total:,} steps")
     if ranks.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ranks.device)
-    recipe = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     return run, model, types.SimpleNamespace(config=config, recipe=recipe, sampler=sampler, loader=loader, val=val,
                                              total=total, steps_per_epoch=steps_per_epoch, perceptual=perceptual,
                                              inception=inception, ckpt_path=ckpt_path, metrics=metrics)
@@ -1880,10 +1885,9 @@ def add_training_options(t):
     g.add_argument("--block-out-channels", type=positive_int, nargs="+", default=None, help="overrides the preset")
     g.add_argument("--layers-per-block", type=positive_int, default=None, help="overrides the preset")
     g.add_argument("--latent-channels", type=positive_int, default=None, help="overrides the preset")
-    g = t.add_argument_group("the recipe (Config)")
-    add_config_options(g)
     g.add_argument("--lpips-weights", default=None,
                    help="the LPIPS project's v0.1 vgg.pth for calibrated channel weights (default: all 1)")
+    add_config_options(t.add_argument_group("the recipe (Config)"))
     g = t.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=positive_int, default=8, help="per process")
     g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: --epochs, or 10000)")
@@ -1900,22 +1904,18 @@ def add_training_options(t):
 
 
 def add_config_options(g):
-    """An option for each field of Config but precision (eval has it too), its comment the help: the recipe is
-    written once."""
-    comments = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
-    kinds = {"lr": positive_float, "ema": decay, "betas": decay, "disc_start": nonnegative_int}
+    """A train option for each field of Config, with its default and help (precision is a run option, of eval too)."""
+    checks = {"lr": positive_float, "ema": decay, "betas": decay}  # the other numbers: >= 0
     for f in dataclasses.fields(Config):
-        flag, kw = "--" + f.name.replace("_", "-"), {"default": f.default, "help": comments[f.name]}
         if f.name == "precision":
             continue
-        if f.type is bool:
+        kw = {"default": f.default, **f.metadata, "help": f.metadata["help"].replace("%", "%%")}  # argparse's %
+        if isinstance(f.default, bool):
             kw["action"] = argparse.BooleanOptionalAction
-        elif f.type is str:
-            kw["choices"] = ("l1", "mse")  # rec_loss
-        else:
-            kw.update(type=kinds.get(f.name, nonnegative_float), nargs=2 if f.type is tuple else None,
-                      metavar=("BETA1", "BETA2") if f.type is tuple else None)
-        g.add_argument(flag, **kw)
+        elif not isinstance(f.default, str):
+            kw["type"] = checks.get(f.name, nonnegative_int if isinstance(f.default, int) else nonnegative_float)
+            kw["nargs"] = len(f.default) if isinstance(f.default, tuple) else None
+        g.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def settle(args):
@@ -1944,6 +1944,7 @@ def settle(args):
         check_output(args.export, "--export", inputs, args.overwrite, (".safetensors",), make_folder=True)
     if args.command != "train":
         return args
+    args.betas = tuple(args.betas)
     if args.steps is not None and args.epochs is not None:
         raise UserError("--steps and --epochs: pass one of them")
     if args.steps is None and args.epochs is None:

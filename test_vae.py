@@ -1350,6 +1350,11 @@ def test_vae_nan_in_the_first_epoch_says_no_checkpoint_was_written(data_dir, tmp
     monkeypatch.setattr(vae, "train_epoch", lambda *args: [float("nan")] * 3)
     assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY]) == 2
     one_line_error(capsys, "nan", "no checkpoint yet")
+    calls = []
+    monkeypatch.setattr(vae, "train_epoch", lambda *args: calls.append(1) or [0.0 if len(calls) < 3 else float("nan")] * 3)
+    assert run_main(["--data-dir", data_dir, "--out", str(tmp_path / "later"), *TINY]) == 2
+    one_line_error(capsys, "nan", "in epoch 3", "holds the last good epoch, 2")
+    assert torch.load(str(tmp_path / "later" / "ckpt.pt"), weights_only=True)["epoch"] == 2
 
 
 def test_sigterm_ends_a_run_like_ctrl_c(data_dir, tmp_path):
@@ -2475,7 +2480,7 @@ def test_export_never_pairs_weights_with_another_models_config(tiny_weights, tmp
     assert state["decoder.conv_in.weight"].shape[1] == 4
 
 
-def test_config_holds_ldms_recipe_and_is_the_train_commands_options():
+def test_config_holds_ldms_recipe_and_is_the_train_commands_options(capsys):
     """LDM's values (latent-diffusion's contperceptual.py and kl-f8 config; FACTS.md), with our two documented
     departures (--learn-logvar on; lr 1e-4 for one small GPU), and the train command's defaults are Config's."""
     ldm = kl.Config()
@@ -2487,4 +2492,12 @@ def test_config_holds_ldms_recipe_and_is_the_train_commands_options():
                if f.name not in ("betas", "precision"))
     assert tuple(args.betas) == ldm.betas and args.precision == "fp32"  # bf16 on CUDA
     args = kl.parse_args(["train", "--data", "x.npz", "--betas", "0.9", "0.99", "--no-learn-logvar", "--rec-loss", "mse"])
-    assert (tuple(args.betas), args.learn_logvar, args.rec_loss) == ((0.9, 0.99), False, "mse")
+    assert (args.betas, args.learn_logvar, args.rec_loss) == ((0.9, 0.99), False, "mse")
+    with pytest.raises(SystemExit):
+        kl.parse_args(["train", "--help"])
+    printed = "".join(capsys.readouterr().out.split())  # without the spaces and line breaks of argparse's wrapping
+    assert all("".join(f.metadata["help"].split()) in printed for f in dataclasses.fields(kl.Config)
+               if f.name != "precision")  # a run option, of eval too, with its own help
+    for wrong in (["--disc-start", "1.5"], ["--lr", "0"], ["--rec-loss", "l2"], ["--kl-weight", "-1"]):
+        with pytest.raises(kl.UserError, match=wrong[0]):
+            kl.parse_args(["train", "--data", "x.npz", *wrong])

@@ -289,6 +289,7 @@ def test_elbo(model, x_test, batch_size=2000):
         sums += torch.stack([-value.sum(), kl.sum()])
     return (sums / len(x_test)).tolist()
 
+
 def train(model, x_train, x_test, cfg, first_epoch=0, opt_state=None):
     """Adam (eps cfg.adam_eps), then the epochs first_epoch .. cfg.epochs - 1 (counted from 0), each at the learning
     rate lr_at gives: one train_epoch and the test -ELBO. Yields each epoch's log record (epochs counted when
