@@ -31,12 +31,12 @@ before --disc-start. With terms averaged over elements instead of summed, the sa
 kl_weight * N_latent / N_pixels (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels).
 
 The file:
-    Part I, the autoencoder and its objective (579 lines): read this part to learn the model
+    Part I, the autoencoder and its objective (582 lines): read this part to learn the model
         model           the modules in the order an image meets them, AutoencoderKL, the posterior
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   Config, LDM's recipe; train_step, the autoencoder's step, its EMA, the discriminator's
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1575 lines)
+    Part II, running it (1577 lines)
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main
@@ -202,7 +202,8 @@ class Encoder(nn.Module):
         channels = [block_out_channels[0], *block_out_channels]
         last = len(block_out_channels) - 1
         self.down_blocks = nn.ModuleList([
-            Level(channels[i], channels[i + 1], layers_per_block, groups, act_fn, None if i == last else "down")
+            Level(channels[i], channels[i + 1], layers_per_block, groups=groups, act_fn=act_fn,
+                  resample=None if i == last else "down")
             for i in range(len(block_out_channels))])
         self.mid_block = MidBlock(block_out_channels[-1], groups, act_fn, mid_attention)
         self.conv_norm_out = group_norm(block_out_channels[-1], groups)
@@ -226,7 +227,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(latent_channels, rev[0], 3, padding=1)
         last = len(rev) - 1  # up_blocks before mid_block: diffusers' state dict lists them first
         self.up_blocks = nn.ModuleList([
-            Level(rev[max(i - 1, 0)], rev[i], layers_per_block + 1, groups, act_fn, None if i == last else "up")
+            Level(rev[max(i - 1, 0)], rev[i], layers_per_block + 1, groups=groups, act_fn=act_fn,
+                  resample=None if i == last else "up")
             for i in range(len(rev))])
         self.mid_block = MidBlock(rev[0], groups, act_fn, mid_attention)
         self.conv_norm_out = group_norm(block_out_channels[0], groups)
@@ -529,8 +531,9 @@ def train_step(model, disc, x, step, *, opt, opt_d, cfg, perceptual=None, ema=No
         x_rec, kl = model(x)
         disc.requires_grad_(False)
         loss, terms = autoencoder_loss(
-            x, x_rec, kl, raw_model.logvar, cfg.rec_loss, perceptual, cfg.perceptual_weight, cfg.kl_weight,
-            disc if disc_on else None, cfg.disc_weight, raw_model.autoencoder.decoder.conv_out.weight)
+            x, x_rec, kl, raw_model.logvar, rec_loss=cfg.rec_loss, perceptual=perceptual,
+            perceptual_weight=cfg.perceptual_weight, kl_weight=cfg.kl_weight, disc=disc if disc_on else None,
+            disc_weight=cfg.disc_weight, last_layer=raw_model.autoencoder.decoder.conv_out.weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
@@ -1569,14 +1572,14 @@ def training_run(args, ranks):
             if log_now or save_now:
                 means = mean_terms(run, ranks, s.ckpt_path)
             if log_now:
-                log_line(run, means, ranks, images / (time.perf_counter() - t0), s.metrics)
+                log_line(run, means, ranks, images_per_s=images / (time.perf_counter() - t0), metrics=s.metrics)
                 images, t0 = 0, time.perf_counter()
             # the checkpoint: written by rank 0, with every rank's random state
             if save_now:
-                save_run(s.ckpt_path, run, args, s.config, ranks)
+                save_run(s.ckpt_path, run, args, config=s.config, ranks=ranks)
             # a periodic evaluation on the held-out images
             if args.eval_every and run.step % args.eval_every == 0 and run.step < s.total and ranks.main:
-                evaluate_and_log(run.ema or run.model.autoencoder, s.val, args, run.step, args.out)
+                evaluate_and_log(run.ema or run.model.autoencoder, s.val, args, step=run.step, out=args.out)
                 run.model.train()
             if run.step >= s.total:
                 break
@@ -1589,7 +1592,7 @@ def training_run(args, ranks):
             print(f"weights identical on all {ranks.world} ranks (sha256 {digests[0][:16]})")
     if ranks.main:
         final = run.ema or run.model.autoencoder
-        record = evaluate_and_log(final, s.val, args, run.step, args.out, s.inception)
+        record = evaluate_and_log(final, s.val, args, step=run.step, out=args.out, inception=s.inception)
         if args.export:
             export(final, args.export, args.overwrite, args.export_format)
         return record
@@ -1932,16 +1935,18 @@ def settle(args):
         if args.ema and not args.ckpt:
             raise UserError("--ema needs --ckpt: a weights file holds one set of weights")
     if args.command == "reconstruct":
-        check_output(args.out, "--out", [args.image, *source], args.overwrite, OUTPUT_EXTENSIONS)
+        check_output(args.out, "--out", [args.image, *source], overwrite=args.overwrite, extensions=OUTPUT_EXTENSIONS)
     if args.command == "encode":
-        check_output(args.out, "--out", [args.data, *source], args.overwrite, (".safetensors",), make_folder=True)
+        check_output(args.out, "--out", [args.data, *source], overwrite=args.overwrite, extensions=(".safetensors",),
+                     make_folder=True)
     if args.command == "decode" and os.path.isfile(args.out):
         raise UserError(f"--out {args.out} is a file: give a folder for the images")
     if args.command == "eval" and args.weights and not args.out:
         raise UserError("eval --weights: pass --out, the folder for metrics.jsonl and reconstructions.png")
     if getattr(args, "export", None):
         inputs = source if args.command != "train" else [os.path.join(args.out, "ckpt.pt")]
-        check_output(args.export, "--export", inputs, args.overwrite, (".safetensors",), make_folder=True)
+        check_output(args.export, "--export", inputs, overwrite=args.overwrite, extensions=(".safetensors",),
+                     make_folder=True)
     if args.command != "train":
         return args
     args.betas = tuple(args.betas)
@@ -2201,7 +2206,7 @@ def eval_command(args):
             if os.path.exists(os.path.join(out, name)) and not args.overwrite:
                 raise UserError(f"{os.path.join(out, name)} exists: pass another --out, or --overwrite")
     check_writable(out)
-    record = evaluate_and_log(model, val, args, ckpt["step"] if ckpt else 0, out, inception)
+    record = evaluate_and_log(model, val, args, step=ckpt["step"] if ckpt else 0, out=out, inception=inception)
     if args.export:
         export(model, args.export, args.overwrite, args.export_format)
     return record

@@ -254,7 +254,7 @@ def test_every_variant_trains(data_dir, tmp_path, flags):
 
 
 def test_a_new_run_starts_the_decoder_at_the_mean_image(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(vae, "train_epoch", lambda *args: [0.0, 0.0, 0.0])  # no training: the saved model is the initial one
+    monkeypatch.setattr(vae, "train_epoch", lambda *args, **kwargs: [0.0, 0.0, 0.0])  # no training: the saved model is the initial one
     vae.main(["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "1", *TINY])
     bias = torch.load(str(tmp_path / "ckpt.pt"), weights_only=True)["model"]["out_bias"]
     x_train, _ = vae.load_mnist(data_dir, torch.device("cpu"))
@@ -1166,7 +1166,7 @@ def test_vae_train_step_applies_the_gradient_of_the_stated_objective(flags):
     x_train = torch.rand(32, 784)
     opt = Recorder(model.parameters())
     torch.manual_seed(5)
-    loss, _, _ = vae.train_epoch(model, opt, x_train, cfg, 5)
+    loss, _, _ = vae.train_epoch(model, opt, x_train, cfg, epoch=5)
     expected = stated_vae_objective(model, x_train, cfg, 5, seed=5)
     assert loss == pytest.approx(expected.item(), rel=1e-5)
     grads = torch.autograd.grad(expected, list(model.parameters()))
@@ -1347,11 +1347,11 @@ def test_vae_text_file_as_checkpoint_is_one_line_error(data_dir, tmp_path, capsy
 
 
 def test_vae_nan_in_the_first_epoch_says_no_checkpoint_was_written(data_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(vae, "train_epoch", lambda *args: [float("nan")] * 3)
+    monkeypatch.setattr(vae, "train_epoch", lambda *args, **kwargs: [float("nan")] * 3)
     assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY]) == 2
     one_line_error(capsys, "nan", "no checkpoint yet")
     calls = []
-    monkeypatch.setattr(vae, "train_epoch", lambda *args: calls.append(1) or [0.0 if len(calls) < 3 else float("nan")] * 3)
+    monkeypatch.setattr(vae, "train_epoch", lambda *a, **k: calls.append(1) or [0.0 if len(calls) < 3 else float("nan")] * 3)
     assert run_main(["--data-dir", data_dir, "--out", str(tmp_path / "later"), *TINY]) == 2
     one_line_error(capsys, "nan", "in epoch 3", "holds the last good epoch, 2")
     assert torch.load(str(tmp_path / "later" / "ckpt.pt"), weights_only=True)["epoch"] == 2

@@ -304,7 +304,7 @@ def train(model, x_train, x_test, cfg, first_epoch=0, opt_state=None):
         for group in opt.param_groups:
             group["lr"] = lr
         t0 = time.time()
-        loss, bound, kl = train_epoch(model, opt, x_train, cfg, epoch, terms_fn)  # reads the sums: syncs once
+        loss, bound, kl = train_epoch(model, opt, x_train, cfg, epoch=epoch, terms_fn=terms_fn)  # one host sync
         seconds = time.time() - t0
         test_nelbo, test_kl = test_elbo(model, x_test)
         yield {"kind": "epoch", "epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_bound": bound, "train_kl": kl,
@@ -673,7 +673,8 @@ def run(cfg):
 
     torch.manual_seed(cfg.seed)
     if ckpt is None:
-        model = VAE(cfg.arch, cfg.hidden, cfg.latent_dim, cfg.activation, cfg.likelihood).to(device)
+        model = VAE(cfg.arch, cfg.hidden, cfg.latent_dim, activation=cfg.activation, likelihood=cfg.likelihood)
+        model = model.to(device)
         init_output_bias(model, x_train)
         open(metrics, "w").close()
         epoch = 0
@@ -683,11 +684,11 @@ def run(cfg):
     print(f"{cfg.arch} VAE, {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.likelihood} likelihood, "
           f"on {device}")
     if not cfg.eval_only:
-        epoch = train_and_log(model, ckpt, x_train, x_test, cfg, metrics)
+        epoch = train_and_log(model, ckpt, x_train, x_test, cfg=cfg, metrics=metrics)
 
     features = (lambda images: inception_features(inception, images)) if inception is not None else None
-    record = evaluate(model, x_test_grey, x_test, cfg, features, Progress(f"test NLL (K={cfg.eval_samples})",
-                                                                           len(x_test)).update)
+    record = evaluate(model, x_test_grey, x_test, cfg, features=features,
+                      progress=Progress(f"test NLL (K={cfg.eval_samples})", len(x_test)).update)
     record["epoch"] = epoch
     append_jsonl(metrics, record)
     save_pictures(model, x_test, cfg.out)
@@ -734,13 +735,13 @@ def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
         drop_epochs_after(metrics, epoch)
         print(f"resuming {cfg.ckpt} after epoch {epoch}")
     label = "-ELBO" if cfg.train_samples == 1 else f"-L_{cfg.train_samples}"  # train_bound in metrics.jsonl
-    for r, opt in train(model, x_train, x_test, cfg, epoch, opt_state):
+    for r, opt in train(model, x_train, x_test, cfg, first_epoch=epoch, opt_state=opt_state):
         e = r["epoch"]
         if not math.isfinite(r["train_loss"]):
             kept = f"{cfg.ckpt} holds the last good epoch, {e - 1}" if e > 1 else "no checkpoint yet"
             raise UserError(f"the training loss became {r['train_loss']} in epoch {e} ({kept}): try a lower --lr")
         append_jsonl(metrics, r)
-        save_checkpoint(cfg.ckpt, model, opt, cfg, e)  # after the log line: a resume drops lines past it
+        save_checkpoint(cfg.ckpt, model, opt, cfg=cfg, epoch=e)  # after the log line: a resume drops lines past it
         print(f"epoch {e:4d}/{cfg.epochs} | train {label} {r['train_bound']:7.2f} | test -ELBO "
               f"{r['test_nelbo']:7.2f} | KL {r['test_kl']:6.2f} | {r['seconds']:6.2f} s | "
               f"{r['images_per_s']:9,.0f} img/s", flush=True)
