@@ -240,7 +240,7 @@ def train_terms(model, x, k):
     or (L_K, KL) for the importance-weighted bound (k > 1; the KL is then only logged)."""
     mu, logvar = model.encode(x)
     if k > 1:
-        return iwae_bound(x, mu, logvar, model.log_likelihood, k), gaussian_kl(mu, logvar)
+        return iwae_bound(x, mu, logvar, model.log_likelihood, k=k), gaussian_kl(mu, logvar)
     _, log_px_z, kl = elbo(x, mu, logvar, model.log_likelihood)
     return log_px_z, kl
 
@@ -334,7 +334,7 @@ def test_nll(model, x_test, k, rows=2 ** 16, progress=None):
     for x in x_test.split(max(1, rows // chunk)):
         mu, logvar = model.encode(x)
         sizes = [min(chunk, k - start) for start in range(0, k, chunk)]
-        parts = [iwae_bound(x, mu, logvar, log_likelihood, size) + math.log(size) for size in sizes]
+        parts = [iwae_bound(x, mu, logvar, log_likelihood, k=size) + math.log(size) for size in sizes]
         total -= (torch.logsumexp(torch.stack(parts), 0) - math.log(k)).double().sum()
         if progress is not None:
             progress(len(x))
