@@ -645,8 +645,8 @@ def evaluate(autoencoder, batches, precision="fp32", features=None):
         if features is not None:
             feats["real"].append(features(real))
             feats["fake"].append(features(fake))
-    psnr_mean, ssim_mean, kl_mean, z_mean, z2_mean = (totals / torch.tensor([n, n, n, n_latent, n_latent],
-                                                                          device=device)).tolist()
+    counts = torch.tensor([n, n, n, n_latent, n_latent], device=device)
+    psnr_mean, ssim_mean, kl_mean, z_mean, z2_mean = (totals / counts).tolist()
     std = math.sqrt(max(z2_mean - z_mean ** 2, 0.0))
     record = {"images": n, "psnr": psnr_mean, "ssim": ssim_mean, "kl": kl_mean, "latent_std": std,
               "scaling_factor": 1 / std}
