@@ -31,12 +31,12 @@ before --disc-start. With terms averaged over elements instead of summed, the sa
 kl_weight * N_latent / N_pixels (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels).
 
 The file:
-    Part I, the autoencoder and its objective (582 lines): read this part to learn the model
+    Part I, the autoencoder and its objective: read this part to learn the model
         model           the modules in the order an image meets them, AutoencoderKL, the posterior
         loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
         training step   Config, LDM's recipe; train_step, the autoencoder's step, its EMA, the discriminator's
         metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it (1577 lines)
+    Part II, running it
         images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
         configs, export), latents for diffusion models and tiles, distributed training and exact resume,
         the training run, the command line, commands and main

@@ -993,14 +993,6 @@ def test_deliberate_copies_stay_identical(name):
         assert above.startswith("# A deliberate copy of"), f"{module.__name__}.{name}: {above!r}"
 
 
-def test_kl_autoencoder_map_states_the_length_of_its_two_parts():
-    lines = open(kl.__file__).read().rstrip("\n").split("\n")
-    part1 = next(i for i, line in enumerate(lines) if line.startswith("# PART I:")) - 1  # the ==== line above it
-    part2 = next(i for i, line in enumerate(lines) if line.startswith("# PART II:")) - 1
-    assert f"Part I, the autoencoder and its objective ({part2 - part1} lines)" in kl.__doc__
-    assert f"Part II, running it ({len(lines) - part2} lines)" in kl.__doc__
-
-
 @pytest.mark.parametrize("module", [vae, kl], ids=["vae", "kl_autoencoder"])
 def test_functions_and_lines_are_short(module):
     source = open(module.__file__).read()
