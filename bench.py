@@ -105,7 +105,8 @@ def bench_vae(args, device):
 
     model, opt = fresh()
     terms_fn = torch.compile(vae.train_terms) if args.compile else vae.train_terms
-    ours = timed(lambda: vae.train_epoch(model, opt, x_train, cfg, epoch=0, terms_fn=terms_fn), device, args.warmup, args.repeats)
+    ours = timed(lambda: vae.train_epoch(model, opt, x_train, cfg, epoch=0, terms_fn=terms_fn), device, args.warmup,
+                 args.repeats)
 
     n = len(dataset)
     print(f"{describe(device)}; median of {args.repeats} epochs after {args.warmup} warm-up")

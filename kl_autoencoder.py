@@ -1429,7 +1429,7 @@ PROGRAM, CHECKPOINT_KEYS = "kl_autoencoder.py", {"model", "config", "step"}
 LOG_COLUMNS = ("loss", "rec", "perceptual", "nll", "kl", "g", "lambda", "d")  # train_step's terms, as logged
 
 
-def new_run(args, recipe, config, ranks):
+def new_run(args, config, ranks):
     """A run's state: the networks, their optimizers, the EMA, the step and the log line in progress.
     Every rank starts from the same weights and then draws its own posterior samples."""
     cuda = ranks.device.type == "cuda"
@@ -1444,12 +1444,13 @@ def new_run(args, recipe, config, ranks):
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     if cuda:
         model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
+    recipe = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})  # LDM's, or as asked
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     opt_d = torch.optim.Adam(disc.parameters(), lr=recipe.lr, betas=recipe.betas)
     model.logvar.requires_grad_(recipe.learn_logvar)
     ema = copy.deepcopy(model.autoencoder).requires_grad_(False) if recipe.ema else None
-    return types.SimpleNamespace(model=model, disc=disc, opt=opt, opt_d=opt_d, ema=ema, step=0, saved=None,
-                                 sums=torch.zeros(len(LOG_COLUMNS), device=ranks.device), since_log=0)
+    return types.SimpleNamespace(model=model, disc=disc, opt=opt, opt_d=opt_d, ema=ema, recipe=recipe, step=0,
+                                 saved=None, sums=torch.zeros(len(LOG_COLUMNS), device=ranks.device), since_log=0)
 
 
 def save_run(path, run, args, config, ranks):
@@ -1562,7 +1563,7 @@ def training_run(args, ranks):
             if ranks.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             # one step of the autoencoder, its EMA and the discriminator
-            terms = train_step(model, run.disc, x, run.step, opt=run.opt, opt_d=run.opt_d, cfg=s.recipe,
+            terms = train_step(model, run.disc, x, run.step, opt=run.opt, opt_d=run.opt_d, cfg=run.recipe,
                                perceptual=s.perceptual, ema=run.ema)
             run.sums += torch.stack([terms[name] for name in LOG_COLUMNS])
             run.step, run.since_log, images = run.step + 1, run.since_log + 1, images + len(x) * ranks.world
@@ -1627,8 +1628,7 @@ def start_run(args, ranks):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(sampler)} training images of each "
                         f"of the {ranks.world} processes")
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
-    recipe = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
-    run = new_run(args, recipe, config, ranks)
+    run = new_run(args, config, ranks)
     if ckpt is not None:
         restore_run(run, ckpt, ranks)
         if ranks.main:
@@ -1649,8 +1649,8 @@ def start_run(args, ranks):
               f"{ranks.device}; {total:,} steps")
     if ranks.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ranks.device)
-    return run, model, types.SimpleNamespace(config=config, recipe=recipe, sampler=sampler, loader=loader, val=val,
-                                             total=total, steps_per_epoch=steps_per_epoch, perceptual=perceptual,
+    return run, model, types.SimpleNamespace(config=config, sampler=sampler, loader=loader, val=val, total=total,
+                                             steps_per_epoch=steps_per_epoch, perceptual=perceptual,
                                              inception=inception, ckpt_path=ckpt_path, metrics=metrics)
 
 

@@ -727,8 +727,9 @@ def open_run(cfg, device):
 def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
     """train() from the checkpoint's epoch (and optimizer and random state) or the first: after each epoch a log
     line, a line in metrics.jsonl and a checkpoint. Returns the number of finished epochs."""
-    epoch, opt_state = (ckpt["epoch"], ckpt["optimizer"]) if ckpt is not None else (0, None)
+    epoch, opt_state = 0, None
     if ckpt is not None:
+        epoch, opt_state = ckpt["epoch"], ckpt["optimizer"]
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if x_train.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
