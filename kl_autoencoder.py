@@ -4,13 +4,13 @@ to bottom. The architecture is that of diffusers' AutoencoderKL, and the weights
 a diffusers state dict loads here with strict=True, key for key; so do the CompVis/LDM-named files of
 the Stable Diffusion world (a whole SD checkpoint too), and any diffusers AutoencoderKL config.json.
 
+    python kl_autoencoder.py train --data images/ --preset sd --resolution 256 --out runs/kl
+    torchrun --nproc_per_node 8 kl_autoencoder.py train --data images/ ...    # one process per GPU
+    python kl_autoencoder.py eval --ckpt runs/kl/ckpt.pt --fid --export vae/diffusion_pytorch_model.safetensors
     python kl_autoencoder.py reconstruct --weights vae.safetensors --preset sd --image in.png --out out.png
     python kl_autoencoder.py encode --weights sdxl_vae.safetensors --preset sdxl --data images/ --out lat.safetensors
     python kl_autoencoder.py decode --weights sdxl_vae.safetensors --preset sdxl --latents lat.safetensors --out dec/
     python kl_autoencoder.py convert --weights v1-5.ckpt --export vae/diffusion_pytorch_model.safetensors
-    python kl_autoencoder.py train --data images/ --preset sd --resolution 256 --out runs/kl
-    torchrun --nproc_per_node 8 kl_autoencoder.py train --data images/ ...    # one process per GPU
-    python kl_autoencoder.py eval --ckpt runs/kl/ckpt.pt --fid --export vae/diffusion_pytorch_model.safetensors
     python kl_autoencoder.py train --help                                     # every option
 
 An image x (values in [-1, 1]) is encoded to a diagonal Gaussian posterior q(z|x) over a latent
@@ -31,15 +31,12 @@ before --disc-start. With terms averaged over elements instead of summed, the sa
 kl_weight * N_latent / N_pixels (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels).
 
 The file:
-    Part I, the autoencoder and its objective: read this part to learn the model
-        model           the modules in the order an image meets them, AutoencoderKL, the posterior
-        loss            reconstruction, NLL, perceptual, discriminator, hinge, adaptive weight, autoencoder_loss
-        training step   Config, LDM's recipe; train_step, the autoencoder's step, its EMA, the discriminator's
-        metrics         PSNR, SSIM, Frechet distance, evaluate
-    Part II, running it
-        images and data, pretrained networks (VGG16, LPIPS, Inception), weights I/O (safetensors, LDM names,
-        configs, export), latents for diffusion models and tiles, distributed training and exact resume,
-        the training run, the command line, commands and main
+    Part I, a complete program: the model, the loss, Config (LDM's recipe and the run), train_step, the
+        training loop (one process or many), its checkpoint, evaluate. It uses nothing defined after it.
+    Part II, conveniences: image files and data sets, the pretrained networks, weights files (safetensors,
+        checks, export), the command line generated from Config, train and eval, main.
+    Part III, an appendix: Stable Diffusion files (the published families, configs, LDM's names, latents
+        for diffusion models, tiles, reconstruct/encode/decode/convert); then the helpers shared with vae.py.
 """
 
 import argparse
@@ -49,10 +46,10 @@ import dataclasses
 import hashlib
 import inspect
 import io
-import itertools
 import json
 import math
 import os
+import pathlib
 import pickle
 import re
 import signal
@@ -60,7 +57,6 @@ import struct
 import sys
 import tempfile
 import time
-import types
 import zipfile
 
 import numpy as np
@@ -70,13 +66,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-class UserError(Exception):
-    """A mistake in how the program was called: main() prints it as one line and exits with 2."""
-
 # =============================================================================
-# PART I: the autoencoder and its objective
+# PART I: the autoencoder, its objective, its training and evaluation: a complete program
 # =============================================================================
 
 # -----------------------------------------------------------------------------
@@ -283,7 +274,7 @@ class AutoencoderKL(nn.Module):
     """Encoder -> quant_conv -> q(z|x);  z -> post_quant_conv -> Decoder. Keyword names and defaults as in
     diffusers' config.json (except the SD-sized defaults). The last six keywords describe how the model is
     used, not the model: sample_size is the tile size of tiled encoding; scaling_factor, shift_factor,
-    latents_mean, latents_std the latent convention of diffusion models (to_diffusion_latents, Part II);
+    latents_mean, latents_std the latent convention of diffusion models (to_diffusion_latents, Part III);
     force_upcast that float16 overflows in this model. They are kept, and exported, never applied here."""
 
     def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
@@ -291,14 +282,8 @@ class AutoencoderKL(nn.Module):
                  use_quant_conv=True, use_post_quant_conv=True, sample_size=512, scaling_factor=0.18215,
                  shift_factor=None, latents_mean=None, latents_std=None, force_upcast=True):
         super().__init__()
-        self.config = dict(in_channels=in_channels, out_channels=out_channels,
-                           block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                           latent_channels=latent_channels, norm_num_groups=norm_num_groups, act_fn=act_fn,
-                           mid_block_add_attention=mid_block_add_attention, use_quant_conv=use_quant_conv,
-                           use_post_quant_conv=use_post_quant_conv, sample_size=sample_size,
-                           scaling_factor=scaling_factor, shift_factor=shift_factor,
-                           latents_mean=None if latents_mean is None else tuple(latents_mean),
-                           latents_std=None if latents_std is None else tuple(latents_std), force_upcast=force_upcast)
+        self.config = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in locals().items()
+                       if k not in ("self", "__class__")}  # every keyword, as diffusers' config.json holds it
         shape = (block_out_channels, layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
         self.encoder = Encoder(in_channels, latent_channels, *shape)
         self.decoder = Decoder(latent_channels, out_channels, *shape)
@@ -327,29 +312,6 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
 
-
-PRESETS = {  # the published VAE families; numbers from each model's vae/config.json on the Hugging Face Hub
-    # Stable Diffusion 1.x / 2.x (CompVis kl-f8): 83,653,863 parameters; 4 latent channels, scaled by 0.18215.
-    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-               scaling_factor=0.18215),
-    # SDXL (stabilityai/stable-diffusion-xl-base-1.0): the same shapes, scaled by 0.13025; float16 overflows.
-    "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
-                 scaling_factor=0.13025, force_upcast=True),
-    # SD3 (stabilityai/stable-diffusion-3-medium-diffusers): 16 latent channels, no quant convs, (z - 0.0609) * 1.5305.
-    "sd3": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
-                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609),
-    # FLUX.1 (black-forest-labs/FLUX.1-dev): the SD3 shapes, (z - 0.1159) * 0.3611.
-    "flux": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
-                 use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
-    # small ones for CPUs and tests
-    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, latent_channels=4, sample_size=256),
-    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=256),
-}
-
-
-def build(preset, **overrides):
-    """The AutoencoderKL of a named preset, with keyword overrides."""
-    return AutoencoderKL(**{**PRESETS[preset], **overrides})
 
 # -----------------------------------------------------------------------------
 # loss: the terms of THE OBJECTIVE, then the objective itself (autoencoder_loss)
@@ -476,7 +438,7 @@ def autoencoder_loss(x, x_rec, kl, logvar, rec_loss="l1", perceptual=None, perce
     return loss, {name: value.detach().float() for name, value in terms.items()}
 
 # -----------------------------------------------------------------------------
-# one training step
+# training: the recipe, one step, the loop
 
 
 def knob(default, help, **option):
@@ -486,20 +448,42 @@ def knob(default, help, **option):
 
 @dataclasses.dataclass
 class Config:
-    """LDM's training recipe (configs/autoencoder/autoencoder_kl_*.yaml and LPIPSWithDiscriminator): the objective's
-    weights and both optimizers' settings. Each field is a train option of the same name, with this help."""
+    """A training run: LDM's recipe (configs/autoencoder/autoencoder_kl_*.yaml and LPIPSWithDiscriminator), the
+    loop's settings and the data. Each field is a train option of the same name, with this help."""
+    # the objective
     rec_loss: str = knob("l1", "the per-pixel reconstruction loss (LDM: l1)", choices=("l1", "mse"))
     perceptual_weight: float = knob(1.0, "weight of the LPIPS-style VGG16 distance (LDM: 1; 0: off)")
     kl_weight: float = knob(1e-6, "weight of the KL summed over latent elements (LDM: 1e-6)")
     learn_logvar: bool = knob(True, "learn the NLL's scalar log-variance s (LDM's code leaves it at 0)")
     disc_weight: float = knob(0.5, "weight of the adversarial term (LDM: 0.5; 0: no discriminator)")
     disc_start: int = knob(50001, "the step from which the discriminator trains and judges (LDM: 50001)")
+    # the optimizers: AdamW for the autoencoder and s, Adam for the discriminator
     lr: float = knob(1e-4, "learning rate of both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
     betas: tuple = knob((0.5, 0.9), "Adam's betas, both optimizers (LDM)", metavar=("BETA1", "BETA2"))
     weight_decay: float = knob(0.0, "the autoencoder's AdamW weight decay (LDM: 0, Adam)")
     grad_clip: float = knob(0.0, "max gradient norm of the autoencoder (0: off)")
     ema: float = knob(0.0, "decay of a moving average of the weights, e.g. 0.999 (0: none)", metavar="DECAY")
-    precision: str = knob("fp32", "autocast dtype (train and eval: bf16 on CUDA)", choices=("bf16", "fp32"))
+    precision: str = knob("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)", choices=("auto", "bf16", "fp32"))
+    # the loop
+    batch_size: int = knob(8, "images per step, per process")
+    steps: int = knob(10_000, "optimizer steps")
+    epochs: int = knob(None, "passes over the training images, instead of --steps")
+    hflip: bool = knob(False, "random horizontal flips")
+    compile: bool = knob(False, "torch.compile the autoencoder")
+    device: str = knob("auto", "cuda, mps or cpu (auto: the first there is)", choices=("auto", "cpu", "cuda", "mps"))
+    seed: int = knob(0, "the split, the initialisation, the data order, every random draw")
+    log_every: int = knob(50, "a log line every N steps: the means since the one before")
+    ckpt_every: int = knob(1000, "a checkpoint every N steps (and at the end)")
+    eval_every: int = knob(1000, "a held-out evaluation every N steps (0: only at the end)")
+    out: str = knob(os.path.join("runs", "kl"), "the run's folder: ckpt.pt, metrics.jsonl, reconstructions.png")
+    resume: bool = knob(False, "continue OUT/ckpt.pt")
+    # the data
+    data: str = knob(None, "a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, celeba")
+    val_data: str = knob(None, "held-out images (otherwise --val-size images of --data)")
+    val_size: int = knob(1000, "held-out images split off --data (stratified by label when it has labels)")
+    data_root: str = knob("./data", "where torchvision datasets are kept")
+    resolution: int = knob(256, "images are resized and centre-cropped to this square")
+    workers: int = knob(None, "DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)")
 
 
 class Trainable(nn.Module):
@@ -516,6 +500,9 @@ class Trainable(nn.Module):
         """x -> (reconstruction of a posterior sample, KL to N(0, I) per example)."""
         posterior = self.autoencoder.encode(x)
         return self.autoencoder.decode(posterior.sample()), posterior.kl()
+
+
+LOG_COLUMNS = ("loss", "rec", "perceptual", "nll", "kl", "g", "lambda", "d")  # train_step's terms, as logged
 
 
 def train_step(model, disc, x, step, *, opt, opt_d, cfg, perceptual=None, ema=None):
@@ -560,8 +547,197 @@ def train_step(model, disc, x, step, *, opt, opt_d, cfg, perceptual=None, ema=No
         terms["d"] = d.detach().float()
     return terms
 
+
+def processes(device):
+    """(rank, number of processes, device) of this process, with TF32 on CUDA. torchrun starts one process per
+    device and sets RANK, LOCAL_RANK and WORLD_SIZE: each joins the process group (NCCL on CUDA, gloo on the CPU),
+    also when it is the only one, so that one GPU runs the same distributed code. Without torchrun: (0, 1, device)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def networks(cfg, model_config, device, init=None):
+    """A new run's networks: the autoencoder (with the weights `init`, when given) and s in a Trainable, the
+    discriminator (SyncBatchNorm under torchrun on CUDA), their optimizers, and the EMA's copy (or None). Seeded by
+    cfg.seed, so that every process starts from the same weights; channels_last on CUDA."""
+    torch.manual_seed(cfg.seed)
+    model = Trainable(AutoencoderKL(**model_config))
+    if init is not None:  # fine-tuning
+        model.autoencoder.load_state_dict(init)
+    model.logvar.requires_grad_(cfg.learn_logvar)
+    disc = NLayerDiscriminator()
+    if dist.is_initialized() and device.type == "cuda":
+        disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    model, disc = model.to(device, memory_format=layout), disc.to(device, memory_format=layout)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
+    ema = copy.deepcopy(model.autoencoder).requires_grad_(False) if cfg.ema else None
+    return model, disc, opt, opt_d, ema
+
+
+def batches(n, cfg, step, rank, world):
+    """The indices of this process's batches from `step` on, without end. Epoch e's order is the permutation of
+    the n images drawn from the seed cfg.seed + e (as DistributedSampler draws it), cut to a multiple of the
+    number of processes; process r takes every world-th image from the r-th on, in batches, the rest dropped."""
+    per_rank = n // world
+    epoch, i = divmod(step, per_rank // cfg.batch_size)
+    while True:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        order = order[rank:per_rank * world:world]
+        for j in range(i, per_rank // cfg.batch_size):
+            yield order[j * cfg.batch_size:(j + 1) * cfg.batch_size].tolist()
+        epoch, i = epoch + 1, 0
+
+
+def to_model_input(batch, device, flip=False):
+    """uint8 (B, 3, r, r) -> float in [-1, 1] on the device; with flip, a random half of the batch mirrored
+    left-right (drawn from the global random state)."""
+    x = batch.to(device, non_blocking=True).float() / 127.5 - 1
+    if flip:
+        x = torch.where((torch.rand(len(x)) < 0.5).to(device)[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def train(cfg, model_config, data, val, *, init=None, perceptual=None, inception=None):
+    """Train AutoencoderKL(**model_config) with THE OBJECTIVE and the recipe cfg on `data` (a Dataset of uint8
+    (3, r, r) images), in one process or one per device under torchrun; rank 0 alone logs, evaluates on `val` and
+    writes into cfg.out: ckpt.pt, metrics.jsonl, reconstructions.png. init: weights to start from; perceptual: a
+    Perceptual when cfg.perceptual_weight > 0; inception: rFID's network. Returns the final weights (the EMA's
+    when kept) and the final evaluation on rank 0, (None, None) on the others."""
+    rank, world, device = processes(torch.device(cfg.device))
+    model, disc, opt, opt_d, ema = networks(cfg, model_config, device, init)
+    perceptual, inception = (None if net is None else net.to(device) for net in (perceptual, inception))
+    parts = {"model": model.autoencoder, "disc": disc, "opt": opt, "opt_d": opt_d, "ema": ema}  # the checkpoint's
+    ckpt_path, log = os.path.join(cfg.out, "ckpt.pt"), Log(os.path.join(cfg.out, "metrics.jsonl"), device, rank)
+    start = saved = resume(ckpt_path, model, parts) if cfg.resume else None
+    start, total = start or 0, cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches(len(data), cfg, start, rank, world),
+                                         num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
+    # the discriminator stays outside DDP: it also runs, frozen, in the autoencoder's loss (train_step averages it)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.is_initialized() else model
+    if cfg.compile:
+        ddp.compile()
+    log.start(cfg, model, data, val, total=total)
+    for step, batch in zip(range(start, total), loader):
+        torch.manual_seed(hash((cfg.seed, step, rank)))  # every random draw of the step: flips, posterior samples
+        x = to_model_input(batch, device, flip=cfg.hflip)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        log.add(train_step(ddp, disc, x, step, opt=opt, opt_d=opt_d, cfg=cfg, perceptual=perceptual, ema=ema), len(x))
+        done = step + 1
+        log_now, save_now = done % cfg.log_every == 0 or done == total, done % cfg.ckpt_every == 0 or done == total
+        if log_now or save_now:
+            means = log.means()  # over the processes: the loop's only host sync
+            if not all(math.isfinite(v) for v in means.values()):  # stop before a bad state is saved
+                kept = f"{ckpt_path} holds the last good step, {saved}" if saved is not None else "no checkpoint yet"
+                raise FloatingPointError(f"the loss became {means['loss']} by step {done} ({kept}): try a lower --lr")
+        if log_now:
+            log.write(done, means, logvar=model.logvar.item())
+        if save_now and rank == 0:  # all a resume needs, since every random draw follows from (seed, step, rank)
+            save_checkpoint(ckpt_path, {**{k: None if v is None else v.state_dict() for k, v in parts.items()},
+                                        "logvar": model.logvar.detach().cpu(), "step": done,
+                                        "config": {"model": model_config, **vars(cfg)}})
+        saved = done if save_now else saved
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < total and rank == 0:
+            evaluate_and_log(ema or model.autoencoder, val, cfg, step=done, out=cfg.out, inception=inception)
+            model.train()
+    final = ema or model.autoencoder
+    record = evaluate_and_log(final, val, cfg, step=max(start, total), out=cfg.out, inception=inception) \
+        if rank == 0 else None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return (final, record) if rank == 0 else (None, None)
+
+
+def resume(path, model, parts):
+    """The run as the checkpoint at path left it (an EMA that it did not keep starts at its weights): its step."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for name, part in parts.items():
+        if part is not None:
+            part.load_state_dict(ckpt.get(name) or ckpt["model"])
+    model.logvar.data.copy_(ckpt["logvar"])
+    return ckpt["step"]
+
+
+class Log:
+    """The training log: the sums of train_step's terms since the last line, kept on the device (adding them costs
+    no host sync), written by rank 0 as their means over all processes to metrics.jsonl and stdout."""
+
+    def __init__(self, path, device, rank):
+        self.path, self.device, self.rank = path, device, rank
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.sums, self.steps, self.images, self.t0 = torch.zeros(len(LOG_COLUMNS), device=device), 0, 0, time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def start(self, cfg, model, data, val, total):
+        """The run's first line."""
+        if self.rank == 0:
+            print(f"AutoencoderKL {model.autoencoder.config['block_out_channels']}, "
+                  f"{sum(p.numel() for p in model.autoencoder.parameters()):,} parameters; {len(data):,} training and "
+                  f"{len(val):,} held-out images at {cfg.resolution}x{cfg.resolution}; {self.world} process(es) on "
+                  f"{self.device}{f' ({dist.get_backend()})' if dist.is_initialized() else ''}; {total:,} steps")
+
+    def add(self, terms, images):
+        self.sums += torch.stack([terms[name] for name in LOG_COLUMNS])
+        self.steps, self.images = self.steps + 1, self.images + images * self.world
+
+    def means(self):
+        """The means since the last line, over the processes, as floats (a host sync)."""
+        means = self.sums / self.steps
+        if dist.is_initialized():
+            dist.all_reduce(means)
+            means /= self.world
+        return dict(zip(LOG_COLUMNS, means.tolist()))
+
+    def write(self, step, means, logvar):
+        """One line, and a new one begins."""
+        record = {"kind": "train", "step": step, **means, "logvar": logvar,
+                  "images_per_s": self.images / (time.time() - self.t0)}
+        if self.device.type == "cuda":
+            record["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        if self.rank == 0:
+            append_jsonl(self.path, record)
+            print(f"step {step:6d} | " + " | ".join(f"{k} {record[k]:.4g}" for k in [*LOG_COLUMNS, "logvar"])
+                  + f" | {record['images_per_s']:.1f} img/s" + (f" | {record['peak_gib']:.2f} GiB" if "peak_gib"
+                                                                   in record else ""), flush=True)
+        self.sums.zero_()
+        self.steps, self.images, self.t0 = 0, 0, time.time()
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def write_atomically(path, write):
+    """write(path + ".tmp"), then rename it to path: a reader never sees half a file, and a failed or
+    interrupted write leaves nothing behind. Every file this program writes goes through here."""
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
+
+
+def save_checkpoint(path, state):
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
 # -----------------------------------------------------------------------------
-# metrics
+# evaluation: PSNR, SSIM, the Frechet distance (rFID), and the record of a held-out evaluation
 
 
 def to_uint8(x):
@@ -618,6 +794,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return max(d2.item(), 0.0)  # d^2 >= 0; a negative value is float rounding
 
 
+def inception_features(net, x):
+    """rFID's features: x (B, 3, H, W) in [0, 1] -> (B, 2048) float64, resized bilinearly to 299 x 299 and
+    normalised with ImageNet's mean and std, as torchvision's Inception-v3 weights expect."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    return net((x - mean) / std).double()
+
+
 @torch.no_grad()
 def evaluate(autoencoder, batches, precision="fp32", features=None):
     """The record of an evaluation on held-out batches x (B, 3, H, W) in [-1, 1]: the mean PSNR (dB) and
@@ -657,72 +842,75 @@ def evaluate(autoencoder, batches, precision="fp32", features=None):
         record["rfid"] = frechet_distance(*stats)
     return record
 
+
+def held_out(images, device, workers, progress=None):
+    """The held-out images (a Dataset of uint8 (3, r, r)) in order, as model inputs on the device, in batches of
+    64; progress(n), if given, told of every n done."""
+    for batch in torch.utils.data.DataLoader(images, batch_size=64, num_workers=workers):
+        yield to_model_input(batch, device)
+        if progress is not None:
+            progress(len(batch))
+
+
+def evaluate_and_log(autoencoder, images, cfg, *, step, out, inception=None, progress=None):
+    """evaluate() on the held-out images with cfg's precision and workers (rFID with the inception network),
+    printed and appended to OUT/metrics.jsonl; and OUT/reconstructions.png, the first 8 images above their
+    reconstructions (decoded posterior means)."""
+    device = next(autoencoder.parameters()).device
+    features = (lambda x: inception_features(inception, x)) if inception is not None else None
+    batches = held_out(images, device, cfg.workers or 0, progress)
+    record = {"kind": "eval", "step": step, **evaluate(autoencoder, batches, cfg.precision, features)}
+    print(f"eval on {record['images']:,} held-out images at step {step}: PSNR {record['psnr']:.2f} dB | SSIM "
+          f"{record['ssim']:.4f} | " + (f"rFID {record['rfid']:.2f} | " if "rfid" in record else "")
+          + f"KL {record['kl']:.1f} nats | latent std {record['latent_std']:.4f} | "
+          f"scaling factor {record['scaling_factor']:.5f}", flush=True)
+    append_jsonl(os.path.join(out, "metrics.jsonl"), record)
+    x = to_model_input(torch.stack([images[i] for i in range(min(8, len(images)))]), device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        x_rec = autoencoder.decode(autoencoder.encode(x).mode()).float()
+    grid = torchvision.utils.make_grid(torch.cat([x, x_rec]), nrow=len(x), padding=2, pad_value=1)
+    write_atomically(os.path.join(out, "reconstructions.png"),
+                     lambda tmp: torchvision.io.write_png(to_uint8(grid).cpu(), tmp))
+    return record
+
 # =============================================================================
-# PART II: running it
+# PART II: conveniences: image files and data sets, pretrained networks, weights files, the command line
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# images and data: image files, and image sets for training and evaluation as uint8 (3, r, r) tensors
+# images and data sets (uint8 (3, r, r) images)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+TORCHVISION_DATASETS = {"cifar10": (torchvision.datasets.CIFAR10, {"train": True}),  # the training splits
+                        "mnist": (torchvision.datasets.MNIST, {"train": True}),
+                        "celeba": (torchvision.datasets.CelebA, {"split": "all"})}
 
 
 def decode_image(path, channels=3):
     """An image file of any depth and mode (8 or 16 bits; grey, RGB, RGBA, palette) -> uint8 (channels, H, W),
     the same way in every command: colours mixed up or down to `channels`, alpha dropped, 16 bits rounded to 8."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
     mode = torchvision.io.ImageReadMode.RGB if channels == 3 else torchvision.io.ImageReadMode.GRAY
     try:
-        image = torchvision.io.read_image(path, mode=mode)
-    except RuntimeError as e:
+        image = torchvision.io.decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode)
+    except (RuntimeError, ValueError) as e:  # damaged, empty, or not an image
         raise UserError(f"cannot decode {path} as an image ({str(e).strip().splitlines()[0]})")
-    if image.dtype != torch.uint8:  # a 16-bit PNG: 0..65535 -> 0..255
-        image = (image.to(torch.float32) / 257).round().to(torch.uint8)
-    return image
-
-
-def read_image(path, channels=3):
-    """An image file -> float tensor (1, C, H, W) in [-1, 1], the autoencoder's input range."""
-    if not os.path.isfile(path):
-        raise UserError(f"no image at {path}")
-    return decode_image(path, channels)[None].float() / 127.5 - 1
-
-
-OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-def write_atomically(path, write):
-    """write(path + ".tmp"), then rename it to path: a reader never sees half a file, and a failed or
-    interrupted write leaves nothing behind. Every file this program writes goes through here."""
-    try:
-        write(path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except BaseException:
-        if os.path.isfile(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
+    return image if image.dtype == torch.uint8 else (image.float() / 257).round().to(torch.uint8)  # 16 -> 8 bits
 
 
 def write_image(x, path):
     """(C, H, W) in [-1, 1] -> PNG, or JPEG (quality 95) when the name ends in .jpg or .jpeg; atomically."""
-    image = to_uint8(x).cpu()
-    if path.lower().endswith((".jpg", ".jpeg")):
-        write_atomically(path, lambda tmp: torchvision.io.write_jpeg(image, tmp, quality=95))
-    else:
-        write_atomically(path, lambda tmp: torchvision.io.write_png(image, tmp))
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-TORCHVISION_DATASETS = {  # name: (class, keyword arguments for the training split)
-    "cifar10": (torchvision.datasets.CIFAR10, {"train": True}),
-    "mnist": (torchvision.datasets.MNIST, {"train": True}),
-    "celeba": (torchvision.datasets.CelebA, {"split": "all"}),
-}
+    image, jpeg = to_uint8(x).cpu(), path.lower().endswith((".jpg", ".jpeg"))
+    write_atomically(path, lambda tmp: torchvision.io.write_jpeg(image, tmp, quality=95) if jpeg
+                     else torchvision.io.write_png(image, tmp))
 
 
 def fit(images, resolution):
-    """uint8 (N, C, H, W) -> uint8 (N, C, r, r): the shorter side resized to r (bilinear,
-    antialiased), then the centre cropped. Images that are r x r already are left alone."""
-    if images.shape[-2:] == (resolution, resolution):
-        return images
+    """uint8 (N, C, H, W) -> (N, C, r, r): the shorter side resized to r (bilinear, antialiased), the centre cut out."""
     h, w = images.shape[-2:]
+    if (h, w) == (resolution, resolution):
+        return images
     size = (max(resolution, round(h * resolution / min(h, w))), max(resolution, round(w * resolution / min(h, w))))
     out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
     top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
@@ -730,7 +918,7 @@ def fit(images, resolution):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded with torchvision.io when asked for (in the DataLoader's workers)."""
+    """Image files, decoded (in the DataLoader's workers) when asked for."""
 
     def __init__(self, files, resolution):
         self.files, self.resolution = files, resolution
@@ -742,203 +930,98 @@ class ImageFiles(torch.utils.data.Dataset):
         return fit(decode_image(self.files[i])[None], self.resolution)[0]
 
 
-class ImageTensor(torch.utils.data.Dataset):
-    """Images already in memory, uint8 (N, 3, r, r)."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
-
-
 def load_images(spec, resolution, root):
-    """--data SPEC -> (a Dataset of uint8 (3, r, r) images, their labels or None).
-
-    SPEC is a folder of images (searched recursively), an .npz file whose `images` are uint8
-    N x H x W x C (and whose `labels`, if any, stratify the held-out split), or the name of a
-    torchvision dataset (cifar10, mnist, celeba: its training split) kept under ROOT and downloaded
-    when missing. Arrays are resized once, here; grey images are repeated to three channels."""
-    if spec in TORCHVISION_DATASETS:
-        return torchvision_images(spec, root, resolution)
-    if spec.endswith(".npz"):
-        images, labels = npz_images(spec)
-        return image_tensor(images, resolution), labels
+    """--data SPEC -> (a Dataset of uint8 (3, r, r) images, their labels or None): a folder of images (searched
+    recursively), an .npz file of uint8 N x H x W x C `images` (and `labels`, which stratify the held-out split),
+    or a torchvision dataset's training split, kept under ROOT (downloaded when missing). Arrays are resized once,
+    here; grey images repeated to three channels and alpha dropped, as decode_image does."""
     if os.path.isdir(spec):
         files = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
                        if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise UserError(f"--data {spec}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
         return ImageFiles(files, resolution), None
-    raise UserError(f"--data {spec}: not a folder, an .npz file, or one of {', '.join(TORCHVISION_DATASETS)}")
-
-
-def npz_images(spec):
-    """An .npz file's uint8 `images` (N, H, W[, C]) as (N, C, H, W), and its `labels` or None."""
-    if not os.path.isfile(spec):
-        raise UserError(f"--data {spec}: no such file")
-    try:
-        with np.load(spec) as f:
-            if "images" not in f.files:
-                raise UserError(f"{spec} has no 'images' array (it has: {', '.join(f.files)})")
-            images, labels = f["images"], (torch.as_tensor(f["labels"]) if "labels" in f.files else None)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:  # not an npz (numpy then tries pickle)
-        raise UserError(f"--data {spec} is not a readable .npz file ({type(e).__name__})")
+    if spec in TORCHVISION_DATASETS:
+        dataset = torchvision_dataset(spec, root)
+        if spec == "celeba":
+            folder = os.path.join(root, dataset.base_folder, "img_align_celeba")
+            return ImageFiles([os.path.join(folder, f) for f in dataset.filename], resolution), None
+        images, labels = np.asarray(dataset.data), torch.as_tensor(dataset.targets)  # N x H x W (x C)
+    else:
+        try:
+            with np.load(spec) as f:
+                images, labels = f["images"], (torch.as_tensor(f["labels"]) if "labels" in f.files else None)
+        except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # no images; not an npz (numpy: a pickle?)
+            raise UserError(f"--data {spec} is not a readable .npz file of 'images' ({type(e).__name__}: {e})")
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] > 4):
         raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C (C = 1 to 4), not {images.dtype} {images.shape}")
-    return torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2), labels
-
-
-def image_tensor(images, resolution):
-    """uint8 (N, C, H, W) -> ImageTensor of RGB images at the resolution, converted as decode_image converts
-    files: grey (C = 1, 2) repeated to three channels, alpha (C = 2, 4) dropped."""
-    images = images[:, :1].expand(-1, 3, -1, -1) if images.shape[1] <= 2 else images[:, :3]
+    images = torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2)
     check_memory(len(images) * 3 * resolution ** 2 * 5, f"--resolution {resolution}: resizing {len(images):,} images")
-    return ImageTensor(fit(images.contiguous(), resolution))
+    return fit((images[:, :1].expand(-1, 3, -1, -1) if images.shape[1] <= 2 else images[:, :3]).contiguous(),
+               resolution), labels
+
+
+def torchvision_dataset(name, root):
+    cls, kwargs = TORCHVISION_DATASETS[name]
+    try:
+        try:
+            return cls(root, download=False, **kwargs)
+        except RuntimeError:  # "Dataset not found": fetch it
+            print(f"downloading {name} into {root}")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return cls(root, download=True, **kwargs)
+    except (RuntimeError, OSError, ValueError) as e:  # no network (URLError is an OSError), damaged files
+        raise UserError(f"could not get {name} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); put its files "
+                        f"where torchvision.datasets.{cls.__name__}(root={root!r}) looks for them, or pass --data-root")
 
 
 def check_memory(needed, what, have=None):
-    """A one-line error, instead of an allocation that runs until the machine gives up, when work certainly needs
-    more memory (bytes, a lower bound) than the machine has (`have`, or its RAM)."""
-    if have is None:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else float("inf")
+    """A one-line error instead of an allocation that runs until the machine gives up: work that certainly needs
+    more bytes than the machine has (`have`, or its RAM)."""
+    have = have or (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf)
     if needed > have:
         raise UserError(f"{what} needs at least {needed / 2 ** 30:,.1f} GiB, more than this machine's "
                         f"{have / 2 ** 30:,.1f} GiB")
 
 
-def torchvision_images(name, root, resolution):
-    cls, kwargs = TORCHVISION_DATASETS[name]
-    try:
-        try:
-            dataset = cls(root, download=False, **kwargs)
-        except RuntimeError:  # "Dataset not found": fetch it
-            print(f"downloading {name} into {root}")
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                dataset = cls(root, download=True, **kwargs)
-    except (RuntimeError, OSError, ValueError) as e:  # no network (URLError is an OSError), bad files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not get {name} ({reason}); put its files where torchvision.datasets."
-                        f"{cls.__name__}(root={root!r}) looks for them, or pass --data-root")
-    if name == "celeba":
-        folder = os.path.join(root, dataset.base_folder, "img_align_celeba")
-        return ImageFiles([os.path.join(folder, f) for f in dataset.filename], resolution), None
-    images = torch.as_tensor(dataset.data)
-    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST N x H x W, CIFAR N x H x W x C
-    return image_tensor(images, resolution), torch.as_tensor(dataset.targets)
-
-
 def split(n, val_size, labels=None, seed=0):
-    """(train indices, held-out indices), the held-out set of val_size items drawn with a fixed
-    seed; stratified when labels are given (each class contributes its share, largest remainders
-    rounded up)."""
+    """(train indices, held-out indices): val_size items drawn with the seed, stratified when labels are given
+    (each class its share, the largest remainders rounded up)."""
     if not 0 < val_size < n:
         raise UserError(f"--val-size {val_size} must be between 1 and {n - 1}, the number of images minus one")
     g = torch.Generator().manual_seed(seed)
     if labels is None:
         perm = torch.randperm(n, generator=g)
         return perm[val_size:], perm[:val_size]
-    classes = labels.unique()
-    members = [torch.nonzero(labels == c).flatten() for c in classes]
+    members = [torch.nonzero(labels == c).flatten() for c in labels.unique()]
     share = torch.tensor([len(m) * val_size / n for m in members])
     take = share.floor().long()
     take[torch.argsort(share - take, descending=True)[:val_size - int(take.sum())]] += 1
-    val = torch.cat([m[torch.randperm(len(m), generator=g)[:k]] for m, k in zip(members, take)])
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[val] = False
-    return torch.nonzero(mask).flatten(), val.sort().values
+    val = torch.cat([m[torch.randperm(len(m), generator=g)[:k]] for m, k in zip(members, take)]).sort().values
+    return torch.from_numpy(np.setdiff1d(np.arange(n), val.numpy())), val
 
 
-def datasets(args):
-    """(training set, held-out set) from --data, with --val-data or a --val-size split (stratified
-    by label when the data has labels; fixed by --seed)."""
-    data, labels = load_images(args.data, args.resolution, args.data_root)
-    if args.val_data:
-        val, _ = load_images(args.val_data, args.resolution, args.data_root)
-        return data, val
-    train_idx, val_idx = split(len(data), args.val_size, labels, args.seed)
+def datasets(cfg):
+    """(training set, held-out set): --data, and --val-data or a --val-size split of --data (by --seed)."""
+    data, labels = load_images(cfg.data, cfg.resolution, cfg.data_root)
+    if cfg.val_data:
+        return data, load_images(cfg.val_data, cfg.resolution, cfg.data_root)[0]
+    train_idx, val_idx = split(len(data), cfg.val_size, labels, cfg.seed)
     return torch.utils.data.Subset(data, train_idx.tolist()), torch.utils.data.Subset(data, val_idx.tolist())
 
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (one permutation per epoch from the seed, this rank's share of it) that
-    can start an epoch part-way through, so that --resume sees the batches it would have seen."""
-
-    start = 0
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self):
-        return super().__len__() - self.start
-
-
-def to_model_input(batch, device, flip_seed=None):
-    """uint8 (B, 3, r, r) -> float in [-1, 1] on the device; with flip_seed, a random half of the
-    batch mirrored left-right, drawn from that seed (so a resumed run flips the same images)."""
-    x = batch.to(device, non_blocking=True).float() / 127.5 - 1
-    if flip_seed is not None:
-        flip = torch.rand(len(x), generator=torch.Generator().manual_seed(flip_seed)) < 0.5
-        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
-    return x
-
-
-def held_out_batches(images, device, workers, batch_size=64):
-    """The held-out images in order, as model inputs on the device. The DataLoader gets a generator of its own:
-    its seed draw would otherwise advance the global random state, and a resumed run would differ."""
-    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,
-                                         generator=torch.Generator())
-    progress = Progress("held-out evaluation", len(images))
-    for batch in loader:
-        yield to_model_input(batch, device)
-        progress.update(len(batch))
-
 # -----------------------------------------------------------------------------
-# pretrained networks: VGG16 for the perceptual loss, LPIPS' channel weights, Inception-v3 for rFID
-
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def load_pretrained(url, needed_by, otherwise=""):
-    """torchvision's pretrained weights at url, as a state dict. They live in $TORCH_HOME/hub/checkpoints,
-    downloaded there on first use or put there by hand, so the file is checked on every load, not only
-    on download: its sha256 must begin with the hex digits in its name (torchvision names its files so),
-    and it is unpickled with weights_only=True. A file planted under that name is refused unread."""
-    name = os.path.basename(url)
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    path, known = os.path.join(folder, name), name.split("-")[-1].split(".")[0]
-    try:
-        if not os.path.isfile(path):
-            os.makedirs(folder, exist_ok=True)
-            torch.hub.download_url_to_file(url, path, hash_prefix=known, progress=False)
-        with open(path, "rb") as f:
-            data = f.read()  # hashed and unpickled from memory: the file cannot change between the two
-        found = hashlib.sha256(data).hexdigest()
-        if not found.startswith(known):
-            raise UserError(f"{path} is not torchvision's {name} (its sha256 begins {found[:len(known)]}, not "
-                            f"{known}), so it is not loaded: replace it with the file from {url}")
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, MemoryError, pickle.UnpicklingError) as e:  # no network (URLError: OSError)
-        raise UserError(f"{needed_by} needs torchvision's {name} and could not get it ({type(e).__name__}); "
-                        f"put that file into {folder}{otherwise}")
-
+# the pretrained networks: torchvision's VGG16 for the perceptual loss, with LPIPS' channel weights
 
 def load_vgg16():
     """torchvision's ImageNet VGG16 convolutional layers (downloaded on first use)."""
-    state = load_pretrained(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, "the perceptual loss",
-                            ", or train without it: --perceptual-weight 0")
     vgg = torchvision.models.vgg16(weights=None)
-    vgg.load_state_dict(state)
+    vgg.load_state_dict(load_pretrained(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, "the perceptual loss",
+                                        ", or train without it: --perceptual-weight 0"))
     return vgg.features
 
 
 def load_lpips_weights(perceptual, path):
-    """The LPIPS project's calibrated per-channel weights (v0.1 vgg.pth: lin0..lin4.model.1.weight,
-    shapes [1, C, 1, 1]) into a Perceptual module."""
-    if not os.path.isfile(path):
-        raise UserError(f"--lpips-weights {path}: no such file")
+    """The LPIPS project's calibrated channel weights (v0.1 vgg.pth: lin0..lin4.model.1.weight, [1, C, 1, 1])."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         for i, w in enumerate(perceptual.weights):
@@ -946,193 +1029,531 @@ def load_lpips_weights(perceptual, path):
             if value.shape != w.shape or (value < 0).any():
                 raise ValueError(f"lin{i} has {value.numel()} weights (need {w.numel()}, all >= 0)")
             w.data.copy_(value)
-    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError, pickle.UnpicklingError) as e:
         raise UserError(f"--lpips-weights {path} is not LPIPS v0.1 vgg weights ({type(e).__name__}: {e})")
 
-
-INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
-
-
-def load_inception(device):
-    """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
-    state = load_pretrained(INCEPTION.url, "--fid")  # first: a missing or refused file fails before any work
-    net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-    net.load_state_dict(state)
-    net.fc = nn.Identity()
-    return net.eval().to(device)
-
-
-def inception_features(net, x):
-    """x (B, 3, H, W) in [0, 1] -> (B, 2048) float64: bilinear resize to 299, ImageNet normalisation."""
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
-    x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
-    return net((x - mean) / std).double()
-
 # -----------------------------------------------------------------------------
-# weights I/O: a safetensors reader and writer, .ckpt files, LDM and older names, configs, export
+# weights files: safetensors, pickled checkpoints, the checks of a state dict, export with diffusers' config.json
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
-MAX_HEADER = 100_000_000  # bytes; the safetensors format caps its JSON header at this size
 
 
-class SafetensorsError(UserError):
-    """A file that is not valid safetensors: raised before any tensor data is read."""
-
-
-def load_safetensors(path):
-    """Read a .safetensors file into {name: tensor} (on the CPU, in the file's dtypes).
-
-    The format: an 8-byte little-endian unsigned header length N, N bytes of JSON mapping each
-    name to {"dtype", "shape", "data_offsets": [begin, end]} (plus an optional "__metadata__"),
-    then the raw little-endian bytes of the tensors, offsets counted from the end of the header.
-    Everything is checked before a tensor is built (safetensors_entries).
-    """
-    if sys.byteorder != "little":
-        raise SafetensorsError("this reader assumes a little-endian machine")
-    if not os.path.isfile(path):
-        raise SafetensorsError(f"no weights file at {path}")
-    size = os.path.getsize(path)
+def load_safetensors(path, metadata=False):
+    """A .safetensors file -> {name: tensor} (and its "__metadata__" strings, with metadata=True). The format: an
+    8-byte little-endian header length N, N bytes of JSON mapping each name to {"dtype", "shape", "data_offsets":
+    [begin, end]} (and an optional "__metadata__"), then the tensors' bytes, offsets counted from the header's end.
+    The header is checked whole before a tensor is built: size, JSON, dtypes, shapes, ranges that tile the data."""
     with open(path, "rb") as f:
-        if size < 8:
-            raise SafetensorsError(f"{path} is not safetensors: {size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER or 8 + n > size:
-            raise SafetensorsError(f"{path} is not safetensors or is truncated: header length {n} with "
-                                   f"{size - 8} bytes after it")
-        try:
-            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SafetensorsError(f"{path}: the header is not valid JSON ({e})")
-        entries = safetensors_entries(header, size - 8 - n, path)
-        data = bytearray(f.read(size - 8 - n))
-    tensors = {}
-    for begin, stop, name, dtype, shape in entries:
-        torch_dtype = SAFETENSORS_DTYPES[dtype]
-        if stop == begin:
-            tensors[name] = torch.empty(shape, dtype=torch_dtype)
-        else:
-            tensors[name] = torch.frombuffer(data, dtype=torch_dtype, count=math.prod(shape),
-                                             offset=begin).reshape(shape)
-    return tensors
+        blob = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(blob)
 
-
-def safetensors_entries(header, data_len, path):
-    """The header's tensors as (begin, end, name, dtype, shape), sorted by offset, after checking each
-    dtype, each shape, that each byte range has the size shape x item size, and that the ranges tile the
-    data_len bytes of data exactly, in order, with no gap or overlap and nothing past the end of the file."""
+    def refuse(why):
+        raise UserError(f"{path} is not a valid safetensors file: {why}")
+    n = int.from_bytes(blob[:8], "little")
+    if len(blob) < 8 or n > 100_000_000 or 8 + n > len(blob) or sys.byteorder != "little":  # 100 MB: the format's cap
+        refuse(f"{len(blob)} bytes, shorter than the 8-byte header length" if len(blob) < 8 else
+               f"header length {n} with {len(blob) - 8} bytes after it (truncated?)")
+    try:
+        header = json.loads(blob[8:8 + n], object_pairs_hook=no_duplicates)
+    except ValueError as e:  # UnicodeDecodeError too
+        refuse(f"the header is not valid JSON ({e})")
     if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: the header is not a JSON object")
-    header.pop("__metadata__", None)
-    entries = []
+        refuse("the header is not a JSON object")
+    meta, entries, end, size = header.pop("__metadata__", {}), [], 0, len(blob) - 8 - n
     for name, info in header.items():
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise SafetensorsError(f"{where} lacks dtype, shape or data_offsets")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, span = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in SAFETENSORS_DTYPES:
-            raise SafetensorsError(f"{where} has unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
-            raise SafetensorsError(f"{where} has an invalid shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise SafetensorsError(f"{where} has invalid data_offsets {offsets!r}")
-        nbytes = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
-        if offsets[1] - offsets[0] != nbytes:
-            raise SafetensorsError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
-                                   f"but {dtype} {shape} needs {nbytes}")
-        entries.append((offsets[0], offsets[1], name, dtype, shape))
-    entries.sort()
-    end = 0
-    for begin, stop, name, _, _ in entries:
+            refuse(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            refuse(f"tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(span, list) and len(span) == 2 and all(type(o) is int for o in span)
+                and 0 <= span[0] <= span[1]):
+            refuse(f"tensor {name!r} has invalid data_offsets {span!r}")
+        if span[1] - span[0] != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
+            refuse(f"tensor {name!r} spans {span[1] - span[0]} bytes; {dtype} {shape} needs "
+                   f"{math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize}")
+        entries.append((*span, name, SAFETENSORS_DTYPES[dtype], shape))
+    for begin, stop, name, _, _ in sorted(entries):
         if begin != end:
-            raise SafetensorsError(f"{path}: tensor {name!r} starts at byte {begin} of the data, expected {end} "
-                                   f"({'overlapping' if begin < end else 'a gap before it'})")
+            refuse(f"tensor {name!r} starts at byte {begin} of the data, not {end} ("
+                   + ("overlapping)" if begin < end else "a gap before it)"))
         end = stop
-    if end != data_len:
-        raise SafetensorsError(f"{path}: the tensors cover {end} bytes of data but the file holds {data_len} "
-                               f"({'truncated' if end > data_len else 'trailing bytes'})")
-    return entries
+    if end != size:
+        refuse(f"the tensors cover {end} bytes of data, the file holds {size} "
+               f"({'truncated' if end > size else 'trailing bytes'})")
+    tensors = {name: torch.frombuffer(blob, dtype=dtype, count=math.prod(shape), offset=8 + n + begin).reshape(shape)
+               if stop > begin else torch.empty(shape, dtype=dtype) for begin, stop, name, dtype, shape in entries}
+    return (tensors, meta) if metadata else tensors
 
 
-def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} in the layout load_safetensors() reads (names sorted, the header
-    padded with spaces to a multiple of 8 bytes, as the safetensors package does); atomically."""
-    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
-    chunks, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            for data in chunks:
-                f.write(data)
-    write_atomically(path, write)
-
-
-def safetensors_metadata(path):
-    """The "__metadata__" strings of a safetensors file that load_safetensors has read (so its header is valid)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)).get("__metadata__", {})
-
-
-def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
-        raise ValueError(f"duplicate names {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+def no_duplicates(pairs):
+    if len({name for name, _ in pairs}) < len(pairs):
+        raise ValueError(f"duplicate names {sorted({a for a, _ in pairs if [b for b, _ in pairs].count(a) > 1})}")
     return dict(pairs)
 
 
+def save_safetensors(tensors, path, metadata=None):
+    """{name: tensor} -> a .safetensors file (names sorted, the header padded with spaces to a multiple of 8 bytes,
+    as the safetensors package writes it); atomically."""
+    header, chunks, offset = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        chunks.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        header[name] = {"dtype": next(k for k, v in SAFETENSORS_DTYPES.items() if v == t.dtype), "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(chunks[-1])]}
+        offset += len(chunks[-1])
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(struct.pack("<Q", len(blob)) + blob
+                                                                      + b"".join(chunks)))
+
+
 def read_weights(path):
-    """A weights file -> {name: tensor}: .safetensors (read above), or a pickled .ckpt/.pt/.pth/.bin read with
-    torch.load(weights_only=True), which builds tensors and plain containers and refuses anything else (a pickle
-    can name any Python function to call; such a file is refused, never run). A whole training checkpoint's
-    "state_dict" is taken out of it."""
+    """A weights file -> {name: tensor}: .safetensors, or a pickled .ckpt/.pt/.pth/.bin read with torch.load(
+    weights_only=True), which builds tensors and plain containers and refuses anything else (a pickle can name any
+    Python function to call: such a file is refused, never run); a training checkpoint's "state_dict" is taken
+    out of it; a diffusers folder gives its diffusion_pytorch_model file."""
     if os.path.isdir(path):
-        return read_weights(weights_in_folder(path))
-    if not os.path.isfile(path):
-        raise UserError(f"no weights file at {path}")
+        found = [p for p in (os.path.join(path, f"diffusion_pytorch_model.{e}") for e in ("safetensors", "bin"))
+                 if os.path.isfile(p)]
+        if not found:
+            raise UserError(f"{path} is a folder without diffusion_pytorch_model.safetensors: give the weights file")
+        path = found[0]
     if path.endswith(".safetensors"):
         return load_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, KeyError, RuntimeError, EOFError, OSError, ValueError) as e:
+    except (pickle.UnpicklingError, KeyError, RuntimeError, EOFError, ValueError) as e:
         needs = re.search(r"GLOBAL (\S+)", str(e))
-        if needs:
-            raise UserError(f"{path} holds Python objects besides tensors ({needs[1]}); unpickling them could run "
-                            f"code, so the file is refused: use a .safetensors version of these weights")
-        raise UserError(f"{path} is not a safetensors file or a PyTorch checkpoint ({type(e).__name__})")
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+        raise UserError(f"{path} holds Python objects besides tensors ({needs[1]}); unpickling them could run code, "
+                        f"so the file is refused: use a .safetensors version of these weights" if needs else
+                        f"{path} is not a safetensors file or a PyTorch checkpoint ({type(e).__name__})")
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} holds no state dict (a dict of tensors)")
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
-def weights_in_folder(folder):
-    """A diffusers model folder's weights file."""
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    raise UserError(f"{folder} is a folder without diffusion_pytorch_model.safetensors: give the weights file")
+def fit_weights(state, config, source="the state dict", which=None):
+    """A state dict in diffusers', LDM's or an older naming (diffusers_names) as AutoencoderKL(**config) names it,
+    checked: no key missing or unexpected, every shape as the model's, every value finite; else a one-line error."""
+    state, fits = diffusers_names(state, config), f"{source} does not fit this model{f' ({which})' if which else ''}"
+    with torch.device("meta"):  # the names and shapes, without the memory
+        expected = AutoencoderKL(**config).state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [f"{name} is {list(t.shape)} there and {list(expected[name].shape)} here" for name, t in state.items()
+             if name in expected and t.shape != expected[name].shape]
+    if missing or unexpected or wrong:
+        keys = [f"{len(names)} {kind}, e.g. {names[0]}" for kind, names in (("missing", missing),
+                                                                         ("unexpected", unexpected)) if names]
+        raise UserError(f"{fits}: {'keys ' + '; '.join(keys) if keys else wrong[0]}; pass the --preset or --config "
+                        f"these weights were made for")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{source}: {name} holds NaN or infinite values; these weights cannot reconstruct anything")
+    return state
 
 
-# The CompVis/LDM names of most community VAE files and of the VAE inside whole Stable Diffusion checkpoints, as
-# rewrites of diffusers' names (decoder levels count the other way round there: up.{levels - 1 - i}).
+def load_weights(model, state, source="the state dict", which=None):
+    """fit_weights, loaded into the model (returned)."""
+    model.load_state_dict(fit_weights(state, model.config, source, which))
+    return model
+
+
+def diffusers_config(config):
+    """Our config as diffusers' config.json holds it (every field, the latent convention too; lists for tuples)."""
+    n = len(config["block_out_channels"])
+    return {"_class_name": "AutoencoderKL", "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n, **with_lists(config)}
+
+
+def with_lists(d):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def export(autoencoder, path, overwrite=False, fmt="diffusers"):
+    """The weights as FILE.safetensors: with diffusers' config.json beside it (diffusers format: AutoencoderKL.
+    from_pretrained(its folder) loads it when FILE is diffusion_pytorch_model), or in LDM's names with the config in
+    its metadata (ldm: what ComfyUI, A1111-style tools and diffusers' from_single_file load)."""
+    config, folder = diffusers_config(autoencoder.config), os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    if fmt == "ldm":
+        save_safetensors(to_ldm(autoencoder.state_dict(), autoencoder.config), path,
+                         metadata={"format": "pt", "config": json.dumps(config)})
+        return print(f"exported {path} (LDM names)")
+    config_path = os.path.join(folder, "config.json")
+    if os.path.exists(config_path) and not overwrite and json.loads(pathlib.Path(config_path).read_text()) != config:
+        raise UserError(f"{config_path} exists and describes another model: export into another folder, or pass "
+                        f"--overwrite")
+    save_safetensors(autoencoder.state_dict(), path, metadata={"format": "pt"})
+    write_atomically(config_path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(config, indent=2)))
+    print(f"exported {path} and {config_path}")
+
+# -----------------------------------------------------------------------------
+# the command line: train's options are Config's fields; one check of the options; the model a command uses
+
+DEVICES, DTYPES = ["auto", "cpu", "cuda", "mps"], {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DATA_OPTIONS = ("data", "val_data", "val_size", "data_root", "resolution", "workers", "seed")  # of train and eval
+PROGRAM, CHECKPOINT_KEYS = "kl_autoencoder.py", {"model", "config", "step"}  # what load_checkpoint expects
+WORKERS = "DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)"
+
+
+def parse_args(argv=None):
+    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct, encode and decode images, convert "
+                           "weights files, train, evaluate.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    r, n, d, c, t, e = (sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        for name, text in (("reconstruct", "encode and decode one image"),
+                                           ("encode", "images -> latents for diffusion training (one .safetensors)"),
+                                           ("decode", "latents (a file of encode, or any with 'latents') -> images"),
+                                           ("convert", "a weights file to diffusers or LDM format"),
+                                           ("train", "train an autoencoder (one process, or one per GPU, torchrun)"),
+                                           ("eval", "evaluate a checkpoint or weights on held-out images")))
+    for q in (r, n, d, c, t, e):
+        add_model_options(q, source=q is not t)
+        q.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    r.add_argument("--image", required=True)
+    r.add_argument("--out", required=True, help="where to write the reconstruction (.png, or .jpg)")
+    n.add_argument("--data", required=True, help="a folder of images, an .npz file, or cifar10, mnist, celeba")
+    n.add_argument("--data-root", default="./data", help="where torchvision datasets are kept")
+    n.add_argument("--resolution", type=positive_int, default=None,
+                   help="images are resized and centre-cropped to this square (default: the config's sample_size)")
+    n.add_argument("--out", required=True, help="the latents file (.safetensors)")
+    n.add_argument("--sample", action="store_true", help="latents from a posterior sample (default: its mean)")
+    n.add_argument("--seed", type=seed, default=0, help="of the posterior samples")
+    n.add_argument("--workers", type=nonnegative_int, default=None, help=WORKERS)
+    n.add_argument("--batch-size", type=positive_int, default=8)
+    d.add_argument("--latents", required=True, help="a .safetensors file with a 'latents' tensor (N, C, h, w)")
+    d.add_argument("--out", required=True, help="a folder for the images (PNG)")
+    d.add_argument("--batch-size", type=positive_int, default=1)
+    for q in (r, n, d):
+        q.add_argument("--device", default="auto", choices=DEVICES)
+        q.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                       help="bf16 is for GPUs; fp16 runs in fp32 where the config says force_upcast (it overflows)")
+        q.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
+                       help=f"encode and decode in tiles of the config's sample_size, as diffusers' enable_tiling "
+                            f"(auto: for images of more than {AUTO_TILE_PIXELS:,} pixels, 1024 x 1024)")
+    add_config_options(t.add_argument_group("the run (Config: LDM's recipe, the loop, the data)"))
+    t.set_defaults(steps=None)  # settle: 10,000 unless --epochs
+    add_config_options(e.add_argument_group("data and run (default: the checkpoint's)"),
+                       names=(*DATA_OPTIONS, "precision", "device"), blank=True)
+    e.add_argument("--out", default=None,
+                   help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
+    for q in (c, t, e):
+        q.add_argument("--export", default=None, required=q is c, metavar="FILE",
+                       help="the .safetensors file" if q is c else "also write the weights as a .safetensors file")
+        q.add_argument("--export-format", default="diffusers", choices=["diffusers", "ldm"],
+                       help="diffusers: config.json beside FILE; ldm: one file in CompVis/LDM names (ComfyUI, A1111)")
+    for q in (t, e):
+        q.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
+    return settle(p.parse_args(argv))
+
+
+def add_model_options(q, source=True):
+    """The model: --weights or --ckpt (train: --weights to fine-tune, and sizes), --preset or --config."""
+    g = q.add_argument_group("model")
+    if source:
+        s = g.add_mutually_exclusive_group(required=True)
+        s.add_argument("--weights", help="a .safetensors, .ckpt or .pt file in diffusers' or LDM's names (a whole "
+                                         "Stable Diffusion checkpoint too), or a diffusers folder with config.json")
+        s.add_argument("--ckpt", help="a checkpoint written by train (its model's config is in it)")
+        g.add_argument("--ema", action="store_true", help="with --ckpt: its EMA weights")
+    else:
+        g.add_argument("--weights", help="start from these weights (fine-tuning; any file reconstruct reads)")
+        for name in ("--block-out-channels", "--layers-per-block", "--latent-channels"):
+            g.add_argument(name, type=positive_int, nargs="+" if name == "--block-out-channels" else None,
+                           help="overrides the preset")
+        g.add_argument("--lpips-weights", help="the LPIPS project's v0.1 vgg.pth: calibrated channel weights")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="the architecture (default: a --weights folder's "
+                   "config.json, else sd); refused where it contradicts that config.json")
+    g.add_argument("--config", help="a diffusers AutoencoderKL config.json (or its folder)")
+
+
+def add_config_options(g, names=None, blank=False):
+    """An option for each field of Config (or those named), its default (None with blank: eval settles them) and
+    help; the kind of each field checked as argparse parses it."""
+    kinds = {"lr": positive_float, "ema": decay, "betas": decay, "seed": seed, "disc_start": nonnegative_int,
+             "eval_every": nonnegative_int, "workers": nonnegative_int, int: positive_int, float: nonnegative_float}
+    for f in dataclasses.fields(Config):
+        if names is None or f.name in names:
+            option = {"default": None if blank else f.default, **f.metadata,
+                      "help": f.metadata["help"].replace("%", "%%")}  # (argparse formats help with %)
+            if f.type is bool:
+                option["action"] = argparse.BooleanOptionalAction
+            elif f.type is not str:
+                option.update(type=kinds.get(f.name, kinds.get(f.type)),
+                              nargs=len(f.default) if f.type is tuple else None)
+            g.add_argument("--" + f.name.replace("_", "-"), **option)
+
+
+def decay(text):
+    """A number in [0, 1): an EMA's decay, Adam's betas."""
+    if nonnegative_float(text) >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return float(text)
+
+
+def settle(args):
+    """The one place where options are checked against each other and defaults that depend on others are settled
+    (eval's from its checkpoint, in eval_command)."""
+    train, source = args.command == "train", [getattr(args, "weights", None) or getattr(args, "ckpt", None)]
+    if args.config and args.preset:
+        raise UserError("--config and --preset both describe the model: pass one of them")
+    if not train and args.ckpt and (args.config or args.preset):
+        raise UserError("--ckpt holds its model's config: leave out --preset and --config")
+    if not train and args.ema and not args.ckpt:
+        raise UserError("--ema needs --ckpt: a weights file holds one set of weights")
+    if args.command == "reconstruct":
+        check_output(args.out, "--out", [args.image, *source], args.overwrite, (".png", ".jpg", ".jpeg"))
+    if args.command == "encode":
+        check_output(args.out, "--out", [args.data, *source], args.overwrite, (".safetensors",), make_folder=True)
+    if args.command == "decode" and os.path.isfile(args.out):
+        raise UserError(f"--out {args.out} is a file: give a folder for the images")
+    if args.command == "eval" and args.weights and not args.out:
+        raise UserError("eval --weights: pass --out, the folder for metrics.jsonl and reconstructions.png")
+    if getattr(args, "export", None):
+        check_output(args.export, "--export", [os.path.join(args.out, "ckpt.pt")] if train else source,
+                     args.overwrite, (".safetensors",), make_folder=True)
+    if args.command in ("encode", "train"):
+        args.workers = settled_workers(args)
+    if not train:
+        return args
+    if args.steps is not None and args.epochs is not None:
+        raise UserError("--steps and --epochs: pass one of them")
+    args.steps, args.betas, args.device = args.steps or 10_000, tuple(args.betas), get_device(args.device).type
+    args.precision = args.precision if args.precision != "auto" else "bf16" if args.device == "cuda" else "fp32"
+    config = model_config(args)
+    if any(c % config["norm_num_groups"] for c in config["block_out_channels"]):
+        raise UserError(f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}: each must be a "
+                        f"multiple of {config['norm_num_groups']}, the number of GroupNorm groups")
+    check_resolution(args.resolution, config, args.disc_weight)
+    check_memory(args.batch_size * config["block_out_channels"][0] * args.resolution ** 2 * 4,
+                 f"--resolution {args.resolution} with --batch-size {args.batch_size}: one batch's first activation",
+                 torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else None)
+    return args
+
+
+def settled_workers(args):
+    """--workers, or its default: up to 4 (one per core) to decode image files, none for arrays in memory."""
+    if args.workers is not None:
+        return args.workers
+    return min(4, os.cpu_count() or 1) if os.path.isdir(args.data) or args.data == "celeba" else 0
+
+
+def check_output(path, flag, inputs, overwrite, extensions, make_folder=False):
+    """A file a command is about to write: never one of its inputs, never a folder, a kind it can write, not an
+    existing file unless --overwrite says so; its folder must exist unless the command makes it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if any(os.path.abspath(path) == os.path.abspath(i) or os.path.exists(path) and os.path.exists(i)
+           and os.path.samefile(path, i) for i in inputs if i):
+        raise UserError(f"{flag} {path} is also an input of this command: write to another file")
+    for wrong, why in ((os.path.isdir(path), "is a folder: give a file name"),
+                       (not path.lower().endswith(extensions), f": can write {', '.join(extensions)} files only"),
+                       (os.path.exists(path) and not overwrite, "exists: pass --overwrite to replace it, or another "
+                                                                 "name"),
+                       (not make_folder and not os.path.isdir(folder), f": the folder {folder} does not exist")):
+        if wrong:
+            raise UserError(f"{flag} {path}{'' if why[0] == ':' else ' '}{why}")
+
+
+def check_resolution(resolution, config, disc_weight):
+    f = 2 ** (len(config["block_out_channels"]) - 1)
+    if resolution % f:
+        raise UserError(f"--resolution {resolution} is not a multiple of {f}, this model's downsampling factor: "
+                        f"use {max(f, resolution // f * f)} or {-(-resolution // f) * f}")
+    if disc_weight > 0 and resolution < 24:
+        raise UserError(f"--resolution {resolution}: the PatchGAN discriminator needs at least 24; use "
+                        f"--disc-weight 0 below that")
+
+
+def architecture(args):
+    """(AutoencoderKL keywords, where they came from): --config, else the config.json of a --weights folder (a
+    --preset that contradicts it, tile size and force_upcast aside, is refused), else --preset (default sd)."""
+    folder = os.path.join(args.weights, "config.json") if args.weights and not args.config else ""
+    if not args.config and not os.path.isfile(folder):
+        return complete(PRESETS[args.preset or "sd"]), f"preset {args.preset or 'sd'}"
+    config = complete(read_config(args.config or folder))
+    if args.preset and any(v != config[k] for k, v in complete(PRESETS[args.preset]).items()
+                           if k not in ("sample_size", "force_upcast")):
+        raise UserError(f"--preset {args.preset} describes another model than {folder}: drop --preset")
+    return config, f"--config {args.config}" if args.config else folder
+
+
+def complete(config):
+    """Every AutoencoderKL keyword, those not given at their defaults: what the model's .config holds."""
+    return {**{k: p.default for k, p in inspect.signature(AutoencoderKL).parameters.items()}, **config}
+
+
+def model_config(args):
+    """train's AutoencoderKL keywords: the architecture, with explicit sizes."""
+    sizes = {k: getattr(args, k) for k in ("block_out_channels", "layers_per_block", "latent_channels")}
+    return {**architecture(args)[0], **{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items() if v}}
+
+
+def pretrained(args):
+    """(the autoencoder, on the CPU in float32, and the checkpoint or None): built from the config in --ckpt, or
+    from `architecture` and loaded with the --weights."""
+    if args.weights:
+        config, which = architecture(args)
+        return load_weights(AutoencoderKL(**config), read_weights(args.weights), args.weights, which).eval(), None
+    ckpt = load_checkpoint(args.ckpt)
+    if args.ema and not ckpt.get("ema"):
+        raise UserError(f"{args.ckpt} has no EMA weights (train with --ema DECAY)")
+    model = AutoencoderKL(**ckpt["config"]["model"])
+    model.load_state_dict(ckpt["ema"] if args.ema else ckpt["model"])
+    return model.eval(), ckpt
+
+# -----------------------------------------------------------------------------
+# train, eval, main
+
+
+def train_command(args):
+    """train(): Config from the options, the checks of a new run (or of a resumed one), the networks and data."""
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    config, rank0, ckpt_path = model_config(args), os.environ.get("RANK", "0") == "0", os.path.join(cfg.out, "ckpt.pt")
+    for path in (ckpt_path, os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "reconstructions.png")):
+        if rank0 and not cfg.resume and os.path.exists(path) and not args.overwrite:
+            raise UserError(f"{path} exists: pass --resume to continue that run, another --out, or --overwrite")
+    if rank0 and cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        if with_lists(complete(ckpt["config"]["model"])) != with_lists(config):
+            raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: pass its sizes, or "
+                            f"another --out")
+        drop_records_after(os.path.join(cfg.out, "metrics.jsonl"), ckpt["step"])
+        print(f"resuming {ckpt_path} at step {ckpt['step']}")
+    if rank0:
+        check_writable(cfg.out)
+    init = None if not args.weights else fit_weights(read_weights(args.weights), config, args.weights,
+                                                     architecture(args)[1])  # fine-tuning
+    perceptual = Perceptual(load_vgg16()) if cfg.perceptual_weight > 0 else None  # fails early: a missing file
+    if perceptual is not None and args.lpips_weights:
+        load_lpips_weights(perceptual, args.lpips_weights)
+    inception = load_inception("cpu") if args.fid and rank0 else None
+    data, val = datasets(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(data) // world < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(data) // world} training images of "
+                        f"each of the {world} processes")
+    final, record = train(cfg, config, data, val, init=init, perceptual=perceptual, inception=inception)
+    if final is not None and args.export:
+        export(final, args.export, args.overwrite, args.export_format)
+    return record
+
+
+def drop_records_after(path, step):
+    """Forget what a run logged after the checkpoint it is resumed from (it will log it again)."""
+    if os.path.exists(path):
+        records = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+        write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(
+            "".join(json.dumps(r) + "\n" for r in records if (r.get("step") or 0) <= step)))
+
+
+def eval_command(args):
+    """evaluate() a checkpoint or a weights file on held-out images: its training run's split (or a default run's)
+    unless the options say otherwise; --fid, --export."""
+    model, ckpt = pretrained(args)
+    saved = ckpt["config"] if ckpt else vars(Config(data=args.data))  # the held-out split of a default train run
+    for key in DATA_OPTIONS:
+        setattr(args, key, saved.get(key) if getattr(args, key) is None else getattr(args, key))
+    if args.data is None:
+        raise UserError(f"{args.ckpt or args.weights} does not say what data to evaluate on: pass --data")
+    args.workers = settled_workers(args)
+    check_resolution(args.resolution, model.config, 0)
+    device = get_device(args.device or "auto")
+    if args.precision in (None, "auto"):
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    inception = load_inception(device) if args.fid else None
+    _, val = datasets(args)
+    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    for name in ("metrics.jsonl", "reconstructions.png"):  # away from its own run's folder: another run's files
+        theirs = args.weights or os.path.abspath(out) != os.path.dirname(os.path.abspath(args.ckpt))
+        if theirs and os.path.exists(os.path.join(out, name)) and not args.overwrite:
+            raise UserError(f"{os.path.join(out, name)} exists: pass another --out, or --overwrite")
+    check_writable(out)
+    record = evaluate_and_log(model.to(device), val, args, step=ckpt["step"] if ckpt else 0, out=out,
+                              inception=inception, progress=Progress("held-out evaluation", len(val)).update)
+    if args.export:
+        export(model, args.export, args.overwrite, args.export_format)
+    return record
+
+
+def main(argv=None):
+    previous = signal.signal(signal.SIGTERM, interrupt)  # put back on the way out: main() may be called from Python
+    try:
+        args = parse_args(argv)
+        commands = {"reconstruct": reconstruct, "encode": encode_command, "decode": decode_command,
+                    "convert": convert, "train": train_command, "eval": eval_command}  # (the first four: Part III)
+        return commands[args.command](args)
+    except (UserError, OSError, FloatingPointError) as e:  # what a user can cause: a mistake, a file, a diverged run
+        message = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its traceback's last line
+            message = message.splitlines()[-1].split("Error: ", 1)[-1]
+        print(f"kl_autoencoder.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("kl_autoencoder.py: interrupted; the last checkpoint is kept", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python
+
+
+# =============================================================================
+# PART III, an appendix: Stable Diffusion files (the published families, configs, LDM names, latents, tiles)
+# =============================================================================
+
+PRESETS = {  # the published VAE families; numbers from each model's vae/config.json on the Hugging Face Hub
+    # Stable Diffusion 1.x / 2.x (CompVis kl-f8): 83,653,863 parameters; 4 latent channels, scaled by 0.18215.
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+               scaling_factor=0.18215),
+    # SDXL (stabilityai/stable-diffusion-xl-base-1.0): the same shapes, scaled by 0.13025; float16 overflows.
+    "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
+                 scaling_factor=0.13025, force_upcast=True),
+    # SD3 (stabilityai/stable-diffusion-3-medium-diffusers): 16 latent channels, no quant convs, (z - 0.0609) * 1.5305.
+    "sd3": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
+                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609),
+    # FLUX.1 (black-forest-labs/FLUX.1-dev): the SD3 shapes, (z - 0.1159) * 0.3611.
+    "flux": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
+                 use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+    # small ones for CPUs and tests
+    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, latent_channels=4, sample_size=256),
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=256),
+}
+
+
+def build(preset, **overrides):
+    """The AutoencoderKL of a named preset, with keyword overrides."""
+    return AutoencoderKL(**{**PRESETS[preset], **overrides})
+
+
+def read_config(path):
+    """A diffusers AutoencoderKL config.json (or a folder holding one) -> AutoencoderKL keywords. Every field that
+    changes the model is honoured, the latent convention kept, and a field this file does not know is refused
+    (diffusers' own bookkeeping, the keys starting with "_", is skipped)."""
+    with open(os.path.join(path, "config.json") if os.path.isdir(path) else path) as f:
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise UserError(f"--config {path}: not a JSON config ({e})")
+    if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise UserError(f"--config {path} is not an AutoencoderKL config, but {config.get('_class_name', config)!r}"
+                        if isinstance(config, dict) else f"--config {path}: not a JSON object")
+    for key, block in {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}.items():
+        if any(t != block for t in config.pop(key, [])):
+            raise UserError(f"--config {path}: {key} other than {block} are not AutoencoderKL's")
+    names = inspect.signature(AutoencoderKL).parameters
+    unknown = sorted(k for k in config if k not in names and not k.startswith("_"))
+    if unknown or config.get("act_fn", "silu") not in ACTIVATIONS:
+        raise UserError(f"--config {path}: unknown AutoencoderKL fields {', '.join(unknown)}" if unknown else
+                        f"--config {path}: act_fn {config['act_fn']!r} is not one of {', '.join(ACTIVATIONS)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
+
+# -----------------------------------------------------------------------------
+# LDM's names: the CompVis/LDM names of most community VAE files and of the VAE inside whole Stable Diffusion
+# checkpoints, as rewrites of diffusers' names (decoder levels count the other way round there: up.{levels - 1 - i})
+
 LDM_PREFIXES = ("first_stage_model.", "vae.")  # the VAE's keys inside a whole SD checkpoint
 LDM_RULES = [
     (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
@@ -1153,8 +1574,7 @@ def ldm_names(config):
     """{diffusers name: LDM name} for every weight of an AutoencoderKL with this config."""
     with torch.device("meta"):  # the names without the memory
         names = list(AutoencoderKL(**config).state_dict())
-    levels = len(config["block_out_channels"])
-    table = {}
+    levels, table = len(config["block_out_channels"]), {}
     for name in names:
         ldm = name
         for pattern, new in LDM_RULES:
@@ -1192,97 +1612,6 @@ def diffusers_names(state, config):
         converted[name] = tensor
     return converted
 
-
-def load_weights(model, state, source="the state dict", which=None):
-    """Load a state dict in diffusers', LDM's or an older naming (diffusers_names) with strict key and shape
-    checks, raising one-line errors that name what does not fit."""
-    state = diffusers_names(state, model.config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    which = f" ({which})" if which else ""
-    hint = "; pass the --preset or --config these weights were made for"
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-        raise UserError(f"{source} does not fit this model{which}: keys {'; '.join(parts)}{hint}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise UserError(f"{source} does not fit this model{which}: {name} is {list(tensor.shape)} there "
-                            f"and {list(expected[name].shape)} here{hint}")
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"{source}: {name} holds NaN or infinite values; these weights cannot reconstruct anything")
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def with_lists(d):
-    """The dict with its tuples as lists, as JSON and a reloaded checkpoint hold them (so they compare equal)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def diffusers_config(config):
-    """Our config as diffusers' config.json holds it (every field, the latent convention too)."""
-    n = len(config["block_out_channels"])
-    return {"_class_name": "AutoencoderKL", "down_block_types": ["DownEncoderBlock2D"] * n,
-            "up_block_types": ["UpDecoderBlock2D"] * n, **with_lists(config)}
-
-
-def read_config(path):
-    """A diffusers AutoencoderKL config.json (or a folder holding one) -> AutoencoderKL keywords. Every field that
-    changes the model is honoured, the latent convention kept, and a field this file does not know is refused
-    (diffusers' own bookkeeping, the keys starting with "_", is skipped)."""
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--config {path}: cannot read a JSON config ({type(e).__name__}: {e})")
-    if not isinstance(config, dict):
-        raise UserError(f"--config {path}: not a JSON object")
-    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise UserError(f"--config {path} is a {config['_class_name']} config, not an AutoencoderKL one")
-    for key, block in {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}.items():
-        if any(t != block for t in config.pop(key, [])):
-            raise UserError(f"--config {path}: {key} other than {block} are not AutoencoderKL's")
-    names = inspect.signature(AutoencoderKL).parameters
-    unknown = sorted(k for k in config if k not in names and not k.startswith("_"))
-    if unknown:
-        raise UserError(f"--config {path}: unknown AutoencoderKL fields {', '.join(unknown)}")
-    if config.get("act_fn", "silu") not in ACTIVATIONS:
-        raise UserError(f"--config {path}: act_fn {config['act_fn']!r} is not one of {', '.join(ACTIVATIONS)}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-
-
-def export(autoencoder, path, overwrite=False, fmt="diffusers"):
-    """Write the weights as FILE.safetensors. diffusers format: with diffusers' config.json beside it, so that
-    diffusers.AutoencoderKL.from_pretrained(folder of FILE) loads them (name FILE diffusion_pytorch_model.safetensors).
-    ldm format: one file in LDM names, as ComfyUI, A1111-style tools and diffusers' from_single_file load it, the
-    config in its metadata."""
-    config = diffusers_config(autoencoder.config)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if fmt == "ldm":
-        save_safetensors(to_ldm(autoencoder.state_dict(), autoencoder.config), path,
-                         metadata={"format": "pt", "config": json.dumps(config)})
-        print(f"exported {path} (LDM names)")
-        return
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if os.path.exists(config_path) and not overwrite:
-        with open(config_path) as f:
-            if json.load(f) != config:
-                raise UserError(f"{config_path} exists and describes another model: export into another folder, "
-                                f"or pass --overwrite")
-    save_safetensors(autoencoder.state_dict(), path, metadata={"format": "pt"})
-
-    def write_config(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
-    write_atomically(config_path, write_config)
-    print(f"exported {path} and {config_path}")
-
 # -----------------------------------------------------------------------------
 # latents for diffusion models, and large images in tiles
 
@@ -1309,6 +1638,7 @@ def latent_statistics(z, config):
 
 
 TILE_OVERLAP = 0.25  # diffusers' tile_overlap_factor
+AUTO_TILE_PIXELS = 1024 * 1024  # --tile auto tiles images larger than this (see README for the memory it saves)
 
 
 def tiled(fn, x, size, out_size):
@@ -1355,691 +1685,13 @@ def decode(model, z, tile=False):
     return model.decode(z)
 
 # -----------------------------------------------------------------------------
-# distributed training and exact resume
-
-
-class Ranks:
-    """This process among the training processes (torchrun sets WORLD_SIZE, RANK and LOCAL_RANK:
-    one process per device, NCCL on CUDA, gloo on the CPU; also with a single process, so that one
-    GPU runs the same distributed code), and the collectives the run needs; without torchrun each
-    of them is a no-op."""
-
-    def __init__(self, device_name):
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun
-        self.device = get_device(device_name)
-        if self.distributed and self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self.device)
-        if self.distributed:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0  # the process that logs, evaluates and writes files
-
-    def mean_(self, tensors):
-        """Average tensors over the ranks, in place."""
-        if self.distributed:
-            for t in tensors:
-                dist.all_reduce(t)
-                t.div_(self.world)
-
-    def gather(self, obj):
-        """[obj of rank 0, obj of rank 1, ...] (every rank must call it)."""
-        if not self.distributed:
-            return [obj]
-        objects = [None] * self.world
-        dist.all_gather_object(objects, obj)
-        return objects
-
-    def close(self):
-        if self.distributed:
-            dist.destroy_process_group()
-
-
-def weights_digest(*modules):
-    """sha256 of the bytes of every parameter and buffer: equal on two ranks only if their
-    weights (and the discriminator's BatchNorm statistics) are identical."""
-    h = hashlib.sha256()
-    for module in modules:
-        for t in itertools.chain(module.parameters(), module.buffers()):
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def save_checkpoint(path, state):
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
-
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def load_checkpoint(path):
-    """A checkpoint of this program, read with weights_only=True (no code in it runs), or a one-line error."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first, or pass the path of one")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many kinds of errors for a file that is not a checkpoint
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        detail = f"{type(e).__name__}: {reason}" if reason and not reason.isdigit() else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({detail}): pass a ckpt.pt that {PROGRAM} wrote")
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
-        raise UserError(f"{path} is not a {PROGRAM} checkpoint (it lacks one of {', '.join(sorted(CHECKPOINT_KEYS))})")
-    return ckpt
-
-
-PROGRAM, CHECKPOINT_KEYS = "kl_autoencoder.py", {"model", "config", "step"}
-LOG_COLUMNS = ("loss", "rec", "perceptual", "nll", "kl", "g", "lambda", "d")  # train_step's terms, as logged
-
-
-def new_run(args, config, ranks):
-    """A run's state: the networks, their optimizers, the EMA, the step and the log line in progress.
-    Every rank starts from the same weights and then draws its own posterior samples."""
-    cuda = ranks.device.type == "cuda"
-    torch.manual_seed(args.seed)
-    model = Trainable(AutoencoderKL(**config))
-    if args.weights:  # fine-tuning: start from a published VAE, in any format reconstruct reads
-        load_weights(model.autoencoder, read_weights(args.weights), args.weights, architecture(args)[1])
-    model = model.to(ranks.device)
-    disc = NLayerDiscriminator().to(ranks.device)
-    torch.manual_seed(args.seed + ranks.rank)
-    if ranks.distributed and cuda:
-        disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
-    if cuda:
-        model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
-    recipe = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})  # LDM's, or as asked
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=recipe.lr, betas=recipe.betas)
-    model.logvar.requires_grad_(recipe.learn_logvar)
-    ema = copy.deepcopy(model.autoencoder).requires_grad_(False) if recipe.ema else None
-    return types.SimpleNamespace(model=model, disc=disc, opt=opt, opt_d=opt_d, ema=ema, recipe=recipe, step=0,
-                                 saved=None, sums=torch.zeros(len(LOG_COLUMNS), device=ranks.device), since_log=0)
-
-
-def save_run(path, run, args, config, ranks):
-    """The one place a run is written: everything that --resume needs to continue exactly."""
-    rng, run.saved = ranks.gather(torch.get_rng_state()), run.step
-    if ranks.main:
-        save_checkpoint(path, {
-            "model": run.model.autoencoder.state_dict(), "logvar": run.model.logvar.detach().cpu(),
-            "disc": run.disc.state_dict(), "opt": run.opt.state_dict(), "opt_d": run.opt_d.state_dict(),
-            "ema": run.ema.state_dict() if run.ema is not None else None, "step": run.step, "rng": rng,
-            "log_sums": run.sums.cpu(), "since_log": run.since_log,
-            "config": {"model": with_lists(config), **with_lists(vars(args))}})
-
-
-def restore_run(run, ckpt, ranks):
-    """The one place a run is read back: the inverse of save_run."""
-    run.model.autoencoder.load_state_dict(ckpt["model"])
-    run.model.logvar.data.copy_(ckpt["logvar"])
-    run.disc.load_state_dict(ckpt["disc"])
-    run.opt.load_state_dict(ckpt["opt"])
-    run.opt_d.load_state_dict(ckpt["opt_d"])
-    if run.ema is not None:
-        run.ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
-    run.step, run.sums, run.since_log = ckpt["step"], ckpt["log_sums"].to(ranks.device), ckpt["since_log"]
-    run.saved = run.step
-    if ranks.rank < len(ckpt["rng"]):
-        torch.set_rng_state(ckpt["rng"][ranks.rank])
-
-
-def drop_records_after(path, step):
-    """Forget what a run logged after the checkpoint it is resumed from (it will log it again)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records if (r.get("step") or 0) <= step)
-        os.replace(path + ".tmp", path)
-
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def check_writable(folder):
-    """Make `folder` if need be and check that a file can be written in it, before any long work starts."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write into {folder} ({e.strerror or type(e).__name__}): pass another --out")
-
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-class Progress:
-    """Progress of long work on stdout, from its fifth second on (quicker work prints nothing): one line updated
-    in place on a terminal, a line per tenth of the work otherwise."""
-
-    def __init__(self, what, total):
-        self.what, self.total, self.done, self.t0, self.shown = what, total, 0, time.time(), False
-
-    def update(self, n):
-        before, self.done = self.done, self.done + n
-        elapsed = time.time() - self.t0
-        if elapsed < 5 and not self.shown:
-            return
-        rate = self.done / elapsed
-        line = (f"{self.what}: {self.done:,}/{self.total:,} images, {rate:,.1f} images/s, "
-                f"{(self.total - self.done) / rate:,.0f} s left")
-        if sys.stdout.isatty():
-            print("\r" + line, end="\n" if self.done >= self.total else "", flush=True)
-        elif not self.shown or self.done * 10 // self.total > before * 10 // self.total:
-            print(line, flush=True)
-        self.shown = True
-
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def interrupt(signum, frame):
-    """SIGTERM (kill, a job scheduler's stop) ends the program the way Ctrl-C does: one line, exit 130."""
-    raise KeyboardInterrupt
-
-# -----------------------------------------------------------------------------
-# the training run
-
-
-def train(args):
-    """Train with THE OBJECTIVE (module docstring) on --data, one process or one per device under torchrun."""
-    ranks = Ranks(args.device)
-    try:
-        return training_run(args, ranks)
-    finally:
-        ranks.close()
-
-
-def training_run(args, ranks):
-    """The loop, in the style of nanoGPT's train.py; start_run sets up everything around it."""
-    run, model, s = start_run(args, ranks)  # s: what the loop reads (data, frozen networks, step counts, paths)
-    images, t0 = 0, time.perf_counter()
-    while run.step < s.total:
-        s.sampler.set_epoch(run.step // s.steps_per_epoch)  # the epoch's permutation, from where a resume left it
-        s.sampler.start = (run.step % s.steps_per_epoch) * args.batch_size
-        for batch in s.loader:
-            # the batch, on the device (mirrored at random with --hflip, seeded by the step: a resume flips the same)
-            x = to_model_input(batch, ranks.device, hash((args.seed, run.step, ranks.rank)) if args.hflip else None)
-            if ranks.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            # one step of the autoencoder, its EMA and the discriminator
-            terms = train_step(model, run.disc, x, run.step, opt=run.opt, opt_d=run.opt_d, cfg=run.recipe,
-                               perceptual=s.perceptual, ema=run.ema)
-            run.sums += torch.stack([terms[name] for name in LOG_COLUMNS])
-            run.step, run.since_log, images = run.step + 1, run.since_log + 1, images + len(x) * ranks.world
-            # the log: the means since the last line, over all ranks (the only host sync of the loop)
-            log_now = run.step % args.log_every == 0 or run.step == s.total
-            save_now = run.step % args.ckpt_every == 0 or run.step == s.total
-            if log_now or save_now:
-                means = mean_terms(run, ranks, s.ckpt_path)
-            if log_now:
-                log_line(run, means, ranks, images_per_s=images / (time.perf_counter() - t0), metrics=s.metrics)
-                images, t0 = 0, time.perf_counter()
-            # the checkpoint: written by rank 0, with every rank's random state
-            if save_now:
-                save_run(s.ckpt_path, run, args, config=s.config, ranks=ranks)
-            # a periodic evaluation on the held-out images
-            if args.eval_every and run.step % args.eval_every == 0 and run.step < s.total and ranks.main:
-                evaluate_and_log(run.ema or run.model.autoencoder, s.val, args, step=run.step, out=args.out)
-                run.model.train()
-            if run.step >= s.total:
-                break
-    # the end: the same weights on every rank, the final evaluation, the export
-    if ranks.distributed:
-        digests = ranks.gather(weights_digest(run.model, run.disc))
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"the ranks ended with different weights: {digests}")
-        if ranks.main:
-            print(f"weights identical on all {ranks.world} ranks (sha256 {digests[0][:16]})")
-    if ranks.main:
-        final = run.ema or run.model.autoencoder
-        record = evaluate_and_log(final, s.val, args, step=run.step, out=args.out, inception=s.inception)
-        if args.export:
-            export(final, args.export, args.overwrite, args.export_format)
-        return record
-
-
-def start_run(args, ranks):
-    """Everything the loop needs: a new or resumed run, the model to call (DDP around it under torchrun, compiled
-    with --compile), the data, the frozen networks; checks first, so that a mistake fails before any work."""
-    config = model_config(args)
-    ckpt_path, metrics = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
-    ckpt = open_checkpoint(args, config, ckpt_path, metrics)
-    check_memory(args.batch_size * config["block_out_channels"][0] * args.resolution ** 2 * 4,
-                 f"--resolution {args.resolution} with --batch-size {args.batch_size}: one batch's first activation",
-                 torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None)
-    if ranks.main:
-        check_writable(args.out)
-    if ranks.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    perceptual = Perceptual(load_vgg16()).to(ranks.device) if args.perceptual_weight > 0 else None  # fails early
-    if perceptual is not None and args.lpips_weights:
-        load_lpips_weights(perceptual, args.lpips_weights)
-    inception = load_inception(ranks.device) if args.fid and ranks.main else None
-    data, val = datasets(args)
-    sampler = ResumableSampler(data, num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=args.seed,
-                               drop_last=True)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, pin_memory=ranks.device.type == "cuda",
-                                         persistent_workers=args.workers > 0,
-                                         generator=torch.Generator())  # its seed draw must not touch the global RNG
-    steps_per_epoch = len(sampler) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {args.batch_size} is more than the {len(sampler)} training images of each "
-                        f"of the {ranks.world} processes")
-    total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
-    run = new_run(args, config, ranks)
-    if ckpt is not None:
-        restore_run(run, ckpt, ranks)
-        if ranks.main:
-            drop_records_after(metrics, run.step)
-            print(f"resuming {ckpt_path} at step {run.step}")
-    # the discriminator is not in DDP: it also runs (frozen) in the autoencoder's loss; train_step averages its grads
-    model = run.model
-    if ranks.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
-    if args.compile:
-        model.compile()
-    if ranks.main and ckpt is None:
-        open(metrics, "w").close()
-        n_params = sum(p.numel() for p in run.model.autoencoder.parameters())
-        print(f"AutoencoderKL {config['block_out_channels']}, {n_params:,} parameters; {len(data):,} training and "
-              f"{len(val):,} held-out images at {args.resolution}x{args.resolution}; {ranks.world} process(es) on "
-              f"{ranks.device}; {total:,} steps")
-    if ranks.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ranks.device)
-    return run, model, types.SimpleNamespace(config=config, sampler=sampler, loader=loader, val=val, total=total,
-                                             steps_per_epoch=steps_per_epoch, perceptual=perceptual,
-                                             inception=inception, ckpt_path=ckpt_path, metrics=metrics)
-
-
-def open_checkpoint(args, config, ckpt_path, metrics):
-    """The checkpoint --resume continues (None for a new run, which must not write over another run's files)."""
-    if not args.resume:
-        for path in (ckpt_path, metrics, os.path.join(args.out, "reconstructions.png")):
-            if os.path.exists(path) and not args.overwrite:
-                raise UserError(f"{path} exists: pass --resume to continue that run, another --out, or --overwrite")
-        return None
-    ckpt = load_checkpoint(ckpt_path)
-    if with_lists(complete(ckpt["config"]["model"])) != with_lists(config):
-        raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: "
-                        f"pass its sizes, or another --out")
-    return ckpt
-
-
-def mean_terms(run, ranks, ckpt_path):
-    """The means of the logged terms since the last log line, averaged over the ranks, as floats; a run whose
-    loss is not finite stops here, before a bad state is saved."""
-    values = run.sums / run.since_log
-    ranks.mean_([values])
-    means = dict(zip(LOG_COLUMNS, values.tolist()))
-    if not all(math.isfinite(v) for v in means.values()):
-        kept = f"{ckpt_path} holds the last good step, {run.saved}" if run.saved is not None else "no checkpoint yet"
-        raise UserError(f"the loss became {means['loss']} by step {run.step} ({kept}): try a lower --lr")
-    return means
-
-
-def log_line(run, means, ranks, images_per_s, metrics):
-    """One line of the training log, printed and appended to metrics.jsonl by rank 0; then a new line starts."""
-    record = {"kind": "train", "step": run.step, **means, "logvar": run.model.logvar.item(),
-              "images_per_s": images_per_s}
-    cuda = ranks.device.type == "cuda"
-    if cuda:
-        record["peak_gib"] = torch.cuda.max_memory_allocated(ranks.device) / 2 ** 30
-    if ranks.main:
-        append_jsonl(metrics, record)
-        print(f"step {run.step:6d} | " + " | ".join(f"{k} {record[k]:.4g}" for k in [*LOG_COLUMNS, "logvar"])
-              + f" | {images_per_s:.1f} img/s" + (f" | {record['peak_gib']:.2f} GiB" if cuda else ""), flush=True)
-    run.sums.zero_()
-    run.since_log = 0
-
-
-def evaluate_and_log(autoencoder, val, args, step, out, inception=None):
-    """evaluate() on the held-out images, printed, appended to OUT/metrics.jsonl, with OUT/reconstructions.png."""
-    device = next(autoencoder.parameters()).device
-    features = (lambda x: inception_features(inception, x)) if inception is not None else None
-    record = {"kind": "eval", "step": step,
-              **evaluate(autoencoder, held_out_batches(val, device, args.workers), args.precision, features)}
-    print(f"eval on {record['images']:,} held-out images" + (f" at step {step}" if step is not None else "")
-          + f": PSNR {record['psnr']:.2f} dB | SSIM {record['ssim']:.4f} | "
-          + (f"rFID {record['rfid']:.2f} | " if "rfid" in record else "")
-          + f"KL {record['kl']:.1f} nats | latent std {record['latent_std']:.4f} | "
-          f"scaling factor {record['scaling_factor']:.5f}", flush=True)
-    append_jsonl(os.path.join(out, "metrics.jsonl"), record)
-    write_reconstructions(autoencoder, val, os.path.join(out, "reconstructions.png"), args.precision)
-    return record
-
-
-@torch.no_grad()
-def write_reconstructions(autoencoder, images, path, precision, n=8):
-    """The first n held-out images above their reconstructions (decoded posterior means), one PNG."""
-    device = next(autoencoder.parameters()).device
-    x = to_model_input(torch.stack([images[i] for i in range(min(n, len(images)))]), device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        x_rec = autoencoder.decode(autoencoder.encode(x).mode()).float()
-    write_image(torchvision.utils.make_grid(torch.cat([x, x_rec]), nrow=len(x), padding=2, pad_value=1), path)
-
-# -----------------------------------------------------------------------------
-# the command line
-
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; we want one line, like our own errors
-        raise UserError(f"{message} (see --help)")
-
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def _number(kind, low, inclusive, high=None):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not (value >= low if inclusive else value > low) or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
-        return value
-    return parse
-
-
-positive_int, nonnegative_int = _number(int, 0, False), _number(int, 0, True)
-positive_float, nonnegative_float = _number(float, 0, False), _number(float, 0, True)
-seed = _number(int, 0, True, 2 ** 63 - 1)
-
-
-def decay(text):
-    """A number in [0, 1): an EMA's decay, Adam's betas."""
-    value = nonnegative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def get_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False); "
-                        "use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
-    return torch.device(name)
-
-
-def parse_args(argv=None):
-    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct, encode and decode images, convert "
-                           "weights files, train, evaluate.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    r = sub.add_parser("reconstruct", help="encode and decode one image", formatter_class=fmt)
-    add_model_source(r)
-    r.add_argument("--image", required=True)
-    r.add_argument("--out", required=True, help="where to write the reconstruction (.png, or .jpg)")
-    add_inference_options(r)
-
-    n = sub.add_parser("encode", help="images -> latents for diffusion training (one .safetensors file)",
-                       formatter_class=fmt)
-    add_model_source(n)
-    n.add_argument("--data", required=True, help="a folder of images, an .npz file, or cifar10, mnist, celeba")
-    n.add_argument("--data-root", default="./data", help="where torchvision datasets are kept")
-    n.add_argument("--resolution", type=positive_int, default=None,
-                   help="images are resized and centre-cropped to this square (default: the config's sample_size)")
-    n.add_argument("--out", required=True, help="the latents file (.safetensors)")
-    n.add_argument("--sample", action="store_true", help="latents from a posterior sample (default: its mean)")
-    n.add_argument("--seed", type=seed, default=0, help="of the posterior samples")
-    n.add_argument("--batch-size", type=positive_int, default=8)
-    n.add_argument("--workers", type=nonnegative_int, default=None,
-                   help="DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)")
-    add_inference_options(n)
-
-    d = sub.add_parser("decode", help="latents (a file of encode, or any with 'latents') -> images",
-                       formatter_class=fmt)
-    add_model_source(d)
-    d.add_argument("--latents", required=True, help="a .safetensors file with a 'latents' tensor (N, C, h, w)")
-    d.add_argument("--out", required=True, help="a folder for the images (PNG)")
-    d.add_argument("--batch-size", type=positive_int, default=1)
-    add_inference_options(d)
-
-    c = sub.add_parser("convert", help="a weights file to diffusers or LDM format", formatter_class=fmt)
-    add_model_source(c)
-    add_export_options(c, required=True)
-
-    t = sub.add_parser("train", help="train an autoencoder (one process, or one per GPU under torchrun)",
-                       formatter_class=fmt)
-    e = sub.add_parser("eval", help="evaluate a checkpoint or weights on held-out images", formatter_class=fmt)
-    add_model_source(e)
-    for q, training in ((t, True), (e, False)):  # what both need; eval's defaults come from the checkpoint
-        add_data_options(q, training)
-    e.add_argument("--out", default=None,
-                   help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
-    add_training_options(t)
-    return settle(p.parse_args(argv))
-
-
-def add_model_source(q):
-    g = q.add_argument_group("model")
-    source = g.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", help="a .safetensors, .ckpt or .pt file in diffusers' or LDM's names (a whole "
-                                          "Stable Diffusion checkpoint too), or a diffusers folder with config.json")
-    source.add_argument("--ckpt", help="a checkpoint written by train (its model's config is in it)")
-    g.add_argument("--ema", action="store_true", help="with --ckpt: its EMA weights")
-    add_architecture_options(g)
-
-
-def add_architecture_options(g):
-    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="the architecture (default: a --weights folder's config.json, else sd); refused where it "
-                        "contradicts that config.json")
-    g.add_argument("--config", default=None, help="a diffusers AutoencoderKL config.json (or its folder)")
-
-
-def add_inference_options(q):
-    q.add_argument("--device", default="auto", choices=DEVICES)
-    q.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                   help="bf16 is for GPUs; fp16 runs in fp32 where the config says force_upcast (it overflows)")
-    q.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
-                   help=f"encode and decode in tiles of the config's sample_size, as diffusers' enable_tiling "
-                        f"(auto: for images of more than {AUTO_TILE_PIXELS:,} pixels, 1024 x 1024)")
-    q.add_argument("--overwrite", action="store_true", help="replace existing output files")
-
-
-def add_export_options(q, required=False):
-    q.add_argument("--export", default=None, required=required, metavar="FILE",
-                   help="also write the weights as a .safetensors file" if not required else "the .safetensors file")
-    q.add_argument("--export-format", default="diffusers", choices=["diffusers", "ldm"],
-                   help="diffusers: config.json beside FILE; ldm: one file in CompVis/LDM names (ComfyUI, A1111)")
-    q.add_argument("--overwrite", action="store_true", help="replace existing output files")
-
-
-TRAINING_DATA_DEFAULTS = {"val_size": 1000, "data_root": "./data", "resolution": 256, "seed": 0}
-
-
-def add_data_options(q, training):
-    defaults = TRAINING_DATA_DEFAULTS if training else dict.fromkeys(TRAINING_DATA_DEFAULTS)  # eval settles them later
-    g = q.add_argument_group("data")
-    g.add_argument("--data", required=training, default=None,
-                   help="a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, celeba")
-    g.add_argument("--val-data", default=None, help="held-out images (otherwise --val-size images of --data)")
-    g.add_argument("--val-size", type=positive_int, default=defaults["val_size"],
-                   help="held-out images split off --data (stratified by label when it has labels)")
-    g.add_argument("--data-root", default=defaults["data_root"], help="where torchvision datasets are kept")
-    g.add_argument("--resolution", type=positive_int, default=defaults["resolution"],
-                   help="images are resized and centre-cropped to this square")
-    g.add_argument("--workers", type=nonnegative_int, default=None,
-                   help="DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)")
-    g.add_argument("--seed", type=seed, default=defaults["seed"],
-                   help="the split, the data order, the initialisation")
-    g = q.add_argument_group("run")
-    g.add_argument("--device", default="auto", choices=DEVICES)
-    g.add_argument("--precision", default=None, choices=["bf16", "fp32"],
-                   help="autocast dtype (default: bf16 on CUDA, else fp32)")
-    g.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
-    add_export_options(g)
-
-
-def add_training_options(t):
-    g = t.add_argument_group("model")
-    g.add_argument("--weights", default=None, help="start from these weights (fine-tuning; any file reconstruct reads)")
-    add_architecture_options(g)
-    g.add_argument("--block-out-channels", type=positive_int, nargs="+", default=None, help="overrides the preset")
-    g.add_argument("--layers-per-block", type=positive_int, default=None, help="overrides the preset")
-    g.add_argument("--latent-channels", type=positive_int, default=None, help="overrides the preset")
-    g.add_argument("--lpips-weights", default=None,
-                   help="the LPIPS project's v0.1 vgg.pth for calibrated channel weights (default: all 1)")
-    add_config_options(t.add_argument_group("the recipe (Config)"))
-    g = t.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=positive_int, default=8, help="per process")
-    g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: --epochs, or 10000)")
-    g.add_argument("--epochs", type=positive_int, default=None)
-    g.add_argument("--hflip", action="store_true", help="random horizontal flips")
-    g.add_argument("--compile", action="store_true")
-    g = t.add_argument_group("outputs")
-    g.add_argument("--out", default=os.path.join("runs", "kl"))
-    g.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt")
-    g.add_argument("--log-every", type=positive_int, default=50)
-    g.add_argument("--ckpt-every", type=positive_int, default=1000)
-    g.add_argument("--eval-every", type=nonnegative_int, default=1000,
-                   help="held-out evaluation every N steps (0: only at the end)")
-
-
-def add_config_options(g):
-    """A train option for each field of Config, with its default and help (precision is a run option, of eval too)."""
-    checks = {"lr": positive_float, "ema": decay, "betas": decay}  # the other numbers: >= 0
-    for f in dataclasses.fields(Config):
-        if f.name == "precision":
-            continue
-        kw = {"default": f.default, **f.metadata, "help": f.metadata["help"].replace("%", "%%")}  # argparse's %
-        if isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif not isinstance(f.default, str):
-            kw["type"] = checks.get(f.name, nonnegative_int if isinstance(f.default, int) else nonnegative_float)
-            kw["nargs"] = len(f.default) if isinstance(f.default, tuple) else None
-        g.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def settle(args):
-    """The one place where defaults that depend on other options are settled and options are checked together
-    (eval's remaining defaults come from its checkpoint, in eval_command)."""
-    if args.command in ("train", "eval", "encode") and args.workers is None and args.data is not None:
-        args.workers = default_workers(args.data)
-    if args.config and args.preset:
-        raise UserError("--config and --preset both describe the model: pass one of them")
-    source = [] if args.command == "train" else [args.weights or args.ckpt]
-    if args.command != "train":
-        if args.ckpt and (args.config or args.preset):
-            raise UserError("--ckpt holds its model's config: leave out --preset and --config")
-        if args.ema and not args.ckpt:
-            raise UserError("--ema needs --ckpt: a weights file holds one set of weights")
-    if args.command == "reconstruct":
-        check_output(args.out, "--out", [args.image, *source], overwrite=args.overwrite, extensions=OUTPUT_EXTENSIONS)
-    if args.command == "encode":
-        check_output(args.out, "--out", [args.data, *source], overwrite=args.overwrite, extensions=(".safetensors",),
-                     make_folder=True)
-    if args.command == "decode" and os.path.isfile(args.out):
-        raise UserError(f"--out {args.out} is a file: give a folder for the images")
-    if args.command == "eval" and args.weights and not args.out:
-        raise UserError("eval --weights: pass --out, the folder for metrics.jsonl and reconstructions.png")
-    if getattr(args, "export", None):
-        inputs = source if args.command != "train" else [os.path.join(args.out, "ckpt.pt")]
-        check_output(args.export, "--export", inputs, overwrite=args.overwrite, extensions=(".safetensors",),
-                     make_folder=True)
-    if args.command != "train":
-        return args
-    args.betas = tuple(args.betas)
-    if args.steps is not None and args.epochs is not None:
-        raise UserError("--steps and --epochs: pass one of them")
-    if args.steps is None and args.epochs is None:
-        args.steps = 10_000
-    args.precision = args.precision or ("bf16" if get_device(args.device).type == "cuda" else "fp32")
-    config = model_config(args)
-    if any(c % config["norm_num_groups"] for c in config["block_out_channels"]):
-        raise UserError(f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}: each must be a "
-                        f"multiple of {config['norm_num_groups']}, the number of GroupNorm groups")
-    check_resolution(args.resolution, config, args.disc_weight)
-    return args
-
-
-def check_output(path, flag, inputs, overwrite, extensions, make_folder=False):
-    """A file a command is about to write: never one of its inputs, never a folder, a kind it can write, and not
-    an existing file unless --overwrite says so; its folder must exist unless the command makes it."""
-    if any(os.path.abspath(path) == os.path.abspath(i) or (os.path.exists(path) and os.path.exists(i)
-                                                          and os.path.samefile(path, i)) for i in inputs):
-        raise UserError(f"{flag} {path} is also an input of this command: write to another file")
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a folder: give a file name")
-    if not path.lower().endswith(extensions):
-        raise UserError(f"{flag} {path}: can write {', '.join(extensions)} files only")
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"{flag} {path} exists: pass --overwrite to replace it, or another name")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not make_folder and not os.path.isdir(folder):
-        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
-
-
-def default_workers(data):
-    """DataLoader workers: up to 4 (one per CPU core) to decode image files, none for arrays in memory."""
-    return min(4, os.cpu_count() or 1) if os.path.isdir(data) or data == "celeba" else 0
-
-
-def architecture(args):
-    """(AutoencoderKL keywords, what they came from): --config, else the config.json of a --weights folder,
-    else --preset (sd when none is given). A --preset that describes another model than the folder's config.json
-    is refused (the tile size and force_upcast may differ)."""
-    if args.config:
-        return complete(read_config(args.config)), f"--config {args.config}"
-    folder_config = os.path.join(args.weights, "config.json") if args.weights else ""
-    if not os.path.isfile(folder_config):
-        preset = args.preset or "sd"
-        return complete(PRESETS[preset]), f"preset {preset}"
-    config = complete(read_config(folder_config))
-    if args.preset and any(v != config[k] for k, v in complete(PRESETS[args.preset]).items()
-                           if k not in ("sample_size", "force_upcast")):
-        raise UserError(f"--preset {args.preset} describes another model than {folder_config}: drop --preset")
-    return config, folder_config
-
-
-def complete(config):
-    """Every AutoencoderKL keyword, those not given at their defaults: what the model's .config holds."""
-    return {**{k: p.default for k, p in inspect.signature(AutoencoderKL).parameters.items()}, **config}
-
-
-def model_config(args):
-    """train's AutoencoderKL keywords: the architecture, overridden by explicit sizes."""
-    config, _ = architecture(args)
-    for key in ("block_out_channels", "layers_per_block", "latent_channels"):
-        if getattr(args, key) is not None:
-            config[key] = tuple(getattr(args, key)) if key == "block_out_channels" else getattr(args, key)
-    return config
-
-
-def pretrained(args):
-    """(the autoencoder, on the CPU in float32, and the checkpoint or None): built from the config in --ckpt,
-    or from `architecture` and loaded with the --weights."""
-    if args.ckpt:
-        ckpt = load_checkpoint(args.ckpt)
-        if args.ema and not ckpt.get("ema"):
-            raise UserError(f"{args.ckpt} has no EMA weights (train with --ema DECAY)")
-        model = AutoencoderKL(**ckpt["config"]["model"])
-        model.load_state_dict(ckpt["ema"] if args.ema else ckpt["model"])
-        return model.eval(), ckpt
-    config, which = architecture(args)
-    return load_weights(AutoencoderKL(**config), read_weights(args.weights), args.weights, which).eval(), None
-
-
-DEVICES = ["auto", "cpu", "cuda", "mps"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-AUTO_TILE_PIXELS = 1024 * 1024  # --tile auto tiles images larger than this (see README for the memory it saves)
+# reconstruct, encode, decode, convert
 
 
 def inference_setup(args, model):
     """(device, dtype) for reconstruct/encode/decode, with the model moved there. float16 is
     replaced by float32 where the config says force_upcast (float16 overflows in that model: SDXL's)."""
-    device = get_device(args.device)
-    dtype = DTYPES[args.dtype]
+    device, dtype = get_device(args.device), DTYPES[args.dtype]
     if dtype == torch.float16 and model.config["force_upcast"]:
         print("--dtype fp16: this model's config says force_upcast (float16 overflows in it); running in fp32",
               file=sys.stderr)
@@ -2052,35 +1704,19 @@ def use_tiles(args, pixels):
     return args.tile == "on" or (args.tile == "auto" and pixels > AUTO_TILE_PIXELS)
 
 
-def check_resolution(resolution, config, disc_weight):
-    f = 2 ** (len(config["block_out_channels"]) - 1)
-    if resolution % f:
-        raise UserError(f"--resolution {resolution} is not a multiple of {f}, this model's downsampling factor: "
-                        f"use {max(f, resolution // f * f)} or {-(-resolution // f) * f}")
-    if disc_weight > 0 and resolution < 24:
-        raise UserError(f"--resolution {resolution}: the PatchGAN discriminator needs at least 24; "
-                        f"use --disc-weight 0 below that")
-
-# -----------------------------------------------------------------------------
-# commands and entry point
-
-
 @torch.no_grad()
 def reconstruct(args):
     model, _ = pretrained(args)
     f = model.downsampling_factor
-    x = read_image(args.image, model.config["in_channels"])
+    x = decode_image(args.image, model.config["in_channels"])[None].float() / 127.5 - 1
     h, w = x.shape[2:]
-    if h < f or w < f:
-        raise UserError(f"{args.image} is {h}x{w} (height x width), smaller than this model's downsampling "
-                        f"factor {f}: it needs sides of at least {f}")
-    if h % f or w % f:
-        lo, hi = (f"{(h // f) * f}x{(w // f) * f}", f"{-(-h // f) * f}x{-(-w // f) * f}")
-        raise UserError(f"{args.image} is {h}x{w} (height x width); this model needs sides that are "
-                        f"multiples of {f}, e.g. {lo} or {hi}: crop or pad it")
+    if h < f or w < f or h % f or w % f:
+        raise UserError(f"{args.image} is {h}x{w} (height x width), smaller than this model's downsampling factor "
+                        f"{f}: it needs sides of at least {f}" if h < f or w < f else
+                        f"{args.image} is {h}x{w} (height x width); this model needs sides that are multiples of {f}, "
+                        f"e.g. {h // f * f}x{w // f * f} or {-(-h // f) * f}x{-(-w // f) * f}: crop or pad it")
     device, dtype = inference_setup(args, model)
     tile = use_tiles(args, h * w)
-    tiled = tile and max(h, w) > model.config["sample_size"]  # encode() tiles only images larger than one tile
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -2091,8 +1727,9 @@ def reconstruct(args):
     seconds = time.perf_counter() - t0
     write_image(out[0], args.out)
     quality = psnr((to_uint8(out).float() / 255).cpu(), to_uint8(x).float() / 255).item()
+    tiles = ", tiled" if tile and max(h, w) > model.config["sample_size"] else ""  # encode() tiles larger images only
     print(f"latent {list(posterior.mean.shape)} (B, C, H/{f}, W/{f}) | PSNR {quality:.2f} dB | {seconds:.3f} s on "
-          f"{device} ({str(dtype).split('.')[1]}{', tiled' if tiled else ''}) | wrote {args.out}")
+          f"{device} ({str(dtype).split('.')[1]}{tiles}) | wrote {args.out}")
     return quality
 
 
@@ -2111,11 +1748,8 @@ def encode_command(args):
     c, h = model.config["latent_channels"], resolution // model.downsampling_factor
     check_memory(len(images) * c * h * h * 4 * 3, f"encoding {len(images):,} images at {resolution}")
     device, dtype = inference_setup(args, model)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers,
-                                         generator=torch.Generator())
-    progress, parts = Progress("encoding", len(images)), []
-    for batch in loader:
+    generator, progress, parts = torch.Generator(device).manual_seed(args.seed), Progress("encoding", len(images)), []
+    for batch in torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers):
         posterior = encode(model, to_model_input(batch, device).to(dtype), use_tiles(args, resolution ** 2))
         z = posterior.sample(generator) if args.sample else posterior.mode()
         parts.append([t.float().cpu() for t in (to_diffusion_latents(z.float(), model.config), posterior.mean,
@@ -2165,12 +1799,9 @@ def decode_command(args):
 
 def read_latents(path):
     """(latents float32, the latent convention and image names in its metadata) of a latents file."""
-    if not os.path.isfile(path):
-        raise UserError(f"--latents {path}: no such file")
-    tensors = load_safetensors(path)
+    tensors, meta = load_safetensors(path, metadata=True)
     if "latents" not in tensors or tensors["latents"].ndim != 4:
         raise UserError(f"{path} has no 'latents' tensor of shape (N, C, h, w)")
-    meta = safetensors_metadata(path)
     try:
         saved, names = json.loads(meta.get("config", "{}")), json.loads(meta.get("names", "null"))
     except ValueError:
@@ -2182,54 +1813,138 @@ def read_latents(path):
 def convert(args):
     export(pretrained(args)[0], args.export, args.overwrite, args.export_format)
 
-
-def eval_command(args):
-    model, ckpt = pretrained(args)
-    saved = ckpt["config"] if ckpt else {
-        "data": args.data, **TRAINING_DATA_DEFAULTS}  # the held-out split a default train run makes
-    for key in ("data", "val_data", "val_size", "data_root", "resolution", "seed", "workers"):
-        if getattr(args, key) is None:
-            setattr(args, key, saved.get(key))
-    if args.data is None:
-        raise UserError(f"{args.ckpt or args.weights} does not say what data to evaluate on: pass --data")
-    if args.workers is None:
-        args.workers = default_workers(args.data)
-    check_resolution(args.resolution, model.config, 0)
-    device = get_device(args.device)
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    model.to(device)
-    inception = load_inception(device) if args.fid else None
-    _, val = datasets(args)
-    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
-    if args.weights or os.path.abspath(out) != os.path.dirname(os.path.abspath(args.ckpt)):
-        for name in ("metrics.jsonl", "reconstructions.png"):  # away from its own run's folder: another run's files
-            if os.path.exists(os.path.join(out, name)) and not args.overwrite:
-                raise UserError(f"{os.path.join(out, name)} exists: pass another --out, or --overwrite")
-    check_writable(out)
-    record = evaluate_and_log(model, val, args, step=ckpt["step"] if ckpt else 0, out=out, inception=inception)
-    if args.export:
-        export(model, args.export, args.overwrite, args.export_format)
-    return record
+# =============================================================================
+# Shared with vae.py: each file stands alone, so these are written in both; a test keeps them identical.
+# =============================================================================
 
 
-def main(argv=None):
-    previous = signal.signal(signal.SIGTERM, interrupt)  # put back on the way out: main() may be called from Python
+class UserError(Exception):
+    """A mistake in how the program was called: main() prints it as one line and exits with 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we want one line, like our own errors
+        raise UserError(f"{message} (see --help)")
+
+
+def _number(kind, low, inclusive, high=None):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not (value >= low if inclusive else value > low) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+        return value
+    return parse
+
+
+positive_int, nonnegative_int = _number(int, 0, False), _number(int, 0, True)
+positive_float, nonnegative_float = _number(float, 0, False), _number(float, 0, True)
+seed = _number(int, 0, True, 2 ** 63 - 1)
+
+
+def get_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False); "
+                        "use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def load_pretrained(url, needed_by, otherwise=""):
+    """torchvision's pretrained weights at url, as a state dict. They live in $TORCH_HOME/hub/checkpoints,
+    downloaded there on first use or put there by hand, so the file is checked on every load, not only
+    on download: its sha256 must begin with the hex digits in its name (torchvision names its files so),
+    and it is unpickled with weights_only=True. A file planted under that name is refused unread."""
+    name = os.path.basename(url)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path, known = os.path.join(folder, name), name.split("-")[-1].split(".")[0]
     try:
-        args = parse_args(argv)
-        commands = {"reconstruct": reconstruct, "encode": encode_command, "decode": decode_command, "convert": convert,
-                    "train": train, "eval": eval_command}
-        return commands[args.command](args)
-    except UserError as e:
-        message = str(e).strip()
-        if "Original Traceback" in message:  # raised in a DataLoader worker, which wraps it in its traceback
-            message = message.splitlines()[-1].split("Error: ", 1)[-1]
-        print(f"kl_autoencoder.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("kl_autoencoder.py: interrupted; the last checkpoint is kept", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python
+        if not os.path.isfile(path):
+            os.makedirs(folder, exist_ok=True)
+            torch.hub.download_url_to_file(url, path, hash_prefix=known, progress=False)
+        with open(path, "rb") as f:
+            data = f.read()  # hashed and unpickled from memory: the file cannot change between the two
+        found = hashlib.sha256(data).hexdigest()
+        if not found.startswith(known):
+            raise UserError(f"{path} is not torchvision's {name} (its sha256 begins {found[:len(known)]}, not "
+                            f"{known}), so it is not loaded: replace it with the file from {url}")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, MemoryError, pickle.UnpicklingError) as e:  # no network (URLError: OSError)
+        raise UserError(f"{needed_by} needs torchvision's {name} and could not get it ({type(e).__name__}); "
+                        f"put that file into {folder}{otherwise}")
+
+
+INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
+
+
+def load_inception(device):
+    """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
+    state = load_pretrained(INCEPTION.url, "--fid")  # first: a missing or refused file fails before any work
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    net.load_state_dict(state)
+    net.fc = nn.Identity()
+    return net.eval().to(device)
+
+
+def load_checkpoint(path):
+    """A checkpoint of this program, read with weights_only=True (no code in it runs), or a one-line error."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first, or pass the path of one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds of errors for a file that is not a checkpoint
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        detail = f"{type(e).__name__}: {reason}" if reason and not reason.isdigit() else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({detail}): pass a ckpt.pt that {PROGRAM} wrote")
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+        raise UserError(f"{path} is not a {PROGRAM} checkpoint (it lacks one of {', '.join(sorted(CHECKPOINT_KEYS))})")
+    return ckpt
+
+
+def check_writable(folder):
+    """Make `folder` if need be and check that a file can be written in it, before any long work starts."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write into {folder} ({e.strerror or type(e).__name__}): pass another --out")
+
+
+class Progress:
+    """Progress of long work on stdout, from its fifth second on (quicker work prints nothing): one line updated
+    in place on a terminal, a line per tenth of the work otherwise."""
+
+    def __init__(self, what, total):
+        self.what, self.total, self.done, self.t0, self.shown = what, total, 0, time.time(), False
+
+    def update(self, n):
+        before, self.done = self.done, self.done + n
+        elapsed = time.time() - self.t0
+        if elapsed < 5 and not self.shown:
+            return
+        rate = self.done / elapsed
+        line = (f"{self.what}: {self.done:,}/{self.total:,} images, {rate:,.1f} images/s, "
+                f"{(self.total - self.done) / rate:,.0f} s left")
+        if sys.stdout.isatty():
+            print("\r" + line, end="\n" if self.done >= self.total else "", flush=True)
+        elif not self.shown or self.done * 10 // self.total > before * 10 // self.total:
+            print(line, flush=True)
+        self.shown = True
+
+
+def interrupt(signum, frame):
+    """SIGTERM (kill, a job scheduler's stop) ends the program the way Ctrl-C does: one line, exit 130."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ Inception distance. Everything lands in --out: ckpt.pt, metrics.jsonl and four p
 
 The file:
     Part I, the VAE and its objective: model, the math, training, evaluation
-    Part II, running it: data, the Inception network, pictures, checkpoints, the run, the command line, main
+    Part II, running it: data, pictures, checkpoints, the run, the command line, main; then the helpers
+        shared with kl_autoencoder.py
 """
 
 import argparse
@@ -28,8 +29,8 @@ import io
 import json
 import math
 import os
+import pathlib
 import pickle
-import shutil
 import signal
 import sys
 import tempfile
@@ -40,10 +41,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-
-# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
-class UserError(Exception):
-    """A mistake in how the program was called: main() prints it as one line and exits with 2."""
 
 # =============================================================================
 # PART I: the VAE and its objective
@@ -327,10 +324,8 @@ def test_nll(model, x_test, k, rows=2 ** 16, progress=None):
     chunk = min(k, rows)
     total = torch.zeros((), dtype=torch.float64, device=x_test.device)
 
-    def log_likelihood(x, z):  # on the CPU the same z decoded 64 samples at a time: small buffers, reused (2x faster)
-        if z.device.type != "cpu":
-            return model.log_likelihood(x, z)
-        return torch.cat([model.log_likelihood(x, part) for part in z.split(64)])
+    def log_likelihood(x, z):  # on the CPU 64 samples at a time: small buffers that stay in the cache (2x faster)
+        return torch.cat([model.log_likelihood(x, part) for part in z.split(64 if z.device.type == "cpu" else len(z))])
     for x in x_test.split(max(1, rows // chunk)):
         mu, logvar = model.encode(x)
         sizes = [min(chunk, k - start) for start in range(0, k, chunk)]
@@ -413,7 +408,7 @@ def evaluate(model, x_test_grey, x_test, cfg, features=None, progress=None):
     return record
 
 # =============================================================================
-# PART II: running it
+# PART II: running it: data, pictures, checkpoints, the run, the command line
 # =============================================================================
 
 # -----------------------------------------------------------------------------
@@ -423,37 +418,29 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 
 
 def load_mnist(data_dir, device):
-    """Both splits of MNIST as float tensors (N, 784) of intensities in [0, 1], on `device`.
-
-    Read through torchvision from DATA_DIR/MNIST/raw, downloaded there when missing; gzipped IDX
-    files put there by hand are unpacked first. Each split is loaded once: training batches are
-    then taken from it by indexing, with no DataLoader and no per-image transforms.
-    """
+    """Both splits of MNIST as float tensors (N, 784) of intensities in [0, 1], on `device`: read once through
+    torchvision from DATA_DIR/MNIST/raw (downloaded there when missing; gzipped IDX files put there by hand are
+    unpacked first), so that training batches are taken by indexing, with no DataLoader or per-image transform."""
     raw = os.path.join(data_dir, "MNIST", "raw")
-    for name in MNIST_FILES:
-        path = os.path.join(raw, name)
+    for path in (os.path.join(raw, name) for name in MNIST_FILES):
         if not os.path.exists(path) and os.path.exists(path + ".gz"):
             try:
-                with gzip.open(path + ".gz") as src, open(path + ".tmp", "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                with gzip.open(path + ".gz") as f:
+                    data = f.read()
             except (OSError, EOFError) as e:  # not gzip (BadGzipFile is an OSError), or truncated
-                os.remove(path + ".tmp")
                 raise UserError(f"{path}.gz is not a complete gzip file ({type(e).__name__}): download it again")
-            os.replace(path + ".tmp", path)
-    missing = not all(os.path.exists(os.path.join(raw, name)) for name in MNIST_FILES)
-    if missing:
+            write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
+    download = not all(os.path.exists(os.path.join(raw, name)) for name in MNIST_FILES)
+    if download:
         print(f"downloading MNIST into {raw}")
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            splits = [torchvision.datasets.MNIST(data_dir, train=train, download=missing).data
+            splits = [torchvision.datasets.MNIST(data_dir, train=train, download=download).data
                       for train in (True, False)]
-    except AssertionError:  # torchvision's check of the IDX magic number
-        raise UserError(f"the files in {raw} are not MNIST's IDX files (wrong magic number): put the four original "
-                        f"files ({', '.join(MNIST_FILES)}, gzipped or not) there")
-    except (RuntimeError, OSError, ValueError, IndexError, TypeError) as e:  # no network, truncated files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not get MNIST ({reason}); put the four IDX files ({', '.join(MNIST_FILES)}, "
-                        f"gzipped or not) into {raw}, or pass --data-dir")
+    except (AssertionError, RuntimeError, OSError, ValueError, IndexError, TypeError) as e:  # no network, bad files
+        reason = "wrong magic number" if isinstance(e, AssertionError) else (str(e).strip() or type(e).__name__)
+        raise UserError(f"could not read MNIST ({reason.splitlines()[0]}); put the four original IDX files "
+                        f"({', '.join(MNIST_FILES)}, gzipped or not) into {raw}, or pass --data-dir")
     return [s.reshape(len(s), -1).to(device=device, dtype=torch.float32) / 255 for s in splits]
 
 
@@ -461,10 +448,314 @@ def prepare_test_set(x_test, likelihood):
     """The test set, binarized (or dequantized) once with a fixed seed: the same on every run and device."""
     return prepare(x_test.cpu(), likelihood, torch.Generator().manual_seed(TEST_SEED)).to(x_test.device)
 
+
+@torch.no_grad()
+def inception_features(net, images, batch_size=200):
+    """FID's features: images (N, 784) in [0, 1] -> (N, 2048) float64, grey repeated to RGB, resized bilinearly to
+    299 x 299 and normalised with ImageNet's mean and std (torchvision's Inception-v3 weights expect it)."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=images.device).view(1, 3, 1, 1)
+    feats = []
+    for x in images.split(batch_size):
+        x = F.interpolate(x.view(-1, 1, 28, 28).expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear",
+                          align_corners=False)
+        feats.append(net((x - mean) / std).double())
+    return torch.cat(feats)
+
 # -----------------------------------------------------------------------------
-# the Inception network, for FID
+# pictures
+
+PICTURES = ("samples.png", "reconstructions.png", "interpolations.png", "manifold.png")
+
+
+def save_grid(images, path, nrow):
+    """(N, 784) in [0, 1] -> one PNG grid, atomically."""
+    grid = torchvision.utils.make_grid(images.detach().float().view(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow,
+                                       padding=2, pad_value=1)
+    write_atomically(path, lambda tmp: torchvision.io.write_png((grid[:1] * 255).round().to(torch.uint8), tmp))
+
+
+@torch.no_grad()
+def save_pictures(model, x_test, out):
+    """samples.png (64 prior samples), reconstructions.png (test inputs above their reconstructions),
+    interpolations.png (straight lines between posterior means of test pairs) and, for 2 latents,
+    manifold.png (Kingma & Welling 2014, figure 4)."""
+    model.eval()
+    torch.manual_seed(TEST_SEED)
+    save_grid(model.mean(torch.randn(64, model.latent_dim, device=x_test.device)), os.path.join(out, PICTURES[0]), 8)
+    x = x_test[:32]
+    mu, _ = model.encode(x)
+    save_grid(torch.cat([x[:16], model.mean(mu[:16]), x[16:], model.mean(mu[16:])]), os.path.join(out, PICTURES[1]), 16)
+    a, b = mu[:8], mu[8:16]
+    t = torch.linspace(0, 1, 10, device=mu.device).view(1, 10, 1)
+    save_grid(model.mean(a[:, None] + t * (b - a)[:, None]).reshape(-1, 784), os.path.join(out, PICTURES[2]), 10)
+    if model.latent_dim == 2:
+        q = torch.special.ndtri(torch.linspace(0.05, 0.95, 20, device=mu.device))
+        grid = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), -1).reshape(-1, 2)
+        save_grid(model.mean(grid), os.path.join(out, PICTURES[3]), 20)
+
+# -----------------------------------------------------------------------------
+# checkpoints and the run
+
+MODEL_KEYS = ("arch", "hidden", "latent_dim", "activation", "likelihood")  # what a checkpoint fixes
+PROGRAM, CHECKPOINT_KEYS = "vae.py", {"model", "config", "epoch"}  # what load_checkpoint expects
+
 
 # A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def write_atomically(path, write):
+    """write(path + ".tmp"), then rename it to path: a reader never sees half a file, and a failed or
+    interrupted write leaves nothing behind. Every file this program writes goes through here."""
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
+
+
+def save_checkpoint(path, model, opt, cfg, epoch):
+    """Everything needed to continue exactly: weights, optimizer, config, epoch, random states."""
+    write_atomically(path, lambda tmp: torch.save({
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(cfg), "epoch": epoch,
+        "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                else []}}, tmp))
+
+
+def run(cfg):
+    """Train (unless --eval-only), evaluate and draw the pictures; everything lands in --out."""
+    device = get_device(cfg.device)
+    ckpt = open_run(cfg, device)
+    inception = load_inception(device) if cfg.fid else None  # fail before training, not after it
+    x_train, x_test_grey = load_mnist(cfg.data_dir, device)
+    if cfg.batch_size > len(x_train):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(x_train)} images)")
+    x_test, metrics = prepare_test_set(x_test_grey, cfg.likelihood), os.path.join(cfg.out, "metrics.jsonl")
+    torch.manual_seed(cfg.seed)
+    model = VAE(**{key: (ckpt["config"] if ckpt else vars(cfg))[key] for key in MODEL_KEYS}).to(device)
+    if ckpt is None:
+        init_output_bias(model, x_train)
+        open(metrics, "w").close()
+    else:
+        model.load_state_dict(ckpt["model"])
+    print(f"{cfg.arch} VAE, {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.likelihood} likelihood, "
+          f"on {device}")
+    epoch = ckpt["epoch"] if ckpt else 0
+    if not cfg.eval_only:
+        epoch = train_and_log(model, ckpt, x_train, x_test, cfg=cfg, metrics=metrics)
+    features = (lambda images: inception_features(inception, images)) if inception is not None else None
+    record = {**evaluate(model, x_test_grey, x_test, cfg, features=features,
+                         progress=Progress(f"test NLL (K={cfg.eval_samples})", len(x_test)).update), "epoch": epoch}
+    append_jsonl(metrics, record)
+    save_pictures(model, x_test, cfg.out)
+    report(record, cfg)
+    return record
+
+
+def open_run(cfg, device):
+    """The checkpoint to evaluate or resume (None for a new run), after checking the options against it: a new run
+    (or outputs away from the checkpoint's folder) never writes over another run's files without --overwrite."""
+    if cfg.amp and device.type != "cuda":
+        raise UserError("--amp (bf16 autocast) is for --device cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only or cfg.resume else None
+    if ckpt is None and os.path.exists(cfg.ckpt) and not cfg.overwrite:
+        raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, another --out for a new run, or --overwrite")
+    ours = os.path.abspath(cfg.out) == os.path.abspath(os.path.dirname(cfg.ckpt))  # the checkpoint's own folder
+    for name in ("metrics.jsonl", *PICTURES):
+        if (ckpt is None or not ours) and not cfg.overwrite and os.path.exists(os.path.join(cfg.out, name)):
+            raise UserError(f"{cfg.out} holds another run's {name}: pass another --out, or --overwrite")
+    check_writable(cfg.out)
+    mismatch = [k for k in MODEL_KEYS if ckpt and not cfg.eval_only and ckpt["config"].get(k) != getattr(cfg, k)]
+    if mismatch:
+        raise UserError(f"{cfg.ckpt} was trained with " + ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)}"
+                                                                   for k in mismatch)
+                        + ": pass the same options to --resume it, or another --out for a new run")
+    if cfg.eval_only:  # the checkpoint decides the model
+        vars(cfg).update({key: ckpt["config"].get(key) for key in MODEL_KEYS})
+    return ckpt
+
+
+def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
+    """train() from the checkpoint's epoch (and optimizer and random state) or the first: after each epoch a log
+    line, a line in metrics.jsonl and a checkpoint. Returns the number of finished epochs."""
+    epoch, opt_state = (ckpt["epoch"], ckpt["optimizer"]) if ckpt else (0, None)
+    if ckpt is not None:
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if x_train.device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        records = [json.loads(line) for line in open(metrics) if line.strip()] if os.path.exists(metrics) else []
+        write_atomically(metrics, lambda tmp: pathlib.Path(tmp).write_text("".join(  # the epochs after it: gone
+            json.dumps(r) + "\n" for r in records if r.get("kind") != "epoch" or r["epoch"] <= epoch)))
+        print(f"resuming {cfg.ckpt} after epoch {epoch}")
+    label = "-ELBO" if cfg.train_samples == 1 else f"-L_{cfg.train_samples}"  # train_bound in metrics.jsonl
+    for r, opt in train(model, x_train, x_test, cfg, first_epoch=epoch, opt_state=opt_state):
+        if not math.isfinite(r["train_loss"]):
+            kept = f"{cfg.ckpt} holds the last good epoch, {r['epoch'] - 1}" if r["epoch"] > 1 else "no checkpoint yet"
+            raise UserError(f"the training loss became {r['train_loss']} in epoch {r['epoch']} ({kept}): "
+                            f"try a lower --lr")
+        append_jsonl(metrics, r)
+        save_checkpoint(cfg.ckpt, model, opt, cfg=cfg, epoch=r["epoch"])  # after the log line: resumes drop later ones
+        print(f"epoch {r['epoch']:4d}/{cfg.epochs} | train {label} {r['train_bound']:7.2f} | test -ELBO "
+              f"{r['test_nelbo']:7.2f} | KL {r['test_kl']:6.2f} | {r['seconds']:6.2f} s | "
+              f"{r['images_per_s']:9,.0f} img/s", flush=True)
+    return max(epoch, cfg.epochs)
+
+
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def report(record, cfg):
+    """The final record, printed."""
+    fid_text = f" | FID {record['fid']:.2f} (torchvision Inception)" if "fid" in record else ""
+    print(f"test -ELBO {record['test_nelbo']:.2f} | test NLL (K={cfg.eval_samples}) {record['test_nll']:.2f} nats | "
+          f"active units {record['active_units']}/{record['latent_dim']}{fid_text}")
+    print("aggregate posterior q(z) per latent dimension (the prior N(0, I) has mean 0 and std 1):")
+    print("  mean " + " ".join(f"{m:+.2f}" for m in record["posterior_mean"]))
+    print("  std  " + " ".join(f"{s:5.2f}" for s in record["posterior_std"]))
+    print(f"wrote {cfg.out}/: metrics.jsonl, {', '.join(PICTURES[:3 + (record['latent_dim'] == 2)])}"
+          + ("" if cfg.eval_only else f"; the checkpoint: {cfg.ckpt}"))
+
+# -----------------------------------------------------------------------------
+# the command line
+
+PRESETS = {
+    # Burda, Grosse & Salakhutdinov 2015 (IWAE), Table 1, one stochastic layer: tanh MLP
+    # 784-200-200-50, batch 20, Adam (eps 1e-4), 3^i epochs at lr 1e-3 * 10^(-i/7), i = 0..7,
+    # evaluated with K = 5000. Their loss is summed over the batch, ours averaged: our gradients are
+    # 20x smaller, so the same eps weighs 20x more in Adam's step (their eps 1e-4 is our 5e-6).
+    "iwae": dict(arch="mlp", hidden=[200, 200], latent_dim=50, activation="tanh", batch_size=20,
+                 lr=1e-3, lr_schedule="iwae", adam_eps=1e-4, epochs=3280, eval_samples=5000),
+}
+
+
+def parse_args(argv=None):
+    p = Parser(description="Train and evaluate a VAE on MNIST; numbers are nats per test image.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published setup; flags given explicitly still win")
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--data-dir", default="./data", help="MNIST lives in DATA_DIR/MNIST/raw (downloaded if missing)")
+    g.add_argument("--out", default=None, help="run folder for ckpt.pt, metrics.jsonl, pictures (default runs/vae; "
+                                               "with --eval-only, the checkpoint's folder)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="mlp", choices=["mlp", "conv"], help="mlp, or convolutions (decoder: transposed)")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[512, 512],
+                   help="hidden layer widths of the encoder MLP (the decoder mirrors them)")
+    g.add_argument("--latent-dim", type=positive_int, default=32)
+    g.add_argument("--activation", default="elu", choices=["relu", "tanh", "elu"])
+    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
+                   help="bernoulli: dynamically binarized pixels; gaussian: dequantized grey levels, learned variance")
+    g = p.add_argument_group("objective")
+    g.add_argument("--beta", type=nonnegative_float, default=1.0,
+                   help="beta-VAE (Higgins et al. 2017): -log p(x|z) + beta * KL")
+    g.add_argument("--capacity", type=nonnegative_float, default=None, metavar="C_MAX",
+                   help="Burgess et al. 2018: -log p(x|z) + gamma * |KL - C|, C rising linearly to C_MAX nats")
+    g.add_argument("--capacity-iters", type=positive_int, default=100_000, help="steps for C to reach C_MAX")
+    g.add_argument("--gamma", type=nonnegative_float, default=1000.0, help="weight of |KL - C|")
+    g.add_argument("--train-samples", type=positive_int, default=1,
+                   help="K of the importance-weighted bound trained on (1: the ELBO)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=100)
+    g.add_argument("--batch-size", type=positive_int, default=128)
+    g.add_argument("--lr", type=positive_float, default=1e-3)
+    g.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "iwae"],
+                   help="per epoch; iwae: stages i = 0.. of 3^i epochs at lr * 10^(-i/7)")
+    g.add_argument("--adam-eps", type=positive_float, default=1e-8)
+    g.add_argument("--seed", type=seed, default=0)
+    g.add_argument("--amp", action="store_true", help="bf16 autocast for the networks on CUDA (the math stays float32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--overwrite", action="store_true", help="a new run may replace the files of another run in OUT")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt without training")
+    g.add_argument("--ckpt", default=None, help="checkpoint to evaluate or resume (default OUT/ckpt.pt)")
+    g.add_argument("--eval-samples", type=positive_int, default=1000,
+                   help="K of the importance-sampled test NLL (the literature uses 5000)")
+    g.add_argument("--fid", action="store_true", help="also compute FID (needs torchvision's Inception-v3 weights)")
+    g.add_argument("--fid-samples", type=_number(int, 2, True), default=10_000,
+                   help="prior samples for FID, against as many test images")
+    preset = p.parse_known_args(argv)[0].preset  # a preset changes the defaults, explicit flags still win
+    p.set_defaults(**PRESETS.get(preset, {}))
+    return settle(p.parse_args(argv))
+
+
+def settle(cfg):
+    """The one place where options are checked together and defaults that depend on others are settled."""
+    if cfg.capacity is not None and cfg.beta != 1.0:
+        raise UserError("--capacity and --beta are two different objectives: pass one of them")
+    if cfg.train_samples > 1 and (cfg.capacity is not None or cfg.beta != 1.0):
+        raise UserError("--train-samples K > 1 trains the importance-weighted bound, which has no beta or capacity "
+                        "form: drop one")
+    if cfg.out is None:
+        cfg.out = (os.path.dirname(cfg.ckpt) or ".") if cfg.eval_only and cfg.ckpt else os.path.join("runs", "vae")
+    cfg.ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    return cfg
+
+
+def main(argv=None):
+    previous = signal.signal(signal.SIGTERM, interrupt)  # put back on the way out: main() may be called from Python
+    try:
+        return run(parse_args(argv))
+    except (UserError, OSError) as e:  # what a user can cause: a mistake, a file
+        print(f"vae.py: error: {f'{e.strerror}: {e.filename}' if isinstance(e, OSError) and e.filename else e}",
+              file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("vae.py: interrupted; the checkpoint of the last finished epoch is kept", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python
+
+
+# =============================================================================
+# Shared with kl_autoencoder.py: each file stands alone, so these are written in both; a test keeps them identical.
+# =============================================================================
+
+
+class UserError(Exception):
+    """A mistake in how the program was called: main() prints it as one line and exits with 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we want one line, like our own errors
+        raise UserError(f"{message} (see --help)")
+
+
+def _number(kind, low, inclusive, high=None):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not (value >= low if inclusive else value > low) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+        return value
+    return parse
+
+
+positive_int, nonnegative_int = _number(int, 0, False), _number(int, 0, True)
+positive_float, nonnegative_float = _number(float, 0, False), _number(float, 0, True)
+seed = _number(int, 0, True, 2 ** 63 - 1)
+
+
+def get_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False); "
+                        "use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
+    return torch.device(name)
+
+
 def load_pretrained(url, needed_by, otherwise=""):
     """torchvision's pretrained weights at url, as a state dict. They live in $TORCH_HOME/hub/checkpoints,
     downloaded there on first use or put there by hand, so the file is checked on every load, not only
@@ -501,78 +792,6 @@ def load_inception(device):
     return net.eval().to(device)
 
 
-@torch.no_grad()
-def inception_features(net, images, batch_size=200):
-    """images (N, 784) in [0, 1] -> (N, 2048) float64: grey repeated to RGB, bilinear resize to
-    299 x 299, ImageNet normalisation (torchvision's weights expect it)."""
-    mean = torch.tensor([0.485, 0.456, 0.406], device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=images.device).view(1, 3, 1, 1)
-    feats = []
-    for x in images.split(batch_size):
-        x = F.interpolate(x.view(-1, 1, 28, 28).expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear",
-                          align_corners=False)
-        feats.append(net((x - mean) / std).double())
-    return torch.cat(feats)
-
-# -----------------------------------------------------------------------------
-# pictures
-
-def save_grid(images, path, nrow):
-    """(N, 784) in [0, 1] -> one PNG grid."""
-    grid = torchvision.utils.make_grid(images.detach().float().view(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow,
-                                       padding=2, pad_value=1)
-    torchvision.io.write_png((grid[:1] * 255).round().to(torch.uint8), path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: an interrupted write never leaves half a picture
-
-
-@torch.no_grad()
-def save_pictures(model, x_test, out):
-    """samples.png (64 prior samples), reconstructions.png (test inputs above their reconstructions),
-    interpolations.png (straight lines between posterior means of test pairs) and, for 2 latents,
-    manifold.png (Kingma & Welling 2014, figure 4)."""
-    model.eval()
-    latent_dim = model.latent_dim
-    torch.manual_seed(TEST_SEED)
-    save_grid(model.mean(torch.randn(64, latent_dim, device=x_test.device)), os.path.join(out, "samples.png"), 8)
-    x = x_test[:32]
-    mu, _ = model.encode(x)
-    save_grid(torch.cat([x[:16], model.mean(mu[:16]), x[16:], model.mean(mu[16:])]),
-              os.path.join(out, "reconstructions.png"), 16)
-    a, b = mu[:8], mu[8:16]
-    t = torch.linspace(0, 1, 10, device=mu.device).view(1, 10, 1)
-    save_grid(model.mean(a[:, None] + t * (b - a)[:, None]).reshape(-1, 784), os.path.join(out, "interpolations.png"),
-              10)
-    if latent_dim == 2:
-        q = torch.special.ndtri(torch.linspace(0.05, 0.95, 20, device=mu.device))
-        grid = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), -1).reshape(-1, 2)
-        save_grid(model.mean(grid), os.path.join(out, "manifold.png"), 20)
-
-# -----------------------------------------------------------------------------
-# checkpoints and exact resume
-
-PICTURES = ("samples.png", "reconstructions.png", "interpolations.png", "manifold.png")
-MODEL_KEYS = ("arch", "hidden", "latent_dim", "activation", "likelihood")  # what a checkpoint fixes
-PROGRAM, CHECKPOINT_KEYS = "vae.py", {"model", "config", "epoch"}
-
-
-def save_checkpoint(path, model, opt, cfg, epoch):
-    """Everything needed to continue exactly: weights, optimizer, config, epoch, RNG states.
-    Written to a temporary file and renamed, so a crash never leaves a half-written ckpt.pt."""
-    state = {
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(cfg), "epoch": epoch,
-        "rng": {"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
-    try:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except BaseException:  # a failed write leaves nothing behind
-        if os.path.isfile(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
-
-
-# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
 def load_checkpoint(path):
     """A checkpoint of this program, read with weights_only=True (no code in it runs), or a one-line error."""
     if not os.path.isfile(path):
@@ -588,34 +807,6 @@ def load_checkpoint(path):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, path):
-    config = ckpt["config"]
-    try:
-        model = VAE(**{key: config[key] for key in MODEL_KEYS})
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise UserError(f"{path} does not hold a model vae.py can build "
-                        f"({type(e).__name__}: {str(e).strip().splitlines()[0]})")
-    return model
-
-
-def drop_epochs_after(path, epoch):
-    """Forget the epochs a run logged after the checkpoint it is resumed from (it will log them again)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records if r.get("kind") != "epoch" or r["epoch"] <= epoch)
-        os.replace(path + ".tmp", path)
-
-
-# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
 def check_writable(folder):
     """Make `folder` if need be and check that a file can be written in it, before any long work starts."""
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -628,7 +819,6 @@ def check_writable(folder):
         raise UserError(f"cannot write into {folder} ({e.strerror or type(e).__name__}): pass another --out")
 
 
-# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
 class Progress:
     """Progress of long work on stdout, from its fifth second on (quicker work prints nothing): one line updated
     in place on a terminal, a line per tenth of the work otherwise."""
@@ -651,250 +841,9 @@ class Progress:
         self.shown = True
 
 
-# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
 def interrupt(signum, frame):
     """SIGTERM (kill, a job scheduler's stop) ends the program the way Ctrl-C does: one line, exit 130."""
     raise KeyboardInterrupt
-
-# -----------------------------------------------------------------------------
-# the run
-
-def run(cfg):
-    """Train (unless --eval-only), evaluate and draw the pictures; everything lands in --out."""
-    device = get_device(cfg.device)
-    ckpt = open_run(cfg, device)
-    inception = load_inception(device) if cfg.fid else None  # fail before training, not after it
-    x_train, x_test_grey = load_mnist(cfg.data_dir, device)
-    if cfg.batch_size > len(x_train):
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(x_train)} images)")
-    x_test = prepare_test_set(x_test_grey, cfg.likelihood)
-    os.makedirs(cfg.out, exist_ok=True)
-    metrics = os.path.join(cfg.out, "metrics.jsonl")
-
-    torch.manual_seed(cfg.seed)
-    if ckpt is None:
-        model = VAE(cfg.arch, cfg.hidden, cfg.latent_dim, activation=cfg.activation, likelihood=cfg.likelihood)
-        model = model.to(device)
-        init_output_bias(model, x_train)
-        open(metrics, "w").close()
-        epoch = 0
-    else:
-        model = model_from_checkpoint(ckpt, cfg.ckpt).to(device)
-        epoch = ckpt["epoch"]
-    print(f"{cfg.arch} VAE, {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.likelihood} likelihood, "
-          f"on {device}")
-    if not cfg.eval_only:
-        epoch = train_and_log(model, ckpt, x_train, x_test, cfg=cfg, metrics=metrics)
-
-    features = (lambda images: inception_features(inception, images)) if inception is not None else None
-    record = evaluate(model, x_test_grey, x_test, cfg, features=features,
-                      progress=Progress(f"test NLL (K={cfg.eval_samples})", len(x_test)).update)
-    record["epoch"] = epoch
-    append_jsonl(metrics, record)
-    save_pictures(model, x_test, cfg.out)
-    report(record, cfg)
-    return record
-
-
-def open_run(cfg, device):
-    """The checkpoint to evaluate or resume (None for a new run), after checking the options against it."""
-    if cfg.amp and device.type != "cuda":
-        raise UserError("--amp (bf16 autocast) is for --device cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only or cfg.resume else None
-    if ckpt is None and os.path.exists(cfg.ckpt) and not cfg.overwrite:
-        raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, another --out for a new run, or --overwrite")
-    ours = os.path.abspath(cfg.out) == os.path.abspath(os.path.dirname(cfg.ckpt))  # the checkpoint's own folder
-    if (ckpt is None or not ours) and not cfg.overwrite:  # a new run, or outputs away from the checkpoint's folder
-        for name in ("metrics.jsonl", *PICTURES):
-            if os.path.exists(os.path.join(cfg.out, name)):
-                raise UserError(f"{cfg.out} holds another run's {name}: pass another --out, or --overwrite")
-    check_writable(cfg.out)
-    if cfg.eval_only:  # the checkpoint decides the model
-        for key in MODEL_KEYS:
-            setattr(cfg, key, ckpt["config"].get(key))
-    elif ckpt is not None:
-        mismatch = [key for key in MODEL_KEYS if ckpt["config"].get(key) != getattr(cfg, key)]
-        if mismatch:
-            raise UserError(f"{cfg.ckpt} was trained with "
-                            + ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in mismatch)
-                            + ": pass the same options to --resume it, or another --out for a new run")
-    return ckpt
-
-
-def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
-    """train() from the checkpoint's epoch (and optimizer and random state) or the first: after each epoch a log
-    line, a line in metrics.jsonl and a checkpoint. Returns the number of finished epochs."""
-    epoch, opt_state = 0, None
-    if ckpt is not None:
-        epoch, opt_state = ckpt["epoch"], ckpt["optimizer"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if x_train.device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        drop_epochs_after(metrics, epoch)
-        print(f"resuming {cfg.ckpt} after epoch {epoch}")
-    label = "-ELBO" if cfg.train_samples == 1 else f"-L_{cfg.train_samples}"  # train_bound in metrics.jsonl
-    for r, opt in train(model, x_train, x_test, cfg, first_epoch=epoch, opt_state=opt_state):
-        e = r["epoch"]
-        if not math.isfinite(r["train_loss"]):
-            kept = f"{cfg.ckpt} holds the last good epoch, {e - 1}" if e > 1 else "no checkpoint yet"
-            raise UserError(f"the training loss became {r['train_loss']} in epoch {e} ({kept}): try a lower --lr")
-        append_jsonl(metrics, r)
-        save_checkpoint(cfg.ckpt, model, opt, cfg=cfg, epoch=e)  # after the log line: a resume drops lines past it
-        print(f"epoch {e:4d}/{cfg.epochs} | train {label} {r['train_bound']:7.2f} | test -ELBO "
-              f"{r['test_nelbo']:7.2f} | KL {r['test_kl']:6.2f} | {r['seconds']:6.2f} s | "
-              f"{r['images_per_s']:9,.0f} img/s", flush=True)
-    return max(epoch, cfg.epochs)
-
-
-def report(record, cfg):
-    """The final record, printed."""
-    fid_text = f" | FID {record['fid']:.2f} (torchvision Inception)" if "fid" in record else ""
-    print(f"test -ELBO {record['test_nelbo']:.2f} | test NLL (K={cfg.eval_samples}) {record['test_nll']:.2f} nats | "
-          f"active units {record['active_units']}/{record['latent_dim']}{fid_text}")
-    print("aggregate posterior q(z) per latent dimension (the prior N(0, I) has mean 0 and std 1):")
-    print("  mean " + " ".join(f"{m:+.2f}" for m in record["posterior_mean"]))
-    print("  std  " + " ".join(f"{s:5.2f}" for s in record["posterior_std"]))
-    print(f"wrote {cfg.out}/: metrics.jsonl, samples.png, reconstructions.png, interpolations.png"
-          + (", manifold.png" if record["latent_dim"] == 2 else "")
-          + ("" if cfg.eval_only else f"; the checkpoint: {cfg.ckpt}"))
-
-# -----------------------------------------------------------------------------
-# the command line
-
-PRESETS = {
-    # Burda, Grosse & Salakhutdinov 2015 (IWAE), Table 1, one stochastic layer: tanh MLP
-    # 784-200-200-50, batch 20, Adam (eps 1e-4), 3^i epochs at lr 1e-3 * 10^(-i/7), i = 0..7,
-    # evaluated with K = 5000. Their loss is summed over the batch, ours averaged: our gradients are
-    # 20x smaller, so the same eps weighs 20x more in Adam's step (their eps 1e-4 is our 5e-6).
-    "iwae": dict(arch="mlp", hidden=[200, 200], latent_dim=50, activation="tanh", batch_size=20,
-                 lr=1e-3, lr_schedule="iwae", adam_eps=1e-4, epochs=3280, eval_samples=5000),
-}
-
-
-# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; we want one line, like our own errors
-        raise UserError(f"{message} (see --help)")
-
-
-# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
-def _number(kind, low, inclusive, high=None):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not (value >= low if inclusive else value > low) or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
-        return value
-    return parse
-
-
-positive_int, nonnegative_int = _number(int, 0, False), _number(int, 0, True)
-positive_float, nonnegative_float = _number(float, 0, False), _number(float, 0, True)
-seed = _number(int, 0, True, 2 ** 63 - 1)
-
-
-# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
-def get_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False); "
-                        "use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
-    return torch.device(name)
-
-
-def parse_args(argv=None):
-    p = Parser(description="Train and evaluate a VAE on MNIST; numbers are nats per test image.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a published setup; flags given explicitly still win")
-    g = p.add_argument_group("data and outputs")
-    g.add_argument("--data-dir", default="./data", help="MNIST lives in DATA_DIR/MNIST/raw (downloaded if missing)")
-    g.add_argument("--out", default=None,
-                   help="run folder for ckpt.pt, metrics.jsonl, pictures (default runs/vae; with --eval-only, the "
-                        "checkpoint's folder)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto: cuda, then mps, then cpu")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="mlp", choices=["mlp", "conv"],
-                   help="mlp, or conv encoder + transposed-conv decoder")
-    g.add_argument("--hidden", type=positive_int, nargs="+", default=[512, 512],
-                   help="hidden layer widths of the encoder MLP (the decoder mirrors them)")
-    g.add_argument("--latent-dim", type=positive_int, default=32)
-    g.add_argument("--activation", default="elu", choices=["relu", "tanh", "elu"])
-    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
-                   help="bernoulli: dynamically binarized pixels; gaussian: dequantized grey levels, learned variance")
-    g = p.add_argument_group("objective")
-    g.add_argument("--beta", type=nonnegative_float, default=1.0,
-                   help="beta-VAE (Higgins et al. 2017): -log p(x|z) + beta * KL")
-    g.add_argument("--capacity", type=nonnegative_float, default=None, metavar="C_MAX",
-                   help="Burgess et al. 2018: -log p(x|z) + gamma * |KL - C|, C rising linearly to C_MAX nats")
-    g.add_argument("--capacity-iters", type=positive_int, default=100_000, help="steps for C to reach C_MAX")
-    g.add_argument("--gamma", type=nonnegative_float, default=1000.0, help="weight of |KL - C|")
-    g.add_argument("--train-samples", type=positive_int, default=1,
-                   help="K of the importance-weighted bound trained on (1: the ELBO)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=100)
-    g.add_argument("--batch-size", type=positive_int, default=128)
-    g.add_argument("--lr", type=positive_float, default=1e-3)
-    g.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "iwae"],
-                   help="per epoch; iwae: stages i = 0.. of 3^i epochs at lr * 10^(-i/7)")
-    g.add_argument("--adam-eps", type=positive_float, default=1e-8)
-    g.add_argument("--seed", type=seed, default=0)
-    g.add_argument("--amp", action="store_true", help="bf16 autocast for the networks on CUDA (the math stays float32)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    g.add_argument("--overwrite", action="store_true", help="a new run may replace the files of another run in OUT")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt without training")
-    g.add_argument("--ckpt", default=None, help="checkpoint to evaluate or resume (default OUT/ckpt.pt)")
-    g.add_argument("--eval-samples", type=positive_int, default=1000,
-                   help="K of the importance-sampled test NLL (the literature uses 5000)")
-    g.add_argument("--fid", action="store_true", help="also compute FID (needs torchvision's Inception-v3 weights)")
-    g.add_argument("--fid-samples", type=_number(int, 2, True), default=10_000,
-                   help="prior samples for FID, against as many test images")
-
-    preset = p.parse_known_args(argv)[0].preset  # a preset changes the defaults, explicit flags still win
-    if preset:
-        p.set_defaults(**PRESETS[preset])
-    return settle(p.parse_args(argv))
-
-
-def settle(cfg):
-    """The one place where options are checked together and defaults that depend on others are settled."""
-    if cfg.capacity is not None and cfg.beta != 1.0:
-        raise UserError("--capacity and --beta are two different objectives: pass one of them")
-    if cfg.train_samples > 1 and (cfg.capacity is not None or cfg.beta != 1.0):
-        raise UserError("--train-samples K > 1 trains the importance-weighted bound, which has no beta or capacity "
-                        "form: drop one")
-    if cfg.out is None:
-        cfg.out = (os.path.dirname(cfg.ckpt) or ".") if cfg.eval_only and cfg.ckpt else os.path.join("runs", "vae")
-    cfg.ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
-    return cfg
-
-# -----------------------------------------------------------------------------
-# entry point
-
-def main(argv=None):
-    previous = signal.signal(signal.SIGTERM, interrupt)  # put back on the way out: main() may be called from Python
-    try:
-        return run(parse_args(argv))
-    except UserError as e:
-        print(f"vae.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("vae.py: interrupted; the checkpoint of the last finished epoch is kept", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python
 
 
 if __name__ == "__main__":
