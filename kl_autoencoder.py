@@ -100,26 +100,16 @@ class ResnetBlock(nn.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
-class Downsample(nn.Module):
-    """Halve height and width: pad right and bottom by one, then a 3x3 convolution of stride 2."""
+class Resample(nn.Module):
+    """Halve height and width (pad right and bottom by one, then a 3x3 convolution of stride 2), or with up double
+    them (nearest-neighbour upsampling, then a 3x3 convolution): diffusers' Downsample2D and Upsample2D."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, up=False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.up, self.conv = up, nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1 if up else 0)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double height and width: nearest-neighbour upsampling, then a 3x3 convolution."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else F.pad(x, (0, 1, 0, 1)))
 
 
 class Attention(nn.Module):
@@ -150,25 +140,18 @@ class Level(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
                                       for i in range(n_blocks)])
-        if resample == "down":
-            self.downsamplers = nn.ModuleList([Downsample(out_channels)])
-        elif resample == "up":
-            self.upsamplers = nn.ModuleList([Upsample(out_channels)])
+        if resample is not None:  # "down" or "up"
+            setattr(self, resample + "samplers", nn.ModuleList([Resample(out_channels, up=resample == "up")]))
 
     def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        if hasattr(self, "downsamplers"):
-            x = self.downsamplers[0](x)
-        if hasattr(self, "upsamplers"):
-            x = self.upsamplers[0](x)
+        for layer in [*self.resnets, *getattr(self, "downsamplers", []), *getattr(self, "upsamplers", [])]:
+            x = layer(x)
         return x
 
 
 class MidBlock(nn.Module):
-    """Residual block, attention, residual block, at the lowest resolution (the attention left out when
-    the config says mid_block_add_attention: false). The attention is registered first, as in diffusers'
-    UNetMidBlock2D, so the state dict lists it first."""
+    """Residual block, attention (unless mid_block_add_attention is false), residual block, at the lowest
+    resolution. The attention is registered first, as in diffusers' UNetMidBlock2D: the state dict lists it first."""
 
     def __init__(self, channels, groups, act_fn, attention=True):
         super().__init__()
@@ -448,23 +431,21 @@ def knob(default, help, **option):
 
 @dataclasses.dataclass
 class Config:
-    """A training run: LDM's recipe (configs/autoencoder/autoencoder_kl_*.yaml and LPIPSWithDiscriminator), the
-    loop's settings and the data. Each field is a train option of the same name, with this help."""
-    # the objective
+    """A training run: LDM's recipe (configs/autoencoder/autoencoder_kl_*.yaml and LPIPSWithDiscriminator): the
+    objective and the optimizers (AdamW for the autoencoder and s, Adam for the discriminator); then the loop and
+    the data. Each field is a train option of the same name, with this help."""
     rec_loss: str = knob("l1", "the per-pixel reconstruction loss (LDM: l1)", choices=("l1", "mse"))
     perceptual_weight: float = knob(1.0, "weight of the LPIPS-style VGG16 distance (LDM: 1; 0: off)")
     kl_weight: float = knob(1e-6, "weight of the KL summed over latent elements (LDM: 1e-6)")
     learn_logvar: bool = knob(True, "learn the NLL's scalar log-variance s (LDM's code leaves it at 0)")
     disc_weight: float = knob(0.5, "weight of the adversarial term (LDM: 0.5; 0: no discriminator)")
     disc_start: int = knob(50001, "the step from which the discriminator trains and judges (LDM: 50001)")
-    # the optimizers: AdamW for the autoencoder and s, Adam for the discriminator
     lr: float = knob(1e-4, "learning rate of both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
     betas: tuple = knob((0.5, 0.9), "Adam's betas, both optimizers (LDM)", metavar=("BETA1", "BETA2"))
     weight_decay: float = knob(0.0, "the autoencoder's AdamW weight decay (LDM: 0, Adam)")
     grad_clip: float = knob(0.0, "max gradient norm of the autoencoder (0: off)")
     ema: float = knob(0.0, "decay of a moving average of the weights, e.g. 0.999 (0: none)", metavar="DECAY")
     precision: str = knob("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)", choices=("auto", "bf16", "fp32"))
-    # the loop
     batch_size: int = knob(8, "images per step, per process")
     steps: int = knob(10_000, "optimizer steps")
     epochs: int = knob(None, "passes over the training images, instead of --steps")
@@ -477,7 +458,6 @@ class Config:
     eval_every: int = knob(1000, "a held-out evaluation every N steps (0: only at the end)")
     out: str = knob(os.path.join("runs", "kl"), "the run's folder: ckpt.pt, metrics.jsonl, reconstructions.png")
     resume: bool = knob(False, "continue OUT/ckpt.pt")
-    # the data
     data: str = knob(None, "a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, celeba")
     val_data: str = knob(None, "held-out images (otherwise --val-size images of --data)")
     val_size: int = knob(1000, "held-out images split off --data (stratified by label when it has labels)")
@@ -487,9 +467,8 @@ class Config:
 
 
 class Trainable(nn.Module):
-    """What the autoencoder's optimizer trains, and what DistributedDataParallel wraps: the
-    autoencoder and the scalar log-variance s of the NLL (a parameter, frozen at 0 with
-    --no-learn-logvar as in LDM's code, which never hands it to its optimizer)."""
+    """What the autoencoder's optimizer trains, and DistributedDataParallel wraps: the autoencoder and the NLL's
+    scalar log-variance s (frozen at 0 with --no-learn-logvar, as in LDM's code, which never hands it to Adam)."""
 
     def __init__(self, autoencoder):
         super().__init__()
@@ -549,11 +528,12 @@ def train_step(model, disc, x, step, *, opt, opt_d, cfg, perceptual=None, ema=No
 
 
 def processes(device):
-    """(rank, number of processes, device) of this process, with TF32 on CUDA. torchrun starts one process per
-    device and sets RANK, LOCAL_RANK and WORLD_SIZE: each joins the process group (NCCL on CUDA, gloo on the CPU),
-    also when it is the only one, so that one GPU runs the same distributed code. Without torchrun: (0, 1, device)."""
+    """(rank, number of processes, device) of this process (on CUDA: TF32, peak memory counted from here). torchrun
+    starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: each joins the process group (NCCL on
+    CUDA, gloo on the CPU), also when it is the only one, so that one GPU runs the same distributed code."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats()
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -598,27 +578,26 @@ def batches(n, cfg, step, rank, world):
 
 
 def to_model_input(batch, device, flip=False):
-    """uint8 (B, 3, r, r) -> float in [-1, 1] on the device; with flip, a random half of the batch mirrored
-    left-right (drawn from the global random state)."""
+    """uint8 (B, 3, r, r) -> float in [-1, 1] on the device (channels_last on CUDA); with flip, a random half of the
+    batch mirrored left-right (drawn from the global random state)."""
     x = batch.to(device, non_blocking=True).float() / 127.5 - 1
     if flip:
         x = torch.where((torch.rand(len(x)) < 0.5).to(device)[:, None, None, None], x.flip(-1), x)
-    return x
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def train(cfg, model_config, data, val, *, init=None, perceptual=None, inception=None):
+def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=None):
     """Train AutoencoderKL(**model_config) with THE OBJECTIVE and the recipe cfg on `data` (a Dataset of uint8
     (3, r, r) images), in one process or one per device under torchrun; rank 0 alone logs, evaluates on `val` and
-    writes into cfg.out: ckpt.pt, metrics.jsonl, reconstructions.png. init: weights to start from; perceptual: a
-    Perceptual when cfg.perceptual_weight > 0; inception: rFID's network. Returns the final weights (the EMA's
-    when kept) and the final evaluation on rank 0, (None, None) on the others."""
+    writes into cfg.out (ckpt.pt, metrics.jsonl, reconstructions.png). init: weights to start from; perceptual, and
+    features for rFID: see autoencoder_loss and evaluate. Returns rank 0's final weights and evaluation."""
     rank, world, device = processes(torch.device(cfg.device))
     model, disc, opt, opt_d, ema = networks(cfg, model_config, device, init)
-    perceptual, inception = (None if net is None else net.to(device) for net in (perceptual, inception))
+    perceptual = perceptual.to(device) if perceptual is not None else None
     parts = {"model": model.autoencoder, "disc": disc, "opt": opt, "opt_d": opt_d, "ema": ema}  # the checkpoint's
-    ckpt_path, log = os.path.join(cfg.out, "ckpt.pt"), Log(os.path.join(cfg.out, "metrics.jsonl"), device, rank)
-    start = saved = resume(ckpt_path, model, parts) if cfg.resume else None
-    start, total = start or 0, cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
+    ckpt_path, log_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
+    start = saved = resume(ckpt_path, model, parts) if cfg.resume else 0
+    saved, total = saved or None, cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches(len(data), cfg, start, rank, world),
                                          num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
     # the discriminator stays outside DDP: it also runs, frozen, in the autoencoder's loss (train_step averages it)
@@ -626,32 +605,33 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, inception
         if dist.is_initialized() else model
     if cfg.compile:
         ddp.compile()
-    log.start(cfg, model, data, val, total=total)
+    sums, since, t0 = torch.zeros(len(LOG_COLUMNS), device=device), start, time.time()  # the log line in progress
     for step, batch in zip(range(start, total), loader):
         torch.manual_seed(hash((cfg.seed, step, rank)))  # every random draw of the step: flips, posterior samples
         x = to_model_input(batch, device, flip=cfg.hflip)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        log.add(train_step(ddp, disc, x, step, opt=opt, opt_d=opt_d, cfg=cfg, perceptual=perceptual, ema=ema), len(x))
+        terms = train_step(ddp, disc, x, step, opt=opt, opt_d=opt_d, cfg=cfg, perceptual=perceptual, ema=ema)
+        sums += torch.stack([terms[name] for name in LOG_COLUMNS])  # on the device: no host sync
         done = step + 1
         log_now, save_now = done % cfg.log_every == 0 or done == total, done % cfg.ckpt_every == 0 or done == total
-        if log_now or save_now:
-            means = log.means()  # over the processes: the loop's only host sync
+        if log_now or save_now:  # the means since the last line, over the processes: the loop's only host sync
+            means = dict(zip(LOG_COLUMNS, mean_over_processes(sums / (done - since)).tolist()))
             if not all(math.isfinite(v) for v in means.values()):  # stop before a bad state is saved
                 kept = f"{ckpt_path} holds the last good step, {saved}" if saved is not None else "no checkpoint yet"
                 raise FloatingPointError(f"the loss became {means['loss']} by step {done} ({kept}): try a lower --lr")
         if log_now:
-            log.write(done, means, logvar=model.logvar.item())
+            log_line(log_path, {"kind": "train", "step": done, **means, "logvar": model.logvar.item(), "images_per_s":
+                                (done - since) * cfg.batch_size * world / (time.time() - t0)}, device, rank)
+            sums, since, t0 = sums.zero_(), done, time.time()
         if save_now and rank == 0:  # all a resume needs, since every random draw follows from (seed, step, rank)
             save_checkpoint(ckpt_path, {**{k: None if v is None else v.state_dict() for k, v in parts.items()},
                                         "logvar": model.logvar.detach().cpu(), "step": done,
                                         "config": {"model": model_config, **vars(cfg)}})
         saved = done if save_now else saved
         if cfg.eval_every and done % cfg.eval_every == 0 and done < total and rank == 0:
-            evaluate_and_log(ema or model.autoencoder, val, cfg, step=done, out=cfg.out, inception=inception)
+            evaluate_and_log(ema or model.autoencoder, val, cfg, step=done, out=cfg.out, features=features)
             model.train()
     final = ema or model.autoencoder
-    record = evaluate_and_log(final, val, cfg, step=max(start, total), out=cfg.out, inception=inception) \
+    record = evaluate_and_log(final, val, cfg, step=max(start, total), out=cfg.out, features=features) \
         if rank == 0 else None
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -668,50 +648,24 @@ def resume(path, model, parts):
     return ckpt["step"]
 
 
-class Log:
-    """The training log: the sums of train_step's terms since the last line, kept on the device (adding them costs
-    no host sync), written by rank 0 as their means over all processes to metrics.jsonl and stdout."""
+def mean_over_processes(t):
+    """t averaged over the processes (in place; t itself with one)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
 
-    def __init__(self, path, device, rank):
-        self.path, self.device, self.rank = path, device, rank
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.sums, self.steps, self.images, self.t0 = torch.zeros(len(LOG_COLUMNS), device=device), 0, 0, time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
 
-    def start(self, cfg, model, data, val, total):
-        """The run's first line."""
-        if self.rank == 0:
-            print(f"AutoencoderKL {model.autoencoder.config['block_out_channels']}, "
-                  f"{sum(p.numel() for p in model.autoencoder.parameters()):,} parameters; {len(data):,} training and "
-                  f"{len(val):,} held-out images at {cfg.resolution}x{cfg.resolution}; {self.world} process(es) on "
-                  f"{self.device}{f' ({dist.get_backend()})' if dist.is_initialized() else ''}; {total:,} steps")
-
-    def add(self, terms, images):
-        self.sums += torch.stack([terms[name] for name in LOG_COLUMNS])
-        self.steps, self.images = self.steps + 1, self.images + images * self.world
-
-    def means(self):
-        """The means since the last line, over the processes, as floats (a host sync)."""
-        means = self.sums / self.steps
-        if dist.is_initialized():
-            dist.all_reduce(means)
-            means /= self.world
-        return dict(zip(LOG_COLUMNS, means.tolist()))
-
-    def write(self, step, means, logvar):
-        """One line, and a new one begins."""
-        record = {"kind": "train", "step": step, **means, "logvar": logvar,
-                  "images_per_s": self.images / (time.time() - self.t0)}
-        if self.device.type == "cuda":
-            record["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-        if self.rank == 0:
-            append_jsonl(self.path, record)
-            print(f"step {step:6d} | " + " | ".join(f"{k} {record[k]:.4g}" for k in [*LOG_COLUMNS, "logvar"])
-                  + f" | {record['images_per_s']:.1f} img/s" + (f" | {record['peak_gib']:.2f} GiB" if "peak_gib"
-                                                                   in record else ""), flush=True)
-        self.sums.zero_()
-        self.steps, self.images, self.t0 = 0, 0, time.time()
+def log_line(path, record, device, rank):
+    """A line of the training log, rank 0's: appended to metrics.jsonl, and printed (with the peak memory on CUDA)."""
+    if rank != 0:
+        return
+    if device.type == "cuda":
+        record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    append_jsonl(path, record)
+    print(f"step {record['step']:6d} | " + " | ".join(f"{k} {record[k]:.4g}" for k in [*LOG_COLUMNS, "logvar"])
+          + f" | {record['images_per_s']:.1f} img/s" + (f" | {record['peak_gib']:.2f} GiB" if "peak_gib" in record
+                                                         else ""), flush=True)
 
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
@@ -794,15 +748,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return max(d2.item(), 0.0)  # d^2 >= 0; a negative value is float rounding
 
 
-def inception_features(net, x):
-    """rFID's features: x (B, 3, H, W) in [0, 1] -> (B, 2048) float64, resized bilinearly to 299 x 299 and
-    normalised with ImageNet's mean and std, as torchvision's Inception-v3 weights expect."""
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
-    x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
-    return net((x - mean) / std).double()
-
-
 @torch.no_grad()
 def evaluate(autoencoder, batches, precision="fp32", features=None):
     """The record of an evaluation on held-out batches x (B, 3, H, W) in [-1, 1]: the mean PSNR (dB) and
@@ -843,22 +788,13 @@ def evaluate(autoencoder, batches, precision="fp32", features=None):
     return record
 
 
-def held_out(images, device, workers, progress=None):
-    """The held-out images (a Dataset of uint8 (3, r, r)) in order, as model inputs on the device, in batches of
-    64; progress(n), if given, told of every n done."""
-    for batch in torch.utils.data.DataLoader(images, batch_size=64, num_workers=workers):
-        yield to_model_input(batch, device)
-        if progress is not None:
-            progress(len(batch))
-
-
-def evaluate_and_log(autoencoder, images, cfg, *, step, out, inception=None, progress=None):
-    """evaluate() on the held-out images with cfg's precision and workers (rFID with the inception network),
-    printed and appended to OUT/metrics.jsonl; and OUT/reconstructions.png, the first 8 images above their
-    reconstructions (decoded posterior means)."""
+def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None, batches=None):
+    """evaluate() on the held-out images (a Dataset of uint8 (3, r, r); or their model inputs `batches`) with cfg's
+    precision and workers, printed and appended to OUT/metrics.jsonl; and OUT/reconstructions.png, the first 8
+    images above their reconstructions (decoded posterior means)."""
     device = next(autoencoder.parameters()).device
-    features = (lambda x: inception_features(inception, x)) if inception is not None else None
-    batches = held_out(images, device, cfg.workers or 0, progress)
+    loader = torch.utils.data.DataLoader(images, batch_size=64, num_workers=cfg.workers or 0)
+    batches = batches or (to_model_input(batch, device) for batch in loader)
     record = {"kind": "eval", "step": step, **evaluate(autoencoder, batches, cfg.precision, features)}
     print(f"eval on {record['images']:,} held-out images at step {step}: PSNR {record['psnr']:.2f} dB | SSIM "
           f"{record['ssim']:.4f} | " + (f"rFID {record['rfid']:.2f} | " if "rfid" in record else "")
@@ -1031,6 +967,14 @@ def load_lpips_weights(perceptual, path):
             w.data.copy_(value)
     except (KeyError, ValueError, RuntimeError, TypeError, pickle.UnpicklingError) as e:
         raise UserError(f"--lpips-weights {path} is not LPIPS v0.1 vgg weights ({type(e).__name__}: {e})")
+
+def inception_features(net, x):
+    """rFID's features: x (B, 3, H, W) in [0, 1] -> (B, 2048) float64 from torchvision's Inception-v3, the images
+    resized bilinearly to 299 x 299 and normalised with ImageNet's mean and std, as its weights expect."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    return net((x - mean) / std).double()
 
 # -----------------------------------------------------------------------------
 # weights files: safetensors, pickled checkpoints, the checks of a state dict, export with diffusers' config.json
@@ -1431,13 +1375,19 @@ def train_command(args):
     perceptual = Perceptual(load_vgg16()) if cfg.perceptual_weight > 0 else None  # fails early: a missing file
     if perceptual is not None and args.lpips_weights:
         load_lpips_weights(perceptual, args.lpips_weights)
-    inception = load_inception("cpu") if args.fid and rank0 else None
+    net = load_inception("cpu") if args.fid and rank0 else None
     data, val = datasets(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(data) // world < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(data) // world} training images of "
                         f"each of the {world} processes")
-    final, record = train(cfg, config, data, val, init=init, perceptual=perceptual, inception=inception)
+    if rank0:
+        backend = ("nccl" if cfg.device == "cuda" else "gloo") if "RANK" in os.environ else ""
+        print(f"AutoencoderKL {config['block_out_channels']}; {len(data):,} training and {len(val):,} held-out images "
+              f"at {cfg.resolution}x{cfg.resolution}; {world} process(es) on {cfg.device} {backend}; "
+              + (f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.steps:,} steps"), flush=True)
+    features = None if net is None else lambda x: inception_features(net.to(x.device), x)
+    final, record = train(cfg, config, data, val, init=init, perceptual=perceptual, features=features)
     if final is not None and args.export:
         export(final, args.export, args.overwrite, args.export_format)
     return record
@@ -1465,7 +1415,7 @@ def eval_command(args):
     device = get_device(args.device or "auto")
     if args.precision in (None, "auto"):
         args.precision = "bf16" if device.type == "cuda" else "fp32"
-    inception = load_inception(device) if args.fid else None
+    net = load_inception(device) if args.fid else None
     _, val = datasets(args)
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     for name in ("metrics.jsonl", "reconstructions.png"):  # away from its own run's folder: another run's files
@@ -1473,8 +1423,12 @@ def eval_command(args):
         if theirs and os.path.exists(os.path.join(out, name)) and not args.overwrite:
             raise UserError(f"{os.path.join(out, name)} exists: pass another --out, or --overwrite")
     check_writable(out)
+    progress, loader = Progress("held-out evaluation", len(val)), torch.utils.data.DataLoader(val, batch_size=64,
+                                                                                              num_workers=args.workers)
+    batches = (progress.update(len(b)) or to_model_input(b, device) for b in loader)
+    features = None if net is None else lambda x: inception_features(net, x)
     record = evaluate_and_log(model.to(device), val, args, step=ckpt["step"] if ckpt else 0, out=out,
-                              inception=inception, progress=Progress("held-out evaluation", len(val)).update)
+                              features=features, batches=batches)
     if args.export:
         export(model, args.export, args.overwrite, args.export_format)
     return record
