@@ -199,7 +199,7 @@ def bench_tiles(args, device):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         t0 = time.perf_counter()
         with torch.no_grad():
-            kl.decode(model, z, tile=args.tile == "on")
+            (kl.tiled_decode if args.tile == "on" else kl.AutoencoderKL.decode)(model, z)
         if device.type == "cuda":
             torch.cuda.synchronize()
             before, peak = 0, torch.cuda.max_memory_allocated(device)

@@ -563,11 +563,12 @@ def networks(cfg, model_config, device, init=None):
     return model, disc, opt, opt_d, ema
 
 
-def batches(n, cfg, step, rank, world):
+def batches(n, cfg, step, process):
     """The indices of this process's batches from `step` on, without end. Epoch e's order is the permutation of
     the n images drawn from the seed cfg.seed + e (as DistributedSampler draws it), cut to a multiple of the
-    number of processes; process r takes every world-th image from the r-th on, in batches, the rest dropped."""
-    per_rank = n // world
+    number of processes; process (rank r of world) takes every world-th image from the r-th on, in batches, the
+    rest dropped."""
+    (rank, world), per_rank = process, n // process[1]
     epoch, i = divmod(step, per_rank // cfg.batch_size)
     while True:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
@@ -586,19 +587,19 @@ def to_model_input(batch, device, flip=False):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=None):
-    """Train AutoencoderKL(**model_config) with THE OBJECTIVE and the recipe cfg on `data` (a Dataset of uint8
-    (3, r, r) images), in one process or one per device under torchrun; rank 0 alone logs, evaluates on `val` and
-    writes into cfg.out (ckpt.pt, metrics.jsonl, reconstructions.png). init: weights to start from; perceptual, and
-    features for rFID: see autoencoder_loss and evaluate. Returns rank 0's final weights and evaluation."""
+def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=None):  # init: weights to start from
+    """Train AutoencoderKL(**model_config) with THE OBJECTIVE and the recipe cfg on `data` (a Dataset of uint8 images
+    (3, r, r)), in one process or one per device (torchrun): rank 0 alone logs, evaluates on `val` (rFID: features, see
+    evaluate), writes ckpt.pt, metrics.jsonl, reconstructions.png into cfg.out, returns the final weights, record."""
     rank, world, device = processes(torch.device(cfg.device))
     model, disc, opt, opt_d, ema = networks(cfg, model_config, device, init)
     perceptual = perceptual.to(device) if perceptual is not None else None
     parts = {"model": model.autoencoder, "disc": disc, "opt": opt, "opt_d": opt_d, "ema": ema}  # the checkpoint's
     ckpt_path, log_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
-    start = saved = resume(ckpt_path, model, parts) if cfg.resume else 0
-    saved, total = saved or None, cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
-    loader = torch.utils.data.DataLoader(data, batch_sampler=batches(len(data), cfg, start, rank, world),
+    start = begin(cfg, model, parts, rank)  # 0, or the resumed checkpoint's step
+    saved = start if cfg.resume else None  # the step of the last checkpoint
+    total = cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches(len(data), cfg, start, (rank, world)),
                                          num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
     # the discriminator stays outside DDP: it also runs, frozen, in the autoencoder's loss (train_step averages it)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -638,9 +639,14 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
     return (final, record) if rank == 0 else (None, None)
 
 
-def resume(path, model, parts):
-    """The run as the checkpoint at path left it (an EMA that it did not keep starts at its weights): its step."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def begin(cfg, model, parts, rank):
+    """The step a run begins at: 0 for a new one, whose log starts empty; a resumed one's, with the states in its
+    checkpoint loaded into its parts (an EMA that the checkpointed run did not keep starts at its weights)."""
+    if not cfg.resume:
+        if rank == 0:
+            open(os.path.join(cfg.out, "metrics.jsonl"), "w").close()
+        return 0
+    ckpt = torch.load(os.path.join(cfg.out, "ckpt.pt"), map_location="cpu", weights_only=True)
     for name, part in parts.items():
         if part is not None:
             part.load_state_dict(ckpt.get(name) or ckpt["model"])
@@ -663,9 +669,9 @@ def log_line(path, record, device, rank):
     if device.type == "cuda":
         record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     append_jsonl(path, record)
+    peak = f" | {record['peak_gib']:.2f} GiB" if "peak_gib" in record else ""
     print(f"step {record['step']:6d} | " + " | ".join(f"{k} {record[k]:.4g}" for k in [*LOG_COLUMNS, "logvar"])
-          + f" | {record['images_per_s']:.1f} img/s" + (f" | {record['peak_gib']:.2f} GiB" if "peak_gib" in record
-                                                         else ""), flush=True)
+          + f" | {record['images_per_s']:.1f} img/s{peak}", flush=True)
 
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
@@ -946,7 +952,8 @@ def datasets(cfg):
     return torch.utils.data.Subset(data, train_idx.tolist()), torch.utils.data.Subset(data, val_idx.tolist())
 
 # -----------------------------------------------------------------------------
-# the pretrained networks: torchvision's VGG16 for the perceptual loss, with LPIPS' channel weights
+# the pretrained networks: torchvision's VGG16 for the perceptual loss, with LPIPS' channel weights; Inception-v3
+
 
 def load_vgg16():
     """torchvision's ImageNet VGG16 convolutional layers (downloaded on first use)."""
@@ -967,6 +974,7 @@ def load_lpips_weights(perceptual, path):
             w.data.copy_(value)
     except (KeyError, ValueError, RuntimeError, TypeError, pickle.UnpicklingError) as e:
         raise UserError(f"--lpips-weights {path} is not LPIPS v0.1 vgg weights ({type(e).__name__}: {e})")
+
 
 def inception_features(net, x):
     """rFID's features: x (B, 3, H, W) in [0, 1] -> (B, 2048) float64 from torchvision's Inception-v3, the images
@@ -1051,8 +1059,8 @@ def save_safetensors(tensors, path, metadata=None):
         offset += len(chunks[-1])
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(struct.pack("<Q", len(blob)) + blob
-                                                                      + b"".join(chunks)))
+    blob = struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
+    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(blob))
 
 
 def read_weights(path):
@@ -1091,8 +1099,8 @@ def fit_weights(state, config, source="the state dict", which=None):
     wrong = [f"{name} is {list(t.shape)} there and {list(expected[name].shape)} here" for name, t in state.items()
              if name in expected and t.shape != expected[name].shape]
     if missing or unexpected or wrong:
-        keys = [f"{len(names)} {kind}, e.g. {names[0]}" for kind, names in (("missing", missing),
-                                                                         ("unexpected", unexpected)) if names]
+        keys = [f"{len(names)} {kind}, e.g. {names[0]}"
+                for kind, names in (("missing", missing), ("unexpected", unexpected)) if names]
         raise UserError(f"{fits}: {'keys ' + '; '.join(keys) if keys else wrong[0]}; pass the --preset or --config "
                         f"these weights were made for")
     for name, tensor in state.items():
@@ -1251,16 +1259,17 @@ def settle(args):
     if not train and args.ema and not args.ckpt:
         raise UserError("--ema needs --ckpt: a weights file holds one set of weights")
     if args.command == "reconstruct":
-        check_output(args.out, "--out", [args.image, *source], args.overwrite, (".png", ".jpg", ".jpeg"))
+        check_output(args.out, "--out", [args.image, *source], (".png", ".jpg", ".jpeg"), overwrite=args.overwrite)
     if args.command == "encode":
-        check_output(args.out, "--out", [args.data, *source], args.overwrite, (".safetensors",), make_folder=True)
+        check_output(args.out, "--out", [args.data, *source], (".safetensors",), overwrite=args.overwrite,
+                     make_folder=True)
     if args.command == "decode" and os.path.isfile(args.out):
         raise UserError(f"--out {args.out} is a file: give a folder for the images")
     if args.command == "eval" and args.weights and not args.out:
         raise UserError("eval --weights: pass --out, the folder for metrics.jsonl and reconstructions.png")
     if getattr(args, "export", None):
-        check_output(args.export, "--export", [os.path.join(args.out, "ckpt.pt")] if train else source,
-                     args.overwrite, (".safetensors",), make_folder=True)
+        inputs = [os.path.join(args.out, "ckpt.pt")] if train else source
+        check_output(args.export, "--export", inputs, (".safetensors",), overwrite=args.overwrite, make_folder=True)
     if args.command in ("encode", "train"):
         args.workers = settled_workers(args)
     if not train:
@@ -1287,20 +1296,19 @@ def settled_workers(args):
     return min(4, os.cpu_count() or 1) if os.path.isdir(args.data) or args.data == "celeba" else 0
 
 
-def check_output(path, flag, inputs, overwrite, extensions, make_folder=False):
+def check_output(path, flag, inputs, extensions, *, overwrite, make_folder=False):
     """A file a command is about to write: never one of its inputs, never a folder, a kind it can write, not an
     existing file unless --overwrite says so; its folder must exist unless the command makes it."""
     folder = os.path.dirname(os.path.abspath(path))
-    if any(os.path.abspath(path) == os.path.abspath(i) or os.path.exists(path) and os.path.exists(i)
-           and os.path.samefile(path, i) for i in inputs if i):
-        raise UserError(f"{flag} {path} is also an input of this command: write to another file")
-    for wrong, why in ((os.path.isdir(path), "is a folder: give a file name"),
-                       (not path.lower().endswith(extensions), f": can write {', '.join(extensions)} files only"),
-                       (os.path.exists(path) and not overwrite, "exists: pass --overwrite to replace it, or another "
-                                                                 "name"),
-                       (not make_folder and not os.path.isdir(folder), f": the folder {folder} does not exist")):
-        if wrong:
-            raise UserError(f"{flag} {path}{'' if why[0] == ':' else ' '}{why}")
+    is_input = any(os.path.abspath(path) == os.path.abspath(i) or os.path.exists(path) and os.path.exists(i)
+                   and os.path.samefile(path, i) for i in inputs if i)
+    problem = ("is also an input of this command: write to another file" if is_input else
+               "is a folder: give a file name" if os.path.isdir(path) else
+               f"can write {', '.join(extensions)} files only" if not path.lower().endswith(extensions) else
+               "exists: pass --overwrite to replace it, or another name" if os.path.exists(path) and not overwrite else
+               f"the folder {folder} does not exist" if not make_folder and not os.path.isdir(folder) else None)
+    if problem:
+        raise UserError(f"{flag} {path}: {problem}")
 
 
 def check_resolution(resolution, config, disc_weight):
@@ -1621,22 +1629,20 @@ def blend(a, b, extent, dim):
     b.narrow(dim, 0, extent).mul_(t).add_(a.narrow(dim, a.shape[dim] - extent, extent) * (1 - t))
 
 
-def encode(model, x, tile=False):
-    """The posterior q(z|x); with tile, in tiles of the config's sample_size when x is larger than that (as
-    diffusers' encode with enable_tiling)."""
+def tiled_encode(model, x):
+    """The posterior q(z|x) from tiles of the config's sample_size (as diffusers' encode with enable_tiling); from
+    the whole of x when it fits one tile."""
     size = model.config["sample_size"]
-    if tile and max(x.shape[2:]) > size:
-        moments = tiled(lambda t: model.encode(t).parameters, x, size, size // model.downsampling_factor)
-        return DiagonalGaussianDistribution(moments)
-    return model.encode(x)
+    if max(x.shape[2:]) <= size:
+        return model.encode(x)
+    return DiagonalGaussianDistribution(tiled(lambda t: model.encode(t).parameters, x, size,
+                                              size // model.downsampling_factor))
 
 
-def decode(model, z, tile=False):
-    """The image of z; with tile, in tiles of sample_size / f latent pixels when z is larger (as diffusers)."""
+def tiled_decode(model, z):
+    """The image of z decoded in tiles of sample_size / f latent pixels (as diffusers), whole when it fits one."""
     size = model.config["sample_size"] // model.downsampling_factor
-    if tile and max(z.shape[2:]) > size:
-        return tiled(model.decode, z, size, model.config["sample_size"])
-    return model.decode(z)
+    return model.decode(z) if max(z.shape[2:]) <= size else tiled(model.decode, z, size, model.config["sample_size"])
 
 # -----------------------------------------------------------------------------
 # reconstruct, encode, decode, convert
@@ -1674,8 +1680,8 @@ def reconstruct(args):
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    posterior = encode(model, x.to(device=device, dtype=dtype), tile)
-    out = decode(model, posterior.mode(), tile)
+    posterior = (tiled_encode if tile else AutoencoderKL.encode)(model, x.to(device=device, dtype=dtype))
+    out = (tiled_decode if tile else AutoencoderKL.decode)(model, posterior.mode())
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -1704,7 +1710,8 @@ def encode_command(args):
     device, dtype = inference_setup(args, model)
     generator, progress, parts = torch.Generator(device).manual_seed(args.seed), Progress("encoding", len(images)), []
     for batch in torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers):
-        posterior = encode(model, to_model_input(batch, device).to(dtype), use_tiles(args, resolution ** 2))
+        posterior = (tiled_encode if use_tiles(args, resolution ** 2) else AutoencoderKL.encode)(
+            model, to_model_input(batch, device).to(dtype))
         z = posterior.sample(generator) if args.sample else posterior.mode()
         parts.append([t.float().cpu() for t in (to_diffusion_latents(z.float(), model.config), posterior.mean,
                                                 posterior.logvar)])
@@ -1743,7 +1750,7 @@ def decode_command(args):
     tile = use_tiles(args, z.shape[2] * z.shape[3] * model.downsampling_factor ** 2)
     progress = Progress("decoding", len(z))
     for i in range(0, len(z), args.batch_size):
-        x = decode(model, z[i:i + args.batch_size].to(device=device, dtype=dtype), tile).float()
+        x = (tiled_decode if tile else AutoencoderKL.decode)(model, z[i:i + args.batch_size].to(device, dtype)).float()
         for image, path in zip(x, paths[i:i + args.batch_size]):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_image(image, path)
@@ -1863,15 +1870,13 @@ def load_checkpoint(path):
 
 
 def check_writable(folder):
-    """Make `folder` if need be and check that a file can be written in it, before any long work starts."""
+    """Make `folder` if need be and check that a file can be written in it, before any long work starts (an
+    OSError, say "Permission denied", is one line from main)."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write into {folder} ({e.strerror or type(e).__name__}): pass another --out")
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 class Progress:

@@ -122,6 +122,6 @@ def test_encode_and_tiled_decode_on_cuda_in_bf16_match_the_cpu(tmp_path):
     kl.load_weights(model, kl.load_safetensors(weights))
     z = torch.randn(2, 4, 48, 40)
     with torch.no_grad():
-        cpu = kl.decode(model.eval(), z, tile=True)
-        cuda = kl.decode(model.cuda(), z.cuda(), tile=True).cpu()
+        cpu = kl.tiled_decode(model.eval(), z)
+        cuda = kl.tiled_decode(model.cuda(), z.cuda()).cpu()
     assert relative_error(cuda, cpu) <= 1e-3  # TF32 may be on: 10-bit mantissa

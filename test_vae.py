@@ -1,10 +1,10 @@
-"""Tests of the programs: data loading, training, checkpoints, resume, evaluation, the CLI, bad input.
+"""The programs' specification: vae.py, then kl_autoencoder.py, each in the order of its source (the objectives
+first: the gradients each training step hands its optimizer, derived here from the formulas alone), then what both
+promise: every user mistake is one line and exit 2 with nothing written (one table), signals, the helpers they share.
 
-Nothing here touches the network: the tests write their own small MNIST-format files.
-The property tests of the formulas are in test_math.py.
+Nothing here touches the network: the tests write their own small data. The formulas' proofs are in test_math.py.
 """
 
-import argparse
 import ast
 import copy
 import dataclasses
@@ -14,6 +14,8 @@ import inspect
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,11 +35,13 @@ import torchvision
 import kl_autoencoder as kl
 import vae
 
+# ============================================================================= helpers and fixtures
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 TINY = ["--device", "cpu", "--hidden", "64", "--latent-dim", "4", "--batch-size", "32", "--lr", "3e-3", "--eval-samples", "16"]
 
-
-# ----------------------------------------------------------------------------- helpers
 
 def write_idx(path, array):
     """IDX format: zero bytes, type 0x08 (uint8), number of dimensions, big-endian int32 sizes, data."""
@@ -103,6 +107,118 @@ def one_line_error(capsys, *words):
     return err
 
 
+def kl_error(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kl_autoencoder.py: error: "), err
+    for word in words:
+        assert word in err, err
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+class Recorder(torch.optim.Optimizer):
+    """An optimizer that leaves the weights alone and keeps the gradients its step() was given."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.grads = None
+
+    def step(self, closure=None):
+        self.grads = [None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]]
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def spy_optimizer(base):
+    """A subclass of a torch optimizer that notes, at every step, its hyperparameters, the norm of the gradients it is
+    handed and the weights before the step (patched in for torch.optim.<name>, it sees what the program passes)."""
+    class Spy(base):
+        steps = []
+
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
+            Spy.steps.append({**{k: v for k, v in self.param_groups[0].items() if k != "params"},
+                              "grad_norm": torch.cat(grads).norm().item(), "weights": [p.detach().clone() for p in params]})
+            return super().step(closure)
+    return Spy
+
+
+def grid_tile(grid, row, col, size, padding=2):
+    """The image at (row, col) of a picture drawn by torchvision's make_grid (C, H, W), padding 2."""
+    y, x = padding + row * (size + padding), padding + col * (size + padding)
+    return grid[:, y:y + size, x:x + size]
+
+
+def smooth_images(n, size, seed=0):
+    """uint8 (n, size, size, 3): random 4 x 4 colour grids blown up bilinearly, easy to autoencode."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(n, 3, 4, 4, generator=g)
+    big = torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+    return (big * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def write_test_image(path, h, w):
+    torch.manual_seed(0)
+    torchvision.io.write_png(torch.randint(0, 256, (3, h, w), dtype=torch.uint8), str(path))
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+    return str(path)
+
+
+def stand_in_features(d_in, d_out=8):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, d_out)).double()
+
+
+def independent_frechet(real, fake):
+    """FID from two feature matrices (N, D), written out with numpy: the trace of the matrix square root as the
+    sum of the square roots of the eigenvalues of S1 S2."""
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
+    return float(((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+class RecordingFeatures(nn.Module):
+    """A stand-in for Inception-v3 that keeps what reaches it and returns a few of its pixels as features."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return x[:, :, ::60, ::60].flatten(1).double()
+
+
+_RANDOM_VGG = []  # built once (torchvision builds the whole VGG16, classifier too: about a second), then copied
+
+
+def random_vgg_features():
+    """VGG16's convolutional layers with torch.manual_seed(0)'s random weights; the global random state left as
+    building them leaves it."""
+    if not _RANDOM_VGG:
+        torch.manual_seed(0)
+        _RANDOM_VGG.extend([torchvision.models.vgg16(weights=None).features, torch.get_rng_state()])
+    torch.set_rng_state(_RANDOM_VGG[1])
+    return copy.deepcopy(_RANDOM_VGG[0])
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("mnist"))
@@ -118,30 +234,101 @@ def trained(data_dir, tmp_path_factory):
     return out, record
 
 
-# ----------------------------------------------------------------------------- data
-
-def test_load_mnist_reads_idx_files(tmp_path):
-    train, test = make_mnist(str(tmp_path))
-    x_train, x_test = vae.load_mnist(str(tmp_path), torch.device("cpu"))
-    assert x_train.shape == (256, 784) and x_test.shape == (64, 784)
-    assert x_train.dtype == torch.float32
-    np.testing.assert_array_equal(x_train.numpy(), train.reshape(256, 784) / np.float32(255))
-    np.testing.assert_array_equal(x_test.numpy(), test.reshape(64, 784) / np.float32(255))
+@pytest.fixture(scope="module")
+def kl_data(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("kldata") / "images.npz")
+    np.savez(path, images=smooth_images(96, 32), labels=np.arange(96) % 4)
+    return path
 
 
-def test_load_mnist_unpacks_gzipped_files(tmp_path):
-    train, _ = make_mnist(str(tmp_path), gz=True)
-    x_train, _ = vae.load_mnist(str(tmp_path), torch.device("cpu"))
-    np.testing.assert_array_equal(x_train.numpy(), train.reshape(256, 784) / np.float32(255))
+KL_TINY = ["--preset", "tiny", "--resolution", "32", "--batch-size", "8", "--val-size", "16", "--device", "cpu",
+           "--perceptual-weight", "0", "--lr", "1e-3", "--log-every", "4", "--eval-every", "0"]
 
 
-def test_missing_mnist_without_network_is_one_line_error(tmp_path, monkeypatch, capsys):
-    def offline(self):
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://..., got:\n<urlopen error>")
-    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
-    code = run_main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *TINY])
-    assert code == 2
-    one_line_error(capsys, os.path.join(str(tmp_path), "MNIST", "raw"), "train-images-idx3-ubyte")
+def kl_records(out, kind):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
+    kl.save_safetensors(kl.build("tiny").state_dict(), path)
+    return path
+
+
+# ============================================================================= vae.py
+
+# ----------------------------------------------------------------------------- the objectives: the gradient of one training step
+
+def stated_vae_objective(model, x_train, cfg, epoch, seed):
+    """The objective vae.py's docstrings state, for a training set of one batch, written out from the formulas:
+    the same random draws as train_epoch (permutation, binarization or dequantization, then the posterior samples)."""
+    torch.manual_seed(seed)
+    x = x_train[torch.randperm(len(x_train))]
+    x = torch.bernoulli(x) if cfg.likelihood == "bernoulli" else (x * 255 + torch.rand(x.shape)) / 256
+    mu, logvar = model.encoder(x).chunk(2, dim=-1)
+
+    def log_px_z(z):  # the decoder's output plus its per-pixel bias
+        out = model.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], 784) + model.out_bias
+        if cfg.likelihood == "bernoulli":
+            return (x * torch.log(torch.sigmoid(out)) + (1 - x) * torch.log(1 - torch.sigmoid(out))).sum(-1)
+        s = model.dec_logvar
+        return (-0.5 * (math.log(2 * math.pi) + s + (x - out) ** 2 / s.exp())).sum(-1)
+
+    def log_normal(z, m, lv):
+        return (-0.5 * (math.log(2 * math.pi) + lv + (z - m) ** 2 / lv.exp())).sum(-1)
+    k = cfg.train_samples
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(k, *mu.shape).squeeze(0)
+    if k > 1:  # -L_K, the importance-weighted bound
+        log_w = log_px_z(z) + log_normal(z, torch.zeros(()), torch.zeros(())) - log_normal(z, mu, logvar)
+        return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1)
+    if cfg.capacity is not None:  # C at the global step: epoch * steps per epoch (+ 0, the first step)
+        c = cfg.capacity * min(1.0, epoch * (len(x_train) // cfg.batch_size) / cfg.capacity_iters)
+        return (-log_px_z(z) + cfg.gamma * (kl - c).abs()).mean()
+    return (-log_px_z(z) + cfg.beta * kl).mean()
+
+
+@pytest.mark.parametrize("flags", [[], ["--beta", "4"], ["--capacity", "50", "--capacity-iters", "10", "--gamma", "3"],
+                                   ["--train-samples", "5"], ["--likelihood", "gaussian"], ["--arch", "conv"]],
+                         ids=["elbo", "beta", "capacity", "iwae", "gaussian", "conv"])
+def test_vae_train_step_applies_the_gradient_of_the_stated_objective(flags):
+    """One real training step (train_epoch on a training set of one batch, in epoch 5) hands the optimizer the
+    gradient of the objective its option names, with the decoder's output bias in it and C at the global step."""
+    cfg = vae.parse_args(["--hidden", "16", "--latent-dim", "3", "--batch-size", "32", *flags])
+    torch.manual_seed(0)
+    model = vae.VAE(cfg.arch, cfg.hidden, cfg.latent_dim, cfg.activation, cfg.likelihood)
+    with torch.no_grad():
+        model.out_bias.normal_()  # a bias that is not zero, so that dropping it shows
+        if cfg.likelihood == "gaussian":
+            model.dec_logvar.fill_(-1.0)
+    x_train = torch.rand(32, 784)
+    opt = Recorder(model.parameters())
+    torch.manual_seed(5)
+    loss, _, _ = vae.train_epoch(model, opt, x_train, cfg, epoch=5)
+    expected = stated_vae_objective(model, x_train, cfg, 5, seed=5)
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    grads = torch.autograd.grad(expected, list(model.parameters()))
+    assert relative_error(flat(opt.grads), flat(grads)) < 1e-4  # float32, the two sums taken in different orders
+
+
+# ----------------------------------------------------------------------------- model and training
+
+def test_output_bias_starts_at_the_mean_image():
+    x = torch.rand(100, 784) * 0.5
+    model = vae.VAE(hidden=[8], latent_dim=2)
+    vae.init_output_bias(model, x)
+    assert torch.allclose(torch.sigmoid(model.out_bias), x.mean(0).clamp(1e-3, 1 - 1e-3), atol=1e-6)
+
+
+def test_a_new_run_starts_the_decoder_at_the_mean_image(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(vae, "train_epoch", lambda *args, **kwargs: [0.0, 0.0, 0.0])  # no training: the saved model is the initial one
+    vae.main(["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "1", *TINY])
+    bias = torch.load(str(tmp_path / "ckpt.pt"), weights_only=True)["model"]["out_bias"]
+    x_train, _ = vae.load_mnist(data_dir, torch.device("cpu"))
+    assert torch.allclose(bias, torch.logit(x_train.mean(0).clamp(1e-3, 1 - 1e-3)))
 
 
 def test_test_set_binarization_is_fixed_and_training_batches_are_fresh():
@@ -156,8 +343,6 @@ def test_test_set_binarization_is_fixed_and_training_batches_are_fresh():
     assert torch.equal((d * 256).floor(), levels * 255)
 
 
-# ----------------------------------------------------------------------------- training and outputs
-
 def test_training_lowers_the_loss(trained):
     out, _ = trained
     epochs = [r for r in read_metrics(out) if r["kind"] == "epoch"]
@@ -166,64 +351,6 @@ def test_training_lowers_the_loss(trained):
     # six epochs on these strokes take tens of nats off it.
     assert epochs[-1]["test_nelbo"] < epochs[0]["test_nelbo"] - 10
     assert epochs[-1]["train_bound"] < epochs[0]["train_bound"] - 10
-
-
-def test_every_output_is_written(trained):
-    out, record = trained
-    for name in ["ckpt.pt", "metrics.jsonl", "samples.png", "reconstructions.png", "interpolations.png"]:
-        assert os.path.getsize(os.path.join(out, name)) > 0, name
-    assert not os.path.exists(os.path.join(out, "manifold.png"))  # only for 2 latents
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    samples = torchvision.io.read_image(os.path.join(out, "samples.png"))
-    assert samples.shape == (1, 8 * 30 + 2, 8 * 30 + 2)  # 8 x 8 digits of 28 pixels, 2-pixel borders
-    final = [r for r in read_metrics(out) if r["kind"] == "eval"][0]  # (test_eval_only... may append another)
-    assert final == record
-    for key in ["test_nelbo", "test_nll", "eval_samples", "active_units", "posterior_mean", "posterior_std"]:
-        assert key in final
-    assert final["eval_samples"] == 16 and 0 <= final["active_units"] <= 4
-    assert len(final["posterior_mean"]) == len(final["posterior_std"]) == 4
-    # the importance-sampled NLL is a tighter bound than the ELBO (K = 16 vs 1, 64 images)
-    assert final["test_nll"] < final["test_nelbo"]
-
-
-def test_pictures_show_what_their_docstrings_say(data_dir, tmp_path):
-    """From a run with two latents (tanh, widths 48 and 32: a model built with these options must load its weights):
-    reconstructions.png has test images 0-15 above the decoder means at their posterior means, then 16-31 likewise;
-    interpolations.png row i goes in 10 equal steps from the posterior mean of test image i to that of 8 + i;
-    samples.png decodes 64 draws of N(0, I) seeded with TEST_SEED; manifold.png is Kingma & Welling's figure 4: z1 at
-    the 5%..95% normal quantiles from left to right, z2 from top (high) to bottom. --eval-only draws them again."""
-    vae.main(["--data-dir", data_dir, "--out", str(tmp_path / "run"), "--epochs", "1", *TINY, "--latent-dim", "2",
-              "--hidden", "48", "32", "--activation", "tanh"])
-    model = vae.VAE("mlp", [48, 32], 2, "tanh", "bernoulli")
-    model.load_state_dict(torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)["model"])
-    model.eval()
-    x = vae.prepare_test_set(torch.from_numpy(fake_digits(64, 1)).reshape(64, -1).float() / 255, "bernoulli")
-
-    def picture(name, rows, cols):
-        grid = torchvision.io.read_image(str(tmp_path / "run" / name))[0].int()
-        return [[grid_tile(grid[None], r, c, 28)[0] for c in range(cols)] for r in range(rows)]
-
-    def close(tile, image):  # within one grey level of the [0, 1] image (784,)
-        return (tile - (image.detach().clamp(0, 1) * 255).round().int().view(28, 28)).abs().max() <= 1
-    with torch.no_grad():
-        mu, _ = model.encode(x[:32])
-        recs = picture("reconstructions.png", 4, 16)
-        for row, first in ((0, 0), (2, 16)):
-            assert all(close(recs[row][c], x[first + c]) and close(recs[row + 1][c], model.mean(mu[first + c]))
-                       for c in range(16)), row
-        lines = picture("interpolations.png", 8, 10)
-        assert all(close(lines[i][j], model.mean(mu[i] + j / 9 * (mu[8 + i] - mu[i]))) for i in range(8) for j in range(10))
-        torch.manual_seed(vae.TEST_SEED)
-        z = torch.randn(64, 2)
-        samples = picture("samples.png", 8, 8)
-        assert all(close(samples[i // 8][i % 8], model.mean(z[i])) for i in range(64))
-        q = torch.special.ndtri(torch.linspace(0.05, 0.95, 20))
-        manifold = picture("manifold.png", 20, 20)
-        assert all(close(manifold[i][j], model.mean(torch.stack([q[j], q[19 - i]]))) for i in range(20) for j in range(20))
-    vae.main(["--eval-only", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--data-dir", data_dir, "--device", "cpu",
-              "--eval-samples", "16", "--out", str(tmp_path / "again")])
-    for name in vae.PICTURES:
-        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("flags", [
@@ -253,68 +380,58 @@ def test_every_variant_trains(data_dir, tmp_path, flags):
     assert math.isfinite(record["test_nll"]) and record["test_nll"] < record["test_nelbo"]
 
 
-def test_a_new_run_starts_the_decoder_at_the_mean_image(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(vae, "train_epoch", lambda *args, **kwargs: [0.0, 0.0, 0.0])  # no training: the saved model is the initial one
-    vae.main(["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "1", *TINY])
-    bias = torch.load(str(tmp_path / "ckpt.pt"), weights_only=True)["model"]["out_bias"]
-    x_train, _ = vae.load_mnist(data_dir, torch.device("cpu"))
-    assert torch.allclose(bias, torch.logit(x_train.mean(0).clamp(1e-3, 1 - 1e-3)))
+def test_preset_iwae_and_its_schedule():
+    cfg = vae.parse_args(["--preset", "iwae"])
+    assert (cfg.hidden, cfg.latent_dim, cfg.activation, cfg.batch_size, cfg.epochs, cfg.adam_eps, cfg.eval_samples) \
+        == ([200, 200], 50, "tanh", 20, 3280, 1e-4, 5000)  # and Burda et al.'s K = 5000 for the test NLL
+    assert vae.parse_args(["--preset", "iwae", "--epochs", "3"]).epochs == 3  # explicit flags win
+    lrs = [vae.lr_at(e, cfg) for e in range(cfg.epochs)]
+    stages = [lrs.count(lr) for lr in sorted(set(lrs), reverse=True)]
+    assert stages == [3 ** i for i in range(8)]  # 1 + 3 + ... + 2187 = 3280 epochs
+    assert [round(lr / 1e-3, 12) for lr in sorted(set(lrs), reverse=True)] == [round(10 ** (-i / 7), 12) for i in range(8)]
 
 
-def test_output_bias_starts_at_the_mean_image():
-    x = torch.rand(100, 784) * 0.5
-    model = vae.VAE(hidden=[8], latent_dim=2)
-    vae.init_output_bias(model, x)
-    assert torch.allclose(torch.sigmoid(model.out_bias), x.mean(0).clamp(1e-3, 1 - 1e-3), atol=1e-6)
+def test_vae_options_reach_the_optimizer_the_schedule_and_the_evaluation(data_dir, tmp_path, monkeypatch):
+    """Adam gets --adam-eps and, per epoch, the cosine schedule's lr; --batch-size sets the steps per epoch; --compile
+    compiles the training step's terms; the test NLL draws --eval-samples importance samples per image; FID's network
+    gets --fid-samples decoded prior samples and as many grey-level test images (not binarized) as 299 x 299 RGB,
+    normalised with ImageNet's mean and std."""
+    spy = spy_optimizer(torch.optim.Adam)
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    compiled, draws, recorder = [], [], RecordingFeatures()
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)
+    real_bound = vae.iwae_bound
+
+    def counted_bound(x, mu, logvar, log_likelihood, k):
+        draws.append(k * len(x))
+        return real_bound(x, mu, logvar, log_likelihood, k)
+    monkeypatch.setattr(vae, "iwae_bound", counted_bound)
+    monkeypatch.setattr(vae, "load_inception", lambda device: recorder)
+    record = vae.main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY, "--epochs", "3", "--batch-size", "64", "--lr", "2e-3",
+                       "--adam-eps", "1e-5", "--compile", "--eval-samples", "24", "--fid", "--fid-samples", "40"])
+    assert [s["lr"] for s in spy.steps] == pytest.approx([2e-3] * 4 + [1.5e-3] * 4 + [0.5e-3] * 4, rel=1e-12)
+    assert all(s["eps"] == 1e-5 and tuple(s["betas"]) == (0.9, 0.999) for s in spy.steps)
+    assert len(compiled) == 1 and sum(draws) == 24 * 64 and record["eval_samples"] == 24
+    seen = torch.cat(recorder.inputs) * IMAGENET_STD + IMAGENET_MEAN
+    assert seen.shape == (80, 3, 299, 299) and record["fid_samples"] == 40
+    assert (seen - seen[:, :1]).abs().max() < 1e-5  # grey repeated to RGB
+    grey = torch.from_numpy(fake_digits(64, 1)[:40]).float().div(255).view(40, 1, 28, 28)
+    want = torch.nn.functional.interpolate(grey, size=(299, 299), mode="bilinear", align_corners=False)
+    real, fake = (seen[40:], seen[:40]) if (seen[40:, :1] - want).abs().max() < 1e-5 else (seen[:40], seen[40:])
+    assert (real[:, :1] - want).abs().max() < 1e-5  # the first 40 test images, grey levels
+    assert fake.min() >= -1e-6 and fake.max() <= 1 + 1e-6 and (fake[:, :1] - want).abs().mean() > 0.05  # not test images
 
 
-# ----------------------------------------------------------------------------- checkpoints and resume
-
-def test_checkpoint_round_trip(tmp_path):
-    cfg = vae.parse_args(["--hidden", "16", "--latent-dim", "3", "--out", str(tmp_path)])
-    model = vae.VAE(cfg.arch, cfg.hidden, cfg.latent_dim, cfg.activation, cfg.likelihood)
-    opt = torch.optim.Adam(model.parameters())
-    vae.save_checkpoint(cfg.ckpt, model, opt, cfg, 7)
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file is gone
-    ckpt = torch.load(cfg.ckpt, weights_only=True)
-    assert ckpt["epoch"] == 7 and ckpt["config"]["hidden"] == [16]
-    ckpt = vae.load_checkpoint(cfg.ckpt)
-    loaded = vae.VAE(**{key: ckpt["config"][key] for key in vae.MODEL_KEYS})
-    loaded.load_state_dict(ckpt["model"])
-    z = torch.randn(5, 3)
-    assert torch.equal(loaded.decode(z), model.decode(z))
-    for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
-        assert torch.equal(a, b)
-
-
-def test_resume_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    args = ["--data-dir", data_dir, "--epochs", "4", *TINY]
-    vae.main([*args, "--out", str(tmp_path / "straight")])
-
-    real_save = vae.save_checkpoint
-
-    def interrupted_save(path, model, opt, cfg, epoch):
-        if epoch == 3:  # Ctrl-C after epoch 3 was logged, before its checkpoint: ckpt.pt holds epoch 2
-            raise KeyboardInterrupt
-        real_save(path, model, opt, cfg, epoch)
-    monkeypatch.setattr(vae, "save_checkpoint", interrupted_save)
-    assert run_main([*args, "--out", str(tmp_path / "resumed")]) == 130
-    monkeypatch.setattr(vae, "save_checkpoint", real_save)
-    vae.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
-
-    def comparable(record):
-        return {k: v for k, v in record.items() if k not in ("seconds", "images_per_s", "nll_seconds")}
-    straight, resumed = read_metrics(str(tmp_path / "straight")), read_metrics(str(tmp_path / "resumed"))
-    assert [r.get("epoch") for r in resumed] == [1, 2, 3, 4, 4]
-    assert [comparable(r) for r in resumed] == [comparable(r) for r in straight]
-
-
-def test_eval_only_reproduces_the_final_record(trained, data_dir, capsys):
-    out, record = trained
-    again = vae.main(["--eval-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--data-dir", data_dir, "--device", "cpu", "--eval-samples", "16"])
-    assert again["test_nll"] == record["test_nll"] and again["test_nelbo"] == record["test_nelbo"]
-    assert read_metrics(out)[-1]["test_nll"] == record["test_nll"]
-    assert "test NLL (K=16)" in capsys.readouterr().out
+def test_vae_seed_decides_the_run(data_dir, tmp_path):
+    """The same --seed trains the same weights; another seed, others."""
+    weights = []
+    for seed, out in (("0", "a"), ("0", "b"), ("1", "c")):
+        vae.main(["--data-dir", data_dir, "--out", str(tmp_path / out), *TINY, "--epochs", "1", "--seed", seed])
+        weights.append(torch.load(str(tmp_path / out / "ckpt.pt"), weights_only=True)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    vae.main(["--data-dir", data_dir, "--out", str(tmp_path / "a"), *TINY, "--epochs", "2", "--overwrite"])
+    assert [r.get("epoch") for r in read_metrics(str(tmp_path / "a"))] == [1, 2, 2]  # a new run: a log of its own
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -378,6 +495,29 @@ def test_active_units_and_aggregate_posterior():
     assert torch.allclose(mean, mu.mean(0))
 
 
+def test_aggregate_posterior_with_varying_variances():
+    """q(z) = (1/N) sum_n N(mu_n, sigma_n^2): Var = E[sigma^2 + mu^2] - E[mu]^2, whatever the sigma_n."""
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(500, 4, dtype=torch.float64), torch.randn(500, 4, dtype=torch.float64)
+    mean, std = vae.aggregate_posterior(mu, logvar)
+    var = (logvar.exp() + mu ** 2).mean(0) - mu.mean(0) ** 2
+    assert torch.allclose(mean, mu.mean(0)) and torch.allclose(std, var.sqrt(), rtol=1e-12)
+
+
+def test_vae_fid_is_the_frechet_distance_of_prior_samples_and_test_images():
+    torch.manual_seed(0)
+    model = vae.VAE(hidden=[16], latent_dim=3)
+    x_test = torch.rand(64, 784)
+    net = stand_in_features(784)
+    torch.manual_seed(2)
+    d = vae.fid(model, x_test, 64, lambda images: net(images.double()))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        fake = net(torch.sigmoid(model.decode(torch.randn(64, 3))).double())
+        real = net(x_test.double())
+    assert d == pytest.approx(independent_frechet(real, fake), rel=1e-6)
+
+
 def test_fid_with_a_stand_in_network(data_dir, tmp_path, monkeypatch):
     torch.manual_seed(0)
     net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 16))
@@ -386,17 +526,127 @@ def test_fid_with_a_stand_in_network(data_dir, tmp_path, monkeypatch):
     assert record["fid_samples"] == 32 and math.isfinite(record["fid"]) and record["fid"] > 0
 
 
-def test_fid_without_inception_weights_is_one_line_error(data_dir, tmp_path, monkeypatch, capsys):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no file there: it would be downloaded
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY, "--fid"]) == 2
-    one_line_error(capsys, "inception_v3_google", "checkpoints")
-    assert not os.path.exists(tmp_path / "ckpt.pt")  # it failed before training
+# ----------------------------------------------------------------------------- data, pictures, checkpoints, the command line
+
+def test_load_mnist_reads_idx_files(tmp_path):
+    train, test = make_mnist(str(tmp_path))
+    x_train, x_test = vae.load_mnist(str(tmp_path), torch.device("cpu"))
+    assert x_train.shape == (256, 784) and x_test.shape == (64, 784)
+    assert x_train.dtype == torch.float32
+    np.testing.assert_array_equal(x_train.numpy(), train.reshape(256, 784) / np.float32(255))
+    np.testing.assert_array_equal(x_test.numpy(), test.reshape(64, 784) / np.float32(255))
 
 
-# ----------------------------------------------------------------------------- the command line
+def test_load_mnist_unpacks_gzipped_files(tmp_path):
+    train, _ = make_mnist(str(tmp_path), gz=True)
+    x_train, _ = vae.load_mnist(str(tmp_path), torch.device("cpu"))
+    np.testing.assert_array_equal(x_train.numpy(), train.reshape(256, 784) / np.float32(255))
+
+
+def test_every_output_is_written(trained):
+    out, record = trained
+    for name in ["ckpt.pt", "metrics.jsonl", "samples.png", "reconstructions.png", "interpolations.png"]:
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    assert not os.path.exists(os.path.join(out, "manifold.png"))  # only for 2 latents
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    samples = torchvision.io.read_image(os.path.join(out, "samples.png"))
+    assert samples.shape == (1, 8 * 30 + 2, 8 * 30 + 2)  # 8 x 8 digits of 28 pixels, 2-pixel borders
+    final = [r for r in read_metrics(out) if r["kind"] == "eval"][0]  # (test_eval_only... may append another)
+    assert final == record
+    for key in ["test_nelbo", "test_nll", "eval_samples", "active_units", "posterior_mean", "posterior_std"]:
+        assert key in final
+    assert final["eval_samples"] == 16 and 0 <= final["active_units"] <= 4
+    assert len(final["posterior_mean"]) == len(final["posterior_std"]) == 4
+    # the importance-sampled NLL is a tighter bound than the ELBO (K = 16 vs 1, 64 images)
+    assert final["test_nll"] < final["test_nelbo"]
+
+
+def test_pictures_show_what_their_docstrings_say(data_dir, tmp_path):
+    """From a run with two latents (tanh, widths 48 and 32: a model built with these options must load its weights):
+    reconstructions.png has test images 0-15 above the decoder means at their posterior means, then 16-31 likewise;
+    interpolations.png row i goes in 10 equal steps from the posterior mean of test image i to that of 8 + i;
+    samples.png decodes 64 draws of N(0, I) seeded with TEST_SEED; manifold.png is Kingma & Welling's figure 4: z1 at
+    the 5%..95% normal quantiles from left to right, z2 from top (high) to bottom. --eval-only draws them again."""
+    vae.main(["--data-dir", data_dir, "--out", str(tmp_path / "run"), "--epochs", "1", *TINY, "--latent-dim", "2",
+              "--hidden", "48", "32", "--activation", "tanh"])
+    model = vae.VAE("mlp", [48, 32], 2, "tanh", "bernoulli")
+    model.load_state_dict(torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)["model"])
+    model.eval()
+    x = vae.prepare_test_set(torch.from_numpy(fake_digits(64, 1)).reshape(64, -1).float() / 255, "bernoulli")
+
+    def picture(name, rows, cols):
+        grid = torchvision.io.read_image(str(tmp_path / "run" / name))[0].int()
+        return [[grid_tile(grid[None], r, c, 28)[0] for c in range(cols)] for r in range(rows)]
+
+    def close(tile, image):  # within one grey level of the [0, 1] image (784,)
+        return (tile - (image.detach().clamp(0, 1) * 255).round().int().view(28, 28)).abs().max() <= 1
+    with torch.no_grad():
+        mu, _ = model.encode(x[:32])
+        recs = picture("reconstructions.png", 4, 16)
+        for row, first in ((0, 0), (2, 16)):
+            assert all(close(recs[row][c], x[first + c]) and close(recs[row + 1][c], model.mean(mu[first + c]))
+                       for c in range(16)), row
+        lines = picture("interpolations.png", 8, 10)
+        assert all(close(lines[i][j], model.mean(mu[i] + j / 9 * (mu[8 + i] - mu[i]))) for i in range(8) for j in range(10))
+        torch.manual_seed(vae.TEST_SEED)
+        z = torch.randn(64, 2)
+        samples = picture("samples.png", 8, 8)
+        assert all(close(samples[i // 8][i % 8], model.mean(z[i])) for i in range(64))
+        q = torch.special.ndtri(torch.linspace(0.05, 0.95, 20))
+        manifold = picture("manifold.png", 20, 20)
+        assert all(close(manifold[i][j], model.mean(torch.stack([q[j], q[19 - i]]))) for i in range(20) for j in range(20))
+    vae.main(["--eval-only", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--data-dir", data_dir, "--device", "cpu",
+              "--eval-samples", "16", "--out", str(tmp_path / "again")])
+    for name in vae.PICTURES:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = vae.parse_args(["--hidden", "16", "--latent-dim", "3", "--out", str(tmp_path)])
+    model = vae.VAE(cfg.arch, cfg.hidden, cfg.latent_dim, cfg.activation, cfg.likelihood)
+    opt = torch.optim.Adam(model.parameters())
+    vae.save_checkpoint(cfg.ckpt, model, opt, cfg, 7)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file is gone
+    ckpt = torch.load(cfg.ckpt, weights_only=True)
+    assert ckpt["epoch"] == 7 and ckpt["config"]["hidden"] == [16]
+    ckpt = vae.load_checkpoint(cfg.ckpt)
+    loaded = vae.VAE(**{key: ckpt["config"][key] for key in vae.MODEL_KEYS})
+    loaded.load_state_dict(ckpt["model"])
+    z = torch.randn(5, 3)
+    assert torch.equal(loaded.decode(z), model.decode(z))
+    for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    args = ["--data-dir", data_dir, "--epochs", "4", *TINY]
+    vae.main([*args, "--out", str(tmp_path / "straight")])
+
+    real_save = vae.save_checkpoint
+
+    def interrupted_save(path, model, opt, cfg, epoch):
+        if epoch == 3:  # Ctrl-C after epoch 3 was logged, before its checkpoint: ckpt.pt holds epoch 2
+            raise KeyboardInterrupt
+        real_save(path, model, opt, cfg, epoch)
+    monkeypatch.setattr(vae, "save_checkpoint", interrupted_save)
+    assert run_main([*args, "--out", str(tmp_path / "resumed")]) == 130
+    monkeypatch.setattr(vae, "save_checkpoint", real_save)
+    vae.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
+
+    def comparable(record):
+        return {k: v for k, v in record.items() if k not in ("seconds", "images_per_s", "nll_seconds")}
+    straight, resumed = read_metrics(str(tmp_path / "straight")), read_metrics(str(tmp_path / "resumed"))
+    assert [r.get("epoch") for r in resumed] == [1, 2, 3, 4, 4]
+    assert [comparable(r) for r in resumed] == [comparable(r) for r in straight]
+
+
+def test_eval_only_reproduces_the_final_record(trained, data_dir, capsys):
+    out, record = trained
+    again = vae.main(["--eval-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--data-dir", data_dir, "--device", "cpu", "--eval-samples", "16"])
+    assert again["test_nll"] == record["test_nll"] and again["test_nelbo"] == record["test_nelbo"]
+    assert read_metrics(out)[-1]["test_nll"] == record["test_nll"]
+    assert "test NLL (K=16)" in capsys.readouterr().out
+
 
 def test_help_works(capsys):
     assert run_main(["--help"]) == 0  # the program as a process: test_sigterm_ends_a_run_like_ctrl_c
@@ -404,60 +654,96 @@ def test_help_works(capsys):
     assert "--eval-samples" in out and "--preset" in out
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_cuda_without_cuda_fails_cleanly(data_dir, tmp_path, capsys):
-    assert run_main(["--device", "cuda", "--data-dir", data_dir, "--out", str(tmp_path)]) == 2
-    one_line_error(capsys, "--device cuda")
-
-
-def test_preset_iwae_and_its_schedule():
-    cfg = vae.parse_args(["--preset", "iwae"])
-    assert (cfg.hidden, cfg.latent_dim, cfg.activation, cfg.batch_size, cfg.epochs, cfg.adam_eps, cfg.eval_samples) \
-        == ([200, 200], 50, "tanh", 20, 3280, 1e-4, 5000)  # and Burda et al.'s K = 5000 for the test NLL
-    assert vae.parse_args(["--preset", "iwae", "--epochs", "3"]).epochs == 3  # explicit flags win
-    lrs = [vae.lr_at(e, cfg) for e in range(cfg.epochs)]
-    stages = [lrs.count(lr) for lr in sorted(set(lrs), reverse=True)]
-    assert stages == [3 ** i for i in range(8)]  # 1 + 3 + ... + 2187 = 3280 epochs
-    assert [round(lr / 1e-3, 12) for lr in sorted(set(lrs), reverse=True)] == [round(10 ** (-i / 7), 12) for i in range(8)]
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--epochs", "0"], ["--epochs", "must be > 0"]),
-    (["--lr", "-1"], ["--lr"]),
-    (["--hidden", "wide"], ["--hidden", "'wide'"]),
-    (["--device", "tpu"], ["--device", "tpu"]),
-    (["--beta", "2", "--capacity", "5"], ["--capacity", "--beta"]),
-    (["--train-samples", "5", "--beta", "4"], ["--train-samples"]),
-    (["--batch-size", "100000"], ["--batch-size"]),
-    (["--eval-only", "--ckpt", "nowhere/ckpt.pt"], ["nowhere/ckpt.pt"]),
-    (["--resume"], ["no checkpoint"]),
-])
-def test_bad_input_is_one_line_error(data_dir, tmp_path, capsys, args, words):
-    assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), "--device", "cpu", *args]) == 2
-    one_line_error(capsys, *words)
-
-
-def test_a_run_never_overwrites_a_checkpoint(trained, data_dir, capsys):
-    out, _ = trained
-    before = os.path.getmtime(os.path.join(out, "ckpt.pt"))
-    assert run_main(["--data-dir", data_dir, "--out", out, *TINY, "--epochs", "1"]) == 2
-    one_line_error(capsys, "exists", "--resume")
-    assert os.path.getmtime(os.path.join(out, "ckpt.pt")) == before
-
-
-def test_resume_with_another_model_is_one_line_error(trained, data_dir, capsys):
-    out, _ = trained
-    assert run_main(["--data-dir", data_dir, "--out", out, *TINY, "--hidden", "32", "--resume", "--epochs", "7"]) == 2
-    one_line_error(capsys, "--hidden [64]")
-
-
-def test_corrupt_checkpoint_is_one_line_error(data_dir, tmp_path, capsys):
-    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
-    assert run_main(["--eval-only", "--ckpt", str(tmp_path / "ckpt.pt"), "--data-dir", data_dir, "--device", "cpu"]) == 2
-    one_line_error(capsys, "ckpt.pt")
-
-
 # ============================================================================= kl_autoencoder.py
+
+# ----------------------------------------------------------------------------- the objective: the gradients of one training step
+
+def kl_objective_setup(seed=0):
+    """A tiny autoencoder, a discriminator and a perceptual network in float64, and a batch."""
+    torch.manual_seed(seed)
+    model = kl.Trainable(kl.build("tiny")).double()
+    with torch.no_grad():
+        model.logvar.fill_(0.3)  # away from 0, where exp(s) = 1 would hide a missing division
+    disc = kl.NLayerDiscriminator().double()
+    perceptual = kl.Perceptual(random_vgg_features()).double()
+    x = (torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1)
+    return model, disc, perceptual, x
+
+
+def stated_objective(model, disc, perceptual, x, hp, with_disc, seed):
+    """THE OBJECTIVE of kl_autoencoder.py's docstring, written out here from the formulas alone."""
+    ae = model.autoencoder
+    moments = ae.quant_conv(ae.encoder(x))
+    mean, logvar = moments.chunk(2, dim=1)
+    logvar = logvar.clamp(-30, 20)
+    torch.manual_seed(seed)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # a posterior sample, not the mean
+    x_rec = ae.decoder(ae.post_quant_conv(z))
+    kl_per_image = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
+    lpips = perceptual(x, x_rec)  # one number per image, added to each of its pixels
+    per_pixel = (x - x_rec).abs() + hp.perceptual_weight * lpips[:, None, None, None]
+    s = model.logvar
+    nll = (per_pixel / s.exp() + s).sum() / len(x)
+    loss = nll + hp.kl_weight * kl_per_image.mean()
+    if with_disc:
+        g = -disc(x_rec).mean()
+        last = ae.decoder.conv_out.weight
+        lam = (torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+               / (torch.autograd.grad(g, last, retain_graph=True)[0].norm() + 1e-4)).clamp(0, 1e4).detach()
+        loss = loss + hp.disc_weight * lam * g
+    return loss, x_rec
+
+
+KL_HP = dict(rec_loss="l1", perceptual_weight=0.7, kl_weight=0.05, disc_weight=0.5, disc_start=3, grad_clip=0.0,
+             ema=0.0, precision="fp32")
+
+
+@pytest.mark.parametrize("step", [2, 3], ids=["before-disc-start", "at-disc-start"])
+def test_kl_train_step_applies_the_gradient_of_the_stated_objective(step):
+    """The gradient train_step hands the autoencoder's optimizer is that of THE OBJECTIVE (KL averaged over the
+    batch, a posterior sample decoded, perceptual per pixel, the learned s, the adversarial term with the adaptive
+    weight at decoder.conv_out exactly from --disc-start on); the discriminator's is that of the hinge loss."""
+    hp = kl.Config(**KL_HP)
+    model, disc, perceptual, x = kl_objective_setup()
+    ref_model, ref_disc = copy.deepcopy(model), copy.deepcopy(disc)
+    opt, opt_d = Recorder(model.parameters()), Recorder(disc.parameters())
+    torch.manual_seed(7)
+    terms = kl.train_step(model, disc, x, step, opt=opt, opt_d=opt_d, cfg=hp, perceptual=perceptual)
+    with_disc = step >= hp.disc_start
+    loss, x_rec = stated_objective(ref_model, ref_disc, perceptual, x, hp, with_disc, seed=7)
+    expected = torch.autograd.grad(loss, list(ref_model.parameters()))
+    # float64 throughout but for the perceptual normaliser, which sums squares in float32: about 5e-8 apart
+    assert relative_error(flat(opt.grads), flat(expected)) < 1e-6
+    assert terms["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
+    if not with_disc:
+        assert opt_d.grads is None and terms["d"].item() == 0 and terms["g"].item() == 0
+        return
+    d = 0.5 * (torch.relu(1 - ref_disc(x)).mean() + torch.relu(1 + ref_disc(x_rec.detach())).mean())
+    assert relative_error(flat(opt_d.grads), flat(torch.autograd.grad(d, list(ref_disc.parameters())))) < 1e-6
+    assert terms["d"].item() == pytest.approx(d.item(), rel=1e-6)
+
+
+def test_kl_train_step_clips_the_gradient_and_moves_the_ema_towards_the_weights():
+    model, disc, perceptual, x = kl_objective_setup()
+    hp = kl.Config(**KL_HP)
+    opt = Recorder(model.parameters())
+    torch.manual_seed(7)
+    kl.train_step(model, disc, x, 0, opt=opt, opt_d=Recorder(disc.parameters()), cfg=hp, perceptual=perceptual)
+    norm = flat(opt.grads).norm().item()
+    hp.grad_clip, hp.ema = norm / 10, 0.9
+    ema = copy.deepcopy(model.autoencoder).requires_grad_(False)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(1.0)
+    before = [p.detach().clone() for p in ema.parameters()]
+    torch.manual_seed(7)
+    kl.train_step(model, disc, x, 0, opt=opt, opt_d=Recorder(disc.parameters()), cfg=hp, perceptual=perceptual, ema=ema)
+    assert flat(opt.grads).norm().item() == pytest.approx(norm / 10, rel=1e-6)  # clipped to --grad-clip
+    for e, b, w in zip(ema.parameters(), before, model.autoencoder.parameters()):  # ema = 0.9 ema + 0.1 weights
+        assert torch.allclose(e, 0.9 * b + 0.1 * w, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- model and loss
 
 KL_CONFIGS = {
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1),
@@ -479,10 +765,6 @@ def diffusers_autoencoder(config, seed=0):
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return ref.eval()
-
-
-def relative_error(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("name, size", [("tiny", 32), ("three-levels", 32), ("sd", 64)])
@@ -515,263 +797,11 @@ def test_sd_preset_has_the_published_size():
     assert model.downsampling_factor == 8 and kl.build("sdxl").config["scaling_factor"] == 0.13025
 
 
-def test_optional_quant_convs_and_read_config(tmp_path):
-    model = kl.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False)
-    assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in model.state_dict())
-    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
-    config = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
-              "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "latent_channels": 4, "sample_size": 32}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert kl.AutoencoderKL(**kl.read_config(str(tmp_path))).encode(torch.zeros(1, 3, 16, 16)).mean.shape == (1, 4, 8, 8)
-    for bad, words in [({"act_fn": "tanh"}, "act_fn"), ({"attention_head_dim": 8}, "unknown AutoencoderKL fields attention_head_dim"),
-                       ({"down_block_types": ["DownBlock2D"] * 2}, "down_block_types"), ({"_class_name": "UNet2DModel"}, "UNet2DModel")]:
-        (tmp_path / "bad.json").write_text(json.dumps({**config, **bad}))
-        with pytest.raises(kl.UserError, match=words):
-            kl.read_config(str(tmp_path / "bad.json"))
-
-
-def test_legacy_attention_names_and_4d_weights_load():
-    ref = diffusers_autoencoder(KL_CONFIGS["tiny"])
-    legacy = {}
-    for name, tensor in ref.state_dict().items():
-        for new, old in [("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")]:
-            if f".attentions.0.{new}." in name:
-                name = name.replace(f".{new}.", f".{old}.")
-                tensor = tensor[:, :, None, None] if tensor.ndim == 2 else tensor
-        legacy[name] = tensor
-    assert any(".query." in n for n in legacy) and any(v.ndim == 4 and ".proj_attn." in n for n, v in legacy.items())
-    ours = kl.load_weights(kl.build("tiny").eval(), legacy)
-    x = torch.rand(1, 3, 16, 16) * 2 - 1
-    with torch.no_grad():
-        assert relative_error(ours(x), ref(x).sample) <= 1e-5
-
-
-def test_load_weights_names_what_does_not_fit():
-    state = kl.build("tiny").state_dict()
-    with pytest.raises(kl.UserError, match=r"1 missing, e.g. decoder.conv_out.bias"):
-        kl.load_weights(kl.build("tiny"), {k: v for k, v in state.items() if k != "decoder.conv_out.bias"})
-    with pytest.raises(kl.UserError, match=r"1 unexpected, e.g. extra.weight"):
-        kl.load_weights(kl.build("tiny"), {**state, "extra.weight": torch.zeros(1)})
-    with pytest.raises(kl.UserError, match=r"keys .* missing"):  # weights of another preset
-        kl.load_weights(kl.build("small"), state, which="preset small")
-
-
-# ----------------------------------------------------------------------------- safetensors
-
-SAFETENSORS_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-                      torch.int16, torch.int8, torch.uint8, torch.bool]
-
-
-def sample_tensors(dtype):
-    torch.manual_seed(0)
-    values = torch.randn(3, 5, 2) * 50
-    return {"weights": values.to(dtype).clone(), "scalar": torch.tensor(7).to(dtype), "empty": torch.zeros(0, 4, dtype=dtype),
-            "row": values[0, :, 0].to(dtype).clone()}
-
-
-@pytest.mark.parametrize("dtype", SAFETENSORS_DTYPES)
-def test_safetensors_reader_matches_the_safetensors_package(tmp_path, dtype):
-    st = pytest.importorskip("safetensors.torch")
-    tensors = sample_tensors(dtype)
-    st.save_file(tensors, str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
-    loaded = kl.load_safetensors(str(tmp_path / "a.safetensors"))
-    assert loaded.keys() == tensors.keys()
-    for name, t in tensors.items():
-        assert loaded[name].dtype == dtype and torch.equal(loaded[name], t), name
-    # and our writer produces what the package reads
-    kl.save_safetensors(tensors, str(tmp_path / "b.safetensors"), metadata={"format": "pt"})
-    for name, t in st.load_file(str(tmp_path / "b.safetensors")).items():
-        assert torch.equal(t, tensors[name]), name
-
-
-def test_safetensors_round_trip_without_the_package(tmp_path):
-    tensors = {f"t{i}": t for i, t in enumerate(sample_tensors(torch.bfloat16).values())}
-    kl.save_safetensors(tensors, str(tmp_path / "w.safetensors"))
-    loaded = kl.load_safetensors(str(tmp_path / "w.safetensors"))
-    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
-
-
-def raw_safetensors(header, data, length=None):
-    blob = json.dumps(header).encode()
-    return (length if length is not None else len(blob)).to_bytes(8, "little") + blob + data
-
-
-GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, "b": {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]}}
-
-
-@pytest.mark.parametrize("make, words", [
-    (lambda good: good[:-5], "truncated"),
-    (lambda good: good[:5], "shorter than the 8-byte header"),
-    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [100], "data_offsets": [0, 400]}}, bytes(16)), "truncated"),
-    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-                                   "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(24)), "overlapping"),
-    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16)), "gap"),
-    (lambda good: raw_safetensors({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)), "unknown dtype"),
-    (lambda good: raw_safetensors(GOOD, bytes(24), length=2 ** 60), "header length"),
-    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, bytes(16)), "needs 12"),
-    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, bytes(16)), "invalid shape"),
-    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, bytes(16)), "invalid data_offsets"),
-    (lambda good: b"\x10" + bytes(7) + b"not json at all!" + bytes(8), "not valid JSON"),
-    (lambda good: raw_safetensors([1, 2], b""), "not a JSON object"),
-    (lambda good: good + b"extra", "trailing bytes"),
-])
-def test_malformed_safetensors_are_rejected(tmp_path, make, words):
-    good = raw_safetensors(GOOD, bytes(24))
-    path = tmp_path / "bad.safetensors"
-    path.write_bytes(make(good))
-    with pytest.raises(kl.UserError, match=words):
-        kl.load_safetensors(str(path))
-
-
-def test_duplicate_names_are_rejected(tmp_path):
-    blob = b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}'
-    (tmp_path / "dup.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(2))
-    with pytest.raises(kl.UserError, match="duplicate"):
-        kl.load_safetensors(str(tmp_path / "dup.safetensors"))
-
-
-@given(st.data())
-@settings(max_examples=200)
-def test_corrupted_safetensors_never_crash_the_reader(tmp_path_factory, data):
-    """Any byte flipped or any cut: the reader either returns tensors or refuses the file with a UserError."""
-    good = bytearray(raw_safetensors(GOOD, bytes(range(24))))
-    for _ in range(data.draw(st.integers(1, 4))):
-        good[data.draw(st.integers(0, len(good) - 1))] = data.draw(st.integers(0, 255))
-    blob = bytes(good[:data.draw(st.integers(0, len(good)))])
-    path = tmp_path_factory.mktemp("fuzz") / "f.safetensors"
-    path.write_bytes(blob)
-    try:
-        tensors = kl.load_safetensors(str(path))
-    except kl.UserError:
-        return
-    assert sum(t.numel() * t.element_size() for t in tensors.values()) <= len(blob)
-
-
-# ----------------------------------------------------------------------------- the reconstruct command
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
-    kl.save_safetensors(kl.build("tiny").state_dict(), path)
-    return path
-
-
-def write_test_image(path, h, w):
-    torch.manual_seed(0)
-    torchvision.io.write_png(torch.randint(0, 256, (3, h, w), dtype=torch.uint8), str(path))
-
-
-def test_reconstruct_end_to_end(tiny_weights, tmp_path, capsys):
-    write_test_image(tmp_path / "in.png", 24, 32)
-    quality = kl.main(["reconstruct", "--weights", tiny_weights, "--preset", "tiny", "--image", str(tmp_path / "in.png"),
-                       "--out", str(tmp_path / "out.png"), "--device", "cpu"])
-    out = torchvision.io.read_image(str(tmp_path / "out.png"))
-    assert out.shape == (3, 24, 32) and out.dtype == torch.uint8
-    printed = capsys.readouterr().out
-    assert "latent [1, 4, 12, 16]" in printed and "PSNR" in printed
-    # the printed PSNR is that of the written file against the input
-    x = torchvision.io.read_image(str(tmp_path / "in.png")).float() / 255
-    expected = 10 * math.log10(1 / (out.float() / 255 - x).pow(2).mean().item())
-    assert quality == pytest.approx(expected, abs=1e-3)
-
-
-def kl_error(capsys, *words):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("kl_autoencoder.py: error: "), err
-    for word in words:
-        assert word in err, err
-
-
-@pytest.mark.parametrize("case, words", [
-    ("odd size", ["31x32", "multiples of 2", "30x32 or 32x32"]),
-    ("wrong preset", ["does not fit", "preset small"]),
-    ("no weights", ["No such file", "nothing.safetensors"]),
-    ("no image", ["No such file", "nothing.png"]),
-    ("not an image", ["cannot decode"]),
-    ("missing key", ["1 missing", "decoder.conv_out.weight"]),
-])
-def test_reconstruct_user_mistakes_are_one_line_errors(tiny_weights, tmp_path, capsys, case, words):
-    image, weights, preset = tmp_path / "in.png", tiny_weights, "tiny"
-    write_test_image(image, 32, 32)
-    if case == "odd size":
-        write_test_image(image, 31, 32)
-    elif case == "wrong preset":
-        preset = "small"
-    elif case == "no weights":
-        weights = str(tmp_path / "nothing.safetensors")
-    elif case == "no image":
-        image = tmp_path / "nothing.png"
-    elif case == "not an image":
-        image.write_bytes(b"this is text")
-    elif case == "missing key":
-        state = kl.load_safetensors(tiny_weights)
-        del state["decoder.conv_out.weight"]
-        weights = str(tmp_path / "partial.safetensors")
-        kl.save_safetensors(state, weights)
-    with pytest.raises(SystemExit) as e:
-        kl.main(["reconstruct", "--weights", weights, "--preset", preset, "--image", str(image), "--out", str(tmp_path / "o.png"),
-                 "--device", "cpu"])
-    assert e.value.code == 2
-    kl_error(capsys, *words)
-
-
-# ----------------------------------------------------------------------------- kl_autoencoder.py: training and evaluation
-
-def smooth_images(n, size, seed=0):
-    """uint8 (n, size, size, 3): random 4 x 4 colour grids blown up bilinearly, easy to autoencode."""
-    g = torch.Generator().manual_seed(seed)
-    small = torch.rand(n, 3, 4, 4, generator=g)
-    big = torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
-    return (big * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-@pytest.fixture(scope="module")
-def kl_data(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("kldata") / "images.npz")
-    np.savez(path, images=smooth_images(96, 32), labels=np.arange(96) % 4)
-    return path
-
-
-KL_TINY = ["--preset", "tiny", "--resolution", "32", "--batch-size", "8", "--val-size", "16", "--device", "cpu",
-           "--perceptual-weight", "0", "--lr", "1e-3", "--log-every", "4", "--eval-every", "0"]
-
-
-def kl_records(out, kind):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
-
-
-def test_kl_training_lowers_the_loss_and_learns_the_logvar(kl_data, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "40", "--disc-start", "20", "--out", out])
-    logs = kl_records(out, "train")
-    assert [r["step"] for r in logs] == list(range(4, 41, 4))
-    # L1 over the first 4 steps is about 0.4; the mean over 4 steps moves by a few hundredths from
-    # one log line to the next once it has come down, so a fall of 0.1 is learning, not noise
-    assert logs[-1]["rec"] < logs[0]["rec"] - 0.1
-    assert logs[-1]["g"] != 0 and logs[-1]["lambda"] > 0 and logs[0]["g"] == 0  # the discriminator joined at step 20
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["step"] == 40 and ckpt["logvar"].item() != 0.0  # the learned log-variance moved
-    printed = capsys.readouterr().out
-    for name in ["PSNR", "dB", "SSIM", "KL", "latent std", "scaling factor"]:
-        assert name in printed
-    assert os.path.getsize(os.path.join(out, "reconstructions.png")) > 0
-    final = kl_records(out, "eval")[-1]
-    assert final["images"] == 16 and final["step"] == 40
-
-
-_RANDOM_VGG = []  # built once (torchvision builds the whole VGG16, classifier too: about a second), then copied
-
-
-def random_vgg_features():
-    """VGG16's convolutional layers with torch.manual_seed(0)'s random weights; the global random state left as
-    building them leaves it."""
-    if not _RANDOM_VGG:
-        torch.manual_seed(0)
-        _RANDOM_VGG.extend([torchvision.models.vgg16(weights=None).features, torch.get_rng_state()])
-    torch.set_rng_state(_RANDOM_VGG[1])
-    return copy.deepcopy(_RANDOM_VGG[0])
+def test_discriminator_is_ldms_patchgan():
+    d = kl.NLayerDiscriminator()
+    assert sum(p.numel() for p in d.parameters()) == 2_765_633
+    assert d(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 2, 2)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in d.modules()) == 3
 
 
 def test_perceptual_loss_trains_the_autoencoder_not_the_vgg(kl_data, tmp_path, monkeypatch):
@@ -820,1217 +850,29 @@ def test_lpips_weights_file_is_loaded(tmp_path):
         kl.load_lpips_weights(perceptual, str(tmp_path / "bad.pth"))
 
 
-def test_discriminator_is_ldms_patchgan():
-    d = kl.NLayerDiscriminator()
-    assert sum(p.numel() for p in d.parameters()) == 2_765_633
-    assert d(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 2, 2)
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in d.modules()) == 3
+# ----------------------------------------------------------------------------- Config and the training loop: what a run computes from its options
 
-
-def test_kl_resume_equals_uninterrupted_run(kl_data, tmp_path, monkeypatch):
-    """Interrupted right after the checkpoint at step 6 and resumed: the same weights, logs and evaluations as a run
-    that went straight through (periodic evaluations every 3 steps: one falls on the checkpoint's step)."""
-    args = ["train", "--data", kl_data, *KL_TINY, "--steps", "12", "--ckpt-every", "6", "--disc-start", "4", "--hflip",
-            "--ema", "0.9", "--eval-every", "3", "--log-every", "3"]
-    kl.main([*args, "--out", str(tmp_path / "straight")])
-    real_save = kl.save_checkpoint
-
-    def save_then_interrupt(path, state):
-        real_save(path, state)
-        if state["step"] == 6:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(kl, "save_checkpoint", save_then_interrupt)
-    with pytest.raises(SystemExit) as e:
-        kl.main([*args, "--out", str(tmp_path / "resumed")])
-    assert e.value.code == 130
-    monkeypatch.setattr(kl, "save_checkpoint", real_save)
-    kl.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
-    a, b = (torch.load(str(tmp_path / run / "ckpt.pt"), weights_only=True) for run in ("straight", "resumed"))
-    for part in ("model", "disc", "ema"):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
-    assert torch.equal(a["logvar"], b["logvar"])
-
-    def comparable(records):
-        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
-    assert comparable(kl_records(str(tmp_path / "resumed"), "train")) == comparable(kl_records(str(tmp_path / "straight"), "train"))
-    assert kl_records(str(tmp_path / "resumed"), "eval")[-1] == kl_records(str(tmp_path / "straight"), "eval")[-1]
-
-
-def test_torchrun_with_one_process_runs_the_distributed_code_and_matches_a_plain_run(kl_data, tmp_path):
-    """Under torchrun even one process initialises the process group (gloo here, NCCL on a GPU) and wraps the model
-    in DDP; with one rank, averaging changes nothing, so it ends with the plain run's weights, bit for bit."""
-    args = ["train", "--data", kl_data, *KL_TINY, "--steps", "3", "--disc-start", "1"]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                             "kl_autoencoder.py", *args, "--out", str(tmp_path / "ddp")], cwd=HERE, capture_output=True,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "1 process(es) on cpu gloo" in result.stdout  # the process group is there
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 there: the same kernels, the same sums
-    try:
-        kl.main([*args, "--out", str(tmp_path / "plain")])
-    finally:
-        torch.set_num_threads(threads)
-    a, b = (torch.load(str(tmp_path / run / "ckpt.pt"), weights_only=True) for run in ("ddp", "plain"))
-    for part in ("model", "disc"):
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-
-
-def test_export_loads_into_diffusers(kl_data, tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    exported = tmp_path / "exported" / "diffusion_pytorch_model.safetensors"
-    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "2", "--disc-weight", "0", "--out", str(tmp_path / "run"), "--export", str(exported)])
-    ref = diffusers.AutoencoderKL.from_pretrained(str(exported.parent)).eval()
-    ours = kl.build("tiny")
-    ours.load_state_dict(torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)["model"])
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
-    with torch.no_grad():
-        assert relative_error(ours.eval()(x), ref(x).sample) <= 1e-5
-
-
-def test_kl_eval_command_with_rfid(kl_data, tmp_path, monkeypatch, capsys):
-    out = str(tmp_path / "run")
-    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "2", "--disc-weight", "0", "--out", out])
-    torch.manual_seed(0)
-    monkeypatch.setattr(kl, "load_inception", lambda device: nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 8)).double())
-    monkeypatch.setattr(kl, "inception_features", lambda net, x: net(x.double()))
-    record = kl.main(["eval", "--ckpt", os.path.join(out, "ckpt.pt"), "--device", "cpu", "--fid"])
-    assert math.isfinite(record["rfid"]) and record["rfid"] >= 0 and record["step"] == 2
-    assert "rFID" in capsys.readouterr().out
-    assert kl_records(out, "eval")[-1] == record
-
-
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(kl_data, tmp_path, monkeypatch, capsys):
-    calls = {"n": 0}
-    real = kl.reconstruction_loss
-
-    def poisoned(x, x_rec, kind="l1"):
-        calls["n"] += 1
-        return real(x, x_rec, kind) * (float("nan") if calls["n"] > 5 else 1.0)
-    monkeypatch.setattr(kl, "reconstruction_loss", poisoned)
-    out = str(tmp_path / "run")
-    with pytest.raises(SystemExit) as e:
-        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "12", "--ckpt-every", "4", "--disc-weight", "0", "--out", out])
-    assert e.value.code == 2
-    kl_error(capsys, "nan", "last good step")
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
-
-
-# ----------------------------------------------------------------------------- kl_autoencoder.py: data
-
-def test_npz_loader_and_stratified_split(kl_data):
-    data, labels = kl.load_images(kl_data, 16, "unused")
-    assert len(data) == 96 and data[0].shape == (3, 16, 16) and data[0].dtype == torch.uint8
-    train, val = kl.split(len(data), 16, labels, seed=3)
-    assert len(val) == 16 and len(train) == 80 and not set(train.tolist()) & set(val.tolist())
-    assert torch.bincount(labels[val]).tolist() == [4, 4, 4, 4]  # stratified: 96 images, 4 classes of 24
-    assert torch.equal(kl.split(len(data), 16, labels, seed=3)[1], val)  # fixed by the seed
-
-
-def test_stratified_split_rounds_to_the_exact_size():
-    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
-    _, val = kl.split(100, 15, labels)
-    assert len(val) == 15 and torch.bincount(labels[val]).tolist() == [8, 4, 3]  # shares 7.5, 4.5, 3.0
-
-
-def test_folder_loader_finds_images_recursively_and_crops(tmp_path):
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    torchvision.io.write_png(torch.zeros(3, 40, 60, dtype=torch.uint8), str(tmp_path / "a" / "wide.png"))
-    torchvision.io.write_jpeg(torch.full((3, 50, 30), 200, dtype=torch.uint8), str(tmp_path / "a" / "b" / "tall.jpg"))
-    (tmp_path / "notes.txt").write_text("not an image")
-    data, labels = kl.load_images(str(tmp_path), 16, "unused")
-    assert len(data) == 2 and labels is None
-    assert all(data[i].shape == (3, 16, 16) for i in range(2))
-
-
-def test_torchvision_loader_reads_mnist_as_rgb(tmp_path):
-    make_mnist(str(tmp_path))
-    data, labels = kl.load_images("mnist", 32, str(tmp_path))
-    assert len(data) == 256 and data[0].shape == (3, 32, 32) and torch.equal(data[0][0], data[0][1]) and len(labels) == 256
-
-
-@pytest.mark.parametrize("argv, words", [
-    (["--preset", "small", "--resolution", "30"], ["--resolution 30", "multiple of 4", "28 or 32"]),
-    (["--resolution", "16"], ["discriminator", "--disc-weight 0"]),
-    (["--data", "nowhere.npz"], ["nowhere.npz"]),
-    (["--data", "cifar10"], ["could not get cifar10", "--data-root"]),
-    (["--steps", "3", "--epochs", "1"], ["--steps and --epochs"]),
-])
-def test_kl_bad_input_is_one_line_error(kl_data, tmp_path, monkeypatch, capsys, argv, words):
-    def offline(self, *args, **kwargs):
-        raise RuntimeError("Error downloading cifar-10-python.tar.gz")
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
-    base = ["train", "--data", kl_data, "--preset", "tiny", "--resolution", "32", "--device", "cpu", "--perceptual-weight", "0",
-            "--val-size", "16", "--data-root", str(tmp_path), "--out", str(tmp_path / "run")]
-    with pytest.raises(SystemExit) as e:
-        kl.main(base + argv)
-    assert e.value.code == 2
-    kl_error(capsys, *words)
-
-
-def test_perceptual_weights_offline_is_one_line_error(kl_data, tmp_path, monkeypatch, capsys):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no file there: it would be downloaded
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+def test_config_holds_ldms_recipe_and_is_the_train_commands_options(capsys):
+    """LDM's values (latent-diffusion's contperceptual.py and kl-f8 config; FACTS.md), with our two documented
+    departures (--learn-logvar on; lr 1e-4 for one small GPU), and the train command's defaults are Config's."""
+    ldm = kl.Config()
+    assert (ldm.rec_loss, ldm.perceptual_weight, ldm.kl_weight, ldm.disc_weight, ldm.disc_start, ldm.betas) == \
+        ("l1", 1.0, 1e-6, 0.5, 50001, (0.5, 0.9))
+    assert (ldm.weight_decay, ldm.grad_clip, ldm.ema, ldm.learn_logvar, ldm.lr) == (0.0, 0.0, 0.0, True, 1e-4)
+    args = kl.parse_args(["train", "--data", "x.npz", "--device", "cpu"])
+    assert all(getattr(args, f.name) == getattr(ldm, f.name) for f in dataclasses.fields(kl.Config)
+               if f.name not in ("precision", "device", "data", "workers"))  # settled by the command line:
+    assert (args.precision, args.device, args.data, args.workers) == ("fp32", "cpu", "x.npz", 0)  # bf16 on CUDA
+    args = kl.parse_args(["train", "--data", "x.npz", "--betas", "0.9", "0.99", "--no-learn-logvar", "--rec-loss", "mse"])
+    assert (args.betas, args.learn_logvar, args.rec_loss) == ((0.9, 0.99), False, "mse")
     with pytest.raises(SystemExit):
-        kl.main(["train", "--data", kl_data, "--preset", "tiny", "--resolution", "32", "--device", "cpu", "--out", str(tmp_path / "r")])
-    kl_error(capsys, "vgg16", "--perceptual-weight 0")
-
-
-# ============================================================================= both files: layout and deliberate copies
-
-SHARED = ["UserError", "Parser", "_number", "get_device", "load_pretrained", "load_inception", "load_checkpoint",
-          "check_writable", "Progress", "interrupt"]  # the block at the end of each file
-IN_PLACE = ["frechet_distance", "write_atomically", "append_jsonl"]  # where each file uses them, above a comment
-
-
-@pytest.mark.parametrize("name", SHARED + IN_PLACE)
-def test_the_helpers_both_files_write_stay_identical(name):
-    """Each script stands alone, so a few helpers are written in both: they must not drift apart. Those of the
-    command line and the files are in one block at the end of each file; the others say where their twin is."""
-    assert inspect.getsource(getattr(vae, name)) == inspect.getsource(getattr(kl, name))
-    for module in (vae, kl):
-        lines = open(module.__file__).read().split("\n")
-        start = inspect.getsourcelines(getattr(module, name))[1]
-        block = next(i for i, line in enumerate(lines) if line.startswith("# Shared with"))
-        assert (start > block) == (name in SHARED), f"{module.__name__}.{name}"
-        if name in IN_PLACE:
-            assert lines[start - 2].startswith("# A deliberate copy of"), f"{module.__name__}.{name}"
-
-
-@pytest.mark.parametrize("module", [vae, kl], ids=["vae", "kl_autoencoder"])
-def test_functions_and_lines_are_short(module):
-    source = open(module.__file__).read()
-    assert max(len(line) for line in source.split("\n")) <= 120
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.FunctionDef):
-            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            assert node.end_lineno - start + 1 <= 50, f"{node.name} has {node.end_lineno - start + 1} lines"
-
-
-# ============================================================================= the objectives the programs optimise
-
-class Recorder(torch.optim.Optimizer):
-    """An optimizer that leaves the weights alone and keeps the gradients its step() was given."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.grads = None
-
-    def step(self, closure=None):
-        self.grads = [None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]]
-
-
-def kl_objective_setup(seed=0):
-    """A tiny autoencoder, a discriminator and a perceptual network in float64, and a batch."""
-    torch.manual_seed(seed)
-    model = kl.Trainable(kl.build("tiny")).double()
-    with torch.no_grad():
-        model.logvar.fill_(0.3)  # away from 0, where exp(s) = 1 would hide a missing division
-    disc = kl.NLayerDiscriminator().double()
-    perceptual = kl.Perceptual(random_vgg_features()).double()
-    x = (torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1)
-    return model, disc, perceptual, x
-
-
-def stated_objective(model, disc, perceptual, x, hp, with_disc, seed):
-    """THE OBJECTIVE of kl_autoencoder.py's docstring, written out here from the formulas alone."""
-    ae = model.autoencoder
-    moments = ae.quant_conv(ae.encoder(x))
-    mean, logvar = moments.chunk(2, dim=1)
-    logvar = logvar.clamp(-30, 20)
-    torch.manual_seed(seed)
-    z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # a posterior sample, not the mean
-    x_rec = ae.decoder(ae.post_quant_conv(z))
-    kl_per_image = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
-    lpips = perceptual(x, x_rec)  # one number per image, added to each of its pixels
-    per_pixel = (x - x_rec).abs() + hp.perceptual_weight * lpips[:, None, None, None]
-    s = model.logvar
-    nll = (per_pixel / s.exp() + s).sum() / len(x)
-    loss = nll + hp.kl_weight * kl_per_image.mean()
-    if with_disc:
-        g = -disc(x_rec).mean()
-        last = ae.decoder.conv_out.weight
-        lam = (torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
-               / (torch.autograd.grad(g, last, retain_graph=True)[0].norm() + 1e-4)).clamp(0, 1e4).detach()
-        loss = loss + hp.disc_weight * lam * g
-    return loss, x_rec
-
-
-KL_HP = dict(rec_loss="l1", perceptual_weight=0.7, kl_weight=0.05, disc_weight=0.5, disc_start=3, grad_clip=0.0,
-             ema=0.0, precision="fp32")
-
-
-def flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-@pytest.mark.parametrize("step", [2, 3], ids=["before-disc-start", "at-disc-start"])
-def test_kl_train_step_applies_the_gradient_of_the_stated_objective(step):
-    """The gradient train_step hands the autoencoder's optimizer is that of THE OBJECTIVE (KL averaged over the
-    batch, a posterior sample decoded, perceptual per pixel, the learned s, the adversarial term with the adaptive
-    weight at decoder.conv_out exactly from --disc-start on); the discriminator's is that of the hinge loss."""
-    hp = kl.Config(**KL_HP)
-    model, disc, perceptual, x = kl_objective_setup()
-    ref_model, ref_disc = copy.deepcopy(model), copy.deepcopy(disc)
-    opt, opt_d = Recorder(model.parameters()), Recorder(disc.parameters())
-    torch.manual_seed(7)
-    terms = kl.train_step(model, disc, x, step, opt=opt, opt_d=opt_d, cfg=hp, perceptual=perceptual)
-    with_disc = step >= hp.disc_start
-    loss, x_rec = stated_objective(ref_model, ref_disc, perceptual, x, hp, with_disc, seed=7)
-    expected = torch.autograd.grad(loss, list(ref_model.parameters()))
-    # float64 throughout but for the perceptual normaliser, which sums squares in float32: about 5e-8 apart
-    assert relative_error(flat(opt.grads), flat(expected)) < 1e-6
-    assert terms["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
-    if not with_disc:
-        assert opt_d.grads is None and terms["d"].item() == 0 and terms["g"].item() == 0
-        return
-    d = 0.5 * (torch.relu(1 - ref_disc(x)).mean() + torch.relu(1 + ref_disc(x_rec.detach())).mean())
-    assert relative_error(flat(opt_d.grads), flat(torch.autograd.grad(d, list(ref_disc.parameters())))) < 1e-6
-    assert terms["d"].item() == pytest.approx(d.item(), rel=1e-6)
-
-
-def test_kl_train_step_clips_the_gradient_and_moves_the_ema_towards_the_weights():
-    model, disc, perceptual, x = kl_objective_setup()
-    hp = kl.Config(**KL_HP)
-    opt = Recorder(model.parameters())
-    torch.manual_seed(7)
-    kl.train_step(model, disc, x, 0, opt=opt, opt_d=Recorder(disc.parameters()), cfg=hp, perceptual=perceptual)
-    norm = flat(opt.grads).norm().item()
-    hp.grad_clip, hp.ema = norm / 10, 0.9
-    ema = copy.deepcopy(model.autoencoder).requires_grad_(False)
-    with torch.no_grad():
-        for p in ema.parameters():
-            p.add_(1.0)
-    before = [p.detach().clone() for p in ema.parameters()]
-    torch.manual_seed(7)
-    kl.train_step(model, disc, x, 0, opt=opt, opt_d=Recorder(disc.parameters()), cfg=hp, perceptual=perceptual, ema=ema)
-    assert flat(opt.grads).norm().item() == pytest.approx(norm / 10, rel=1e-6)  # clipped to --grad-clip
-    for e, b, w in zip(ema.parameters(), before, model.autoencoder.parameters()):  # ema = 0.9 ema + 0.1 weights
-        assert torch.allclose(e, 0.9 * b + 0.1 * w, rtol=0, atol=1e-12)
-
-
-def test_kl_logvar_is_learned_only_with_learn_logvar(kl_data, tmp_path):
-    logvars = {}
-    for flag in ("--learn-logvar", "--no-learn-logvar"):
-        out = str(tmp_path / flag)
-        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "2", "--disc-weight", "0", flag, "--out", out])
-        logvars[flag] = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["logvar"].item()
-    assert logvars["--no-learn-logvar"] == 0.0 and logvars["--learn-logvar"] != 0.0
-
-
-def stated_vae_objective(model, x_train, cfg, epoch, seed):
-    """The objective vae.py's docstrings state, for a training set of one batch, written out from the formulas:
-    the same random draws as train_epoch (permutation, binarization or dequantization, then the posterior samples)."""
-    torch.manual_seed(seed)
-    x = x_train[torch.randperm(len(x_train))]
-    x = torch.bernoulli(x) if cfg.likelihood == "bernoulli" else (x * 255 + torch.rand(x.shape)) / 256
-    mu, logvar = model.encoder(x).chunk(2, dim=-1)
-
-    def log_px_z(z):  # the decoder's output plus its per-pixel bias
-        out = model.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], 784) + model.out_bias
-        if cfg.likelihood == "bernoulli":
-            return (x * torch.log(torch.sigmoid(out)) + (1 - x) * torch.log(1 - torch.sigmoid(out))).sum(-1)
-        s = model.dec_logvar
-        return (-0.5 * (math.log(2 * math.pi) + s + (x - out) ** 2 / s.exp())).sum(-1)
-
-    def log_normal(z, m, lv):
-        return (-0.5 * (math.log(2 * math.pi) + lv + (z - m) ** 2 / lv.exp())).sum(-1)
-    k = cfg.train_samples
-    z = mu + torch.exp(0.5 * logvar) * torch.randn(k, *mu.shape).squeeze(0)
-    if k > 1:  # -L_K, the importance-weighted bound
-        log_w = log_px_z(z) + log_normal(z, torch.zeros(()), torch.zeros(())) - log_normal(z, mu, logvar)
-        return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
-    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1)
-    if cfg.capacity is not None:  # C at the global step: epoch * steps per epoch (+ 0, the first step)
-        c = cfg.capacity * min(1.0, epoch * (len(x_train) // cfg.batch_size) / cfg.capacity_iters)
-        return (-log_px_z(z) + cfg.gamma * (kl - c).abs()).mean()
-    return (-log_px_z(z) + cfg.beta * kl).mean()
-
-
-@pytest.mark.parametrize("flags", [[], ["--beta", "4"], ["--capacity", "50", "--capacity-iters", "10", "--gamma", "3"],
-                                   ["--train-samples", "5"], ["--likelihood", "gaussian"], ["--arch", "conv"]],
-                         ids=["elbo", "beta", "capacity", "iwae", "gaussian", "conv"])
-def test_vae_train_step_applies_the_gradient_of_the_stated_objective(flags):
-    """One real training step (train_epoch on a training set of one batch, in epoch 5) hands the optimizer the
-    gradient of the objective its option names, with the decoder's output bias in it and C at the global step."""
-    cfg = vae.parse_args(["--hidden", "16", "--latent-dim", "3", "--batch-size", "32", *flags])
-    torch.manual_seed(0)
-    model = vae.VAE(cfg.arch, cfg.hidden, cfg.latent_dim, cfg.activation, cfg.likelihood)
-    with torch.no_grad():
-        model.out_bias.normal_()  # a bias that is not zero, so that dropping it shows
-        if cfg.likelihood == "gaussian":
-            model.dec_logvar.fill_(-1.0)
-    x_train = torch.rand(32, 784)
-    opt = Recorder(model.parameters())
-    torch.manual_seed(5)
-    loss, _, _ = vae.train_epoch(model, opt, x_train, cfg, epoch=5)
-    expected = stated_vae_objective(model, x_train, cfg, 5, seed=5)
-    assert loss == pytest.approx(expected.item(), rel=1e-5)
-    grads = torch.autograd.grad(expected, list(model.parameters()))
-    assert relative_error(flat(opt.grads), flat(grads)) < 1e-4  # float32, the two sums taken in different orders
-
-
-# ============================================================================= the metrics the programs report
-
-class ConstantPosterior(nn.Module):
-    """A stand-in autoencoder whose q(z|x) is N(c, exp(logvar)) in every latent element (a 1x1 convolution
-    with zero weights, so that it runs in bf16 under autocast as the real encoder does)."""
-
-    def __init__(self, c, logvar):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 1)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.bias.copy_(torch.tensor([c] * 4 + [logvar] * 4))
-
-    def encode(self, x):
-        return kl.DiagonalGaussianDistribution(self.conv(x[:, :, ::2, ::2]))
-
-    def decode(self, z):
-        return torch.zeros(len(z), 3, 2 * z.shape[2], 2 * z.shape[3])
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_kl_evaluate_reports_the_kl_and_latent_std_of_a_known_posterior(precision):
-    """Latents N(3, 2^2): KL per image in closed form (in float32 even under bf16), the std of the samples about
-    their mean (2, not sqrt(2^2 + 3^2)) within 6 standard errors, and the scaling factor 1/std (not 1/var)."""
-    model = ConstantPosterior(3.0, math.log(4.0))
-    torch.manual_seed(0)
-    batches = [torch.rand(32, 3, 16, 16) * 2 - 1 for _ in range(2)]
-    record = kl.evaluate(model, batches, precision)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        c, logvar = model.encode(batches[0]).parameters[0, [0, 4], 0, 0].double()  # what the encoder really gave
-    elements = 4 * 8 * 8
-    assert record["kl"] == pytest.approx(0.5 * elements * (c ** 2 + logvar.exp() - 1 - logvar).item(), rel=1e-6)
-    std, n = (0.5 * logvar).exp().item(), 64 * elements
-    assert abs(record["latent_std"] - std) <= 6 * std / math.sqrt(2 * (n - 1))
-    assert abs(record["scaling_factor"] - 1 / std) <= 6 / std / math.sqrt(2 * (n - 1)) * 1.01
-
-
-def independent_frechet(real, fake):
-    """FID from two feature matrices (N, D), written out with numpy: the trace of the matrix square root as the
-    sum of the square roots of the eigenvalues of S1 S2."""
-    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
-    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
-    return float(((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
-
-
-def stand_in_features(d_in, d_out=8):
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, d_out)).double()
-
-
-def test_kl_rfid_is_the_frechet_distance_of_the_features_of_inputs_and_reconstructions():
-    torch.manual_seed(0)
-    model = kl.build("tiny").eval()
-    batches = [torch.rand(40, 3, 16, 16) * 2 - 1 for _ in range(2)]
-    net = stand_in_features(3 * 16 * 16)
-    record = kl.evaluate(model, batches, "fp32", features=lambda images: net(images.double()))
-    real, fake = [], []
-    with torch.no_grad():
-        for x in batches:
-            x_rec = model.decode(model.encode(x).mean)
-            real.append(net((((x.clamp(-1, 1) + 1) * 127.5).round() / 255).double()))
-            fake.append(net((((x_rec.clamp(-1, 1) + 1) * 127.5).round() / 255).double()))
-    assert record["rfid"] == pytest.approx(independent_frechet(torch.cat(real), torch.cat(fake)), rel=1e-6)
-
-
-def test_vae_fid_is_the_frechet_distance_of_prior_samples_and_test_images():
-    torch.manual_seed(0)
-    model = vae.VAE(hidden=[16], latent_dim=3)
-    x_test = torch.rand(64, 784)
-    net = stand_in_features(784)
-    torch.manual_seed(2)
-    d = vae.fid(model, x_test, 64, lambda images: net(images.double()))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        fake = net(torch.sigmoid(model.decode(torch.randn(64, 3))).double())
-        real = net(x_test.double())
-    assert d == pytest.approx(independent_frechet(real, fake), rel=1e-6)
-
-
-def test_aggregate_posterior_with_varying_variances():
-    """q(z) = (1/N) sum_n N(mu_n, sigma_n^2): Var = E[sigma^2 + mu^2] - E[mu]^2, whatever the sigma_n."""
-    torch.manual_seed(0)
-    mu, logvar = torch.randn(500, 4, dtype=torch.float64), torch.randn(500, 4, dtype=torch.float64)
-    mean, std = vae.aggregate_posterior(mu, logvar)
-    var = (logvar.exp() + mu ** 2).mean(0) - mu.mean(0) ** 2
-    assert torch.allclose(mean, mu.mean(0)) and torch.allclose(std, var.sqrt(), rtol=1e-12)
-
-
-def test_kl_training_evaluates_the_ema_weights_when_it_keeps_them(kl_data, tmp_path):
-    out = str(tmp_path / "run")
-    final = kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "3", "--disc-weight", "0", "--ema", "0.5",
-                     "--out", out])
-    ckpt = os.path.join(out, "ckpt.pt")
-    with_ema = kl.main(["eval", "--ckpt", ckpt, "--device", "cpu", "--ema", "--out", str(tmp_path / "e")])
-    without = kl.main(["eval", "--ckpt", ckpt, "--device", "cpu", "--out", str(tmp_path / "w")])
-    assert final == with_ema and with_ema["psnr"] != without["psnr"]
-
-
-# ============================================================================= user mistakes: one line, exit 2, nothing lost
-
-def snapshot(folder):
-    """{relative path: bytes} of every file under folder."""
-    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(folder) for f in files}
-
-
-def test_vae_new_run_never_writes_over_another_runs_folder(trained, data_dir, tmp_path, capsys):
-    out, _ = trained
-    before = snapshot(out)
-    code = run_main(["--data-dir", data_dir, "--out", out, "--ckpt", str(tmp_path / "elsewhere.pt"), "--epochs", "1",
-                     *TINY])
-    assert code == 2 and snapshot(out) == before and not os.path.exists(tmp_path / "elsewhere.pt")
-    one_line_error(capsys, "metrics.jsonl", "--overwrite")
-    # with --overwrite it may, and it says where the checkpoint went
-    vae.main(["--data-dir", data_dir, "--out", str(tmp_path / "o"), "--ckpt", str(tmp_path / "c.pt"), "--epochs", "1",
-              *TINY])
-    assert f"the checkpoint: {tmp_path / 'c.pt'}" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("case", ["out is a file", "eval-only, out is a file", "out under a file"])
-def test_vae_unwritable_out_fails_before_any_work(trained, data_dir, tmp_path, capsys, monkeypatch, case):
-    (tmp_path / "file").write_text("a file")
-    monkeypatch.setattr(vae, "load_mnist", lambda *a: pytest.fail("loaded data before checking --out"))
-    args = {"out is a file": ["--out", str(tmp_path / "file")],
-            "eval-only, out is a file": ["--eval-only", "--ckpt", os.path.join(trained[0], "ckpt.pt"),
-                                         "--out", str(tmp_path / "file")],
-            "out under a file": ["--out", str(tmp_path / "file" / "run")]}[case]
-    assert run_main(["--data-dir", data_dir, *TINY, *args]) == 2
-    one_line_error(capsys, "file")
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--epochs", "1.5"], ["--epochs", "an integer", "'1.5'"]),
-    (["--seed", str(2 ** 64)], ["--seed", "at most"]),
-    (["--seed", "-1"], ["--seed"]),
-    (["--lr", "nan"], ["--lr"]),
-    (["--beta", "inf"], ["--beta"]),
-])
-def test_vae_numbers_are_validated(data_dir, tmp_path, capsys, args, words):
-    assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY, *args]) == 2
-    one_line_error(capsys, *words)
-
-
-@pytest.mark.parametrize("damage, words", [
-    ("truncated gz", ["train-images-idx3-ubyte.gz", "gzip"]),
-    ("not gzip", ["train-images-idx3-ubyte.gz", "gzip"]),
-    ("wrong magic", ["magic number"]),
-])
-def test_vae_damaged_mnist_files_are_one_line_errors(tmp_path, capsys, damage, words):
-    make_mnist(str(tmp_path), gz=damage != "wrong magic")
-    raw = tmp_path / "MNIST" / "raw"
-    if damage == "truncated gz":
-        blob = (raw / "train-images-idx3-ubyte.gz").read_bytes()
-        (raw / "train-images-idx3-ubyte.gz").write_bytes(blob[:len(blob) // 2])
-    elif damage == "not gzip":
-        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"this is not gzip data at all")
-    else:
-        blob = bytearray((raw / "train-images-idx3-ubyte").read_bytes())
-        blob[:4] = b"\x00\x00\x08\x05"
-        (raw / "train-images-idx3-ubyte").write_bytes(bytes(blob))
-    assert run_main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *TINY]) == 2
-    one_line_error(capsys, *words)
-    assert not any(name.endswith(".tmp") for name in os.listdir(raw))
-
-
-def test_vae_text_file_as_checkpoint_is_one_line_error(data_dir, tmp_path, capsys):
-    (tmp_path / "ckpt.pt").write_text("hello, I am a text file\n" * 10)
-    assert run_main(["--data-dir", data_dir, "--eval-only", "--ckpt", str(tmp_path / "ckpt.pt"), *TINY]) == 2
-    err = one_line_error(capsys, "not a readable checkpoint", "pass a ckpt.pt that vae.py wrote")
-    assert "101" not in err  # torch.load's KeyError on a text file says nothing to a user
-
-
-def test_vae_nan_in_the_first_epoch_says_no_checkpoint_was_written(data_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(vae, "train_epoch", lambda *args, **kwargs: [float("nan")] * 3)
-    assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY]) == 2
-    one_line_error(capsys, "nan", "no checkpoint yet")
-    calls = []
-    monkeypatch.setattr(vae, "train_epoch", lambda *a, **k: calls.append(1) or [0.0 if len(calls) < 3 else float("nan")] * 3)
-    assert run_main(["--data-dir", data_dir, "--out", str(tmp_path / "later"), *TINY]) == 2
-    one_line_error(capsys, "nan", "in epoch 3", "holds the last good epoch, 2")
-    assert torch.load(str(tmp_path / "later" / "ckpt.pt"), weights_only=True)["epoch"] == 2
-
-
-def test_sigterm_ends_a_run_like_ctrl_c(data_dir, tmp_path):
-    """A real process, stopped by SIGTERM in its first epochs: one line, exit 130, the last checkpoint kept."""
-    process = subprocess.Popen([sys.executable, "vae.py", "--data-dir", data_dir, "--out", str(tmp_path), "--epochs",
-                                "100000", *TINY], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in process.stdout:  # wait for the first finished epoch
-        if line.startswith("epoch"):
-            break
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and err.strip().splitlines() == [
-        "vae.py: interrupted; the checkpoint of the last finished epoch is kept"]
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] >= 1
-
-
-@pytest.mark.parametrize("case, words", [
-    ("out is the weights", ["also an input"]),
-    ("out is the image", ["also an input"]),
-    ("out exists", ["exists", "--overwrite"]),
-    ("bmp", [".bmp", ".png, .jpg, .jpeg"]),
-    ("no such folder", ["does not exist"]),
-    ("out is a folder", ["is a folder"]),
-    ("image smaller than the factor", ["1x1", "at least 2"]),
-    ("nan weights", ["decoder.conv_out.weight", "NaN"]),
-])
-def test_reconstruct_never_loses_a_file_and_refuses_garbage(tiny_weights, tmp_path, capsys, case, words):
-    image, out, weights, flags = tmp_path / "in.png", tmp_path / "out.png", tiny_weights, []
-    write_test_image(image, 32, 32)
-    if case == "out is the weights":
-        weights = str(tmp_path / "w.safetensors")
-        kl.save_safetensors(kl.load_safetensors(tiny_weights), weights)
-        out = weights
-    elif case == "out is the image":
-        out = image
-    elif case == "out exists":
-        out.write_bytes(b"someone's picture")
-    elif case == "bmp":
-        out = tmp_path / "out.bmp"
-    elif case == "no such folder":
-        out = tmp_path / "missing" / "out.png"
-    elif case == "out is a folder":
-        out = tmp_path / "folder.png"
-        out.mkdir()
-    elif case == "image smaller than the factor":
-        write_test_image(image, 1, 1)
-    elif case == "nan weights":
-        state = kl.load_safetensors(tiny_weights)
-        state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"].clone().fill_(float("nan"))
-        weights = str(tmp_path / "nan.safetensors")
-        kl.save_safetensors(state, weights)
-    before = snapshot(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        kl.main(["reconstruct", "--weights", weights, "--preset", "tiny", "--image", str(image), "--out", str(out),
-                 "--device", "cpu", *flags])
-    assert e.value.code == 2
-    kl_error(capsys, *words)
-    assert snapshot(tmp_path) == before  # nothing written, nothing lost
-
-
-def test_reconstruct_overwrites_only_when_asked(tiny_weights, tmp_path):
-    write_test_image(tmp_path / "in.png", 32, 32)
-    (tmp_path / "out.jpg").write_bytes(b"old")
-    kl.main(["reconstruct", "--weights", tiny_weights, "--preset", "tiny", "--image", str(tmp_path / "in.png"),
-             "--out", str(tmp_path / "out.jpg"), "--device", "cpu", "--overwrite"])
-    assert torchvision.io.read_image(str(tmp_path / "out.jpg")).shape == (3, 32, 32)  # a JPEG now
-    assert sorted(os.listdir(tmp_path)) == ["in.png", "out.jpg"]
-
-
-def test_every_image_depth_and_mode_is_read_as_8_bit_rgb(tmp_path):
-    PIL = pytest.importorskip("PIL.Image")
-    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    PIL.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 16 bits: v * 257 is v in 8 bits
-    PIL.fromarray(grey, "L").save(tmp_path / "grey.png")
-    PIL.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 7)]), "RGBA").save(tmp_path / "rgba.png")
-    PIL.fromarray(grey, "L").convert("P").save(tmp_path / "palette.png")
-    for name in ("grey16.png", "grey.png", "rgba.png", "palette.png"):
-        image = kl.decode_image(str(tmp_path / name))
-        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16), name
-        assert torch.equal(image, torch.from_numpy(grey).expand(3, -1, -1)), name
-    # the same conversion for arrays: grey + alpha and RGBA npz images
-    for channels in (2, 4):
-        path = str(tmp_path / f"c{channels}.npz")
-        np.savez(path, images=np.stack([np.dstack([grey] * (channels - 1) + [np.full_like(grey, 7)])] * 4))
-        data, _ = kl.load_images(path, 16, "unused")
-        assert torch.equal(data[0], torch.from_numpy(grey).expand(3, -1, -1)), channels
-
-
-@pytest.mark.parametrize("argv, words", [
-    (["--grad-clip", "nan"], ["--grad-clip"]),
-    (["--eval-every", "-1"], ["--eval-every"]),
-    (["--lr", "nan"], ["--lr"]),
-    (["--weight-decay", "nan"], ["--weight-decay"]),
-    (["--workers", "-1"], ["--workers"]),
-    (["--epochs", "1.5"], ["--epochs", "an integer"]),
-    (["--seed", str(2 ** 64)], ["--seed", "at most"]),
-    (["--block-out-channels", "0"], ["--block-out-channels"]),
-    (["--block-out-channels", "33", "64"], ["multiple of 32"]),
-    (["--latent-channels", "0"], ["--latent-channels"]),
-    (["--layers-per-block", "-1"], ["--layers-per-block"]),
-    (["--resolution", "100000"], ["--resolution 100000", "GiB"]),
-    (["--ema", "1"], ["--ema", "[0, 1)"]),
-    (["--betas", "0.5", "1.5"], ["--betas", "[0, 1)"]),
-])
-def test_kl_bad_numbers_are_one_line_errors(kl_data, tmp_path, capsys, argv, words):
-    with pytest.raises(SystemExit) as e:
-        kl.main(["train", "--data", kl_data, *KL_TINY, "--out", str(tmp_path / "run"), *argv])
-    assert e.value.code == 2
-    kl_error(capsys, *words)
-    assert not os.path.exists(tmp_path / "run")
-
-
-def test_kl_outputs_never_write_over_inputs_or_another_runs_files(kl_data, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--disc-weight", "0", "--out", out])
-    ckpt = os.path.join(out, "ckpt.pt")
-    before = snapshot(str(tmp_path))
-    attempts = [
-        (["eval", "--ckpt", ckpt, "--device", "cpu", "--export", ckpt], ["also an input"]),
-        (["eval", "--ckpt", ckpt, "--device", "cpu", "--export", str(tmp_path / "dir")], ["is a folder"]),
-        (["eval", "--ckpt", ckpt, "--device", "cpu", "--export", str(tmp_path / "w.bin")], [".safetensors"]),
-        (["eval", "--ckpt", ckpt, "--device", "cpu", "--resolution", "33"], ["multiple of 2"]),
-        (["eval", "--ckpt", ckpt, "--device", "cpu", "--resolution", "0"], ["--resolution"]),
-        (["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--out", out], ["exists", "--resume", "--overwrite"]),
-        (["eval", "--ckpt", str(tmp_path / "copy" / "ckpt.pt"), "--device", "cpu", "--out", out], ["metrics.jsonl"]),
-    ]
-    os.mkdir(tmp_path / "copy")
-    with open(ckpt, "rb") as f:
-        (tmp_path / "copy" / "ckpt.pt").write_bytes(f.read())
-    before = snapshot(str(tmp_path))
-    os.mkdir(tmp_path / "dir")
-    for argv, words in attempts:
-        with pytest.raises(SystemExit) as e:
-            kl.main(argv)
-        assert e.value.code == 2, argv
-        kl_error(capsys, *words)
-        assert snapshot(str(tmp_path)) == before, argv
-    # an eval's metrics.jsonl in a folder is another run's file too
-    os.remove(ckpt)
-    with pytest.raises(SystemExit):
-        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--out", out])
-    kl_error(capsys, "metrics.jsonl", "exists")
-    assert snapshot(str(tmp_path))[os.path.join("run", "metrics.jsonl")] == before[os.path.join("run", "metrics.jsonl")]
-
-
-def test_kl_data_mistakes_are_one_line_errors(tmp_path, capsys):
-    (tmp_path / "bad.npz").write_bytes(b"not a zip file, and not a pickle either")
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(20):
-        torchvision.io.write_png(torch.full((3, 32, 32), 10 * i, dtype=torch.uint8), str(folder / f"{i:02d}.png"))
-    (folder / "13.png").write_bytes(b"\x89PNG broken")
-    for data, words, extra in [(str(tmp_path / "bad.npz"), ["bad.npz", "not a readable .npz"], []),
-                               (str(folder), ["13.png", "cannot decode"], ["--workers", "1", "--val-size", "2"])]:
-        with pytest.raises(SystemExit) as e:
-            kl.main(["train", "--data", data, *KL_TINY, "--steps", "4", "--disc-weight", "0", *extra,
-                     "--out", str(tmp_path / "run")])
-        assert e.value.code == 2
-        kl_error(capsys, *words)
-
-
-def test_kl_nan_before_the_first_checkpoint_says_so(kl_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(kl, "reconstruction_loss", lambda x, x_rec, kind="l1": (x - x_rec) * float("nan"))
-    with pytest.raises(SystemExit):
-        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "8", "--disc-weight", "0", "--log-every", "1",
-                 "--out", str(tmp_path / "r")])
-    kl_error(capsys, "nan", "no checkpoint yet")
-
-
-def test_long_work_shows_progress_and_quick_work_does_not(monkeypatch, capsys):
-    """Not a terminal here: after its fifth second, a line per tenth of the work (images done, rate, time left)."""
-    clock = iter([0.0] + [1.0 + 3 * i for i in range(10)])  # the start, then one update every 3 s from t = 1 s
-    monkeypatch.setattr(time, "time", lambda: next(clock))
-    progress = vae.Progress("test NLL (K=5000)", 100)
-    for _ in range(10):
-        progress.update(10)
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("test NLL (K=5000): 30/100 images, 4.3 images/s, 16 s left")  # t = 7 s, the first
-    assert len(lines) == 8 and lines[-1].startswith("test NLL (K=5000): 100/100 images")
-    clock = iter([0.0, 1.0, 2.0])
-    quick = vae.Progress("quick", 20)
-    quick.update(10), quick.update(10)
-    assert capsys.readouterr().out == ""
-
-
-# ============================================================================= kl_autoencoder.py: Stable Diffusion files
-
-SD_CONFIGS = {  # a diffusers config each (what a vae/config.json holds), small enough for the CPU
-    "sd-like": dict(block_out_channels=[32, 64, 64], layers_per_block=2, latent_channels=4, scaling_factor=0.18215),
-    "flux-like": dict(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16, use_quant_conv=False,
-                      use_post_quant_conv=False, mid_block_add_attention=False, scaling_factor=0.3611, shift_factor=0.1159),
-    "sdxl-like": dict(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, act_fn="gelu", norm_num_groups=16,
-                      scaling_factor=0.13025, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0],
-                      force_upcast=False),
-}
-
-
-def diffusers_reference(name, sample_size=32):
-    """diffusers' AutoencoderKL of one SD_CONFIGS entry in float64, its 1-d parameters drawn too, and its config.json."""
-    diffusers = pytest.importorskip("diffusers")
-    n = len(SD_CONFIGS[name]["block_out_channels"])
-    config = {"_class_name": "AutoencoderKL", "down_block_types": ["DownEncoderBlock2D"] * n,
-              "up_block_types": ["UpDecoderBlock2D"] * n, "sample_size": sample_size, **SD_CONFIGS[name]}
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL.from_config(config).double().eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return ref, config
-
-
-def ldm_state_dict(state, levels):
-    """diffusers names -> CompVis/LDM names and shapes, written out here independently of kl_autoencoder.py
-    (and checked against diffusers' own converter in the test)."""
-    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
-    out = {}
-    for name, tensor in state.items():
-        p = name.split(".")
-        if p[1] in ("down_blocks", "up_blocks"):
-            level = p[2] if p[1] == "down_blocks" else str(levels - 1 - int(p[2]))
-            kind = {"resnets": ["block", p[4]], "downsamplers": ["downsample"], "upsamplers": ["upsample"]}[p[3]]
-            p = [p[0], "down" if p[1] == "down_blocks" else "up", level, *kind, *p[5:]]
-        elif p[1] == "mid_block" and p[2] == "resnets":
-            p = [p[0], "mid", f"block_{int(p[3]) + 1}", *p[4:]]
-        elif p[1] == "mid_block":
-            p = [p[0], "mid", "attn_1", attention[p[4]], p[-1]]
-            if p[3] != "norm" and p[-1] == "weight":
-                tensor = tensor[:, :, None, None]
-        out[".".join({"conv_shortcut": "nin_shortcut", "conv_norm_out": "norm_out"}.get(x, x) for x in p)] = tensor
-    return out
-
-
-def assert_same_model(ours, ref, size=32, tolerance=1e-12):
-    """Our model and diffusers' give the same posterior and decoding in float64."""
-    ours = ours.double().eval()
-    x = torch.rand(2, ours.config["in_channels"], size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    with torch.no_grad():
-        assert relative_error(ours.encode(x).mean, ref.encode(x).latent_dist.mean) <= tolerance
-        assert relative_error(ours.encode(x).logvar, ref.encode(x).latent_dist.logvar) <= tolerance
-        assert relative_error(ours(x), ref(x).sample) <= tolerance
-
-
-@pytest.mark.parametrize("name", ["sd-like", "flux-like"])
-def test_ldm_files_load_with_and_without_prefix_from_safetensors_and_ckpt(tmp_path, name):
-    ref, config = diffusers_reference(name)
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    ldm = ldm_state_dict(ref.state_dict(), len(config["block_out_channels"]))
-    # LDM's up.0 is the full-resolution level (diffusers' last up block): it has no upsampler
-    assert "encoder.mid.block_1.norm1.weight" in ldm and not any(k.startswith("decoder.up.0.upsample") for k in ldm)
-    # the test's map is diffusers' map: diffusers' converter takes it back exactly
-    back = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ldm.items()}, config)
-    assert back.keys() == ref.state_dict().keys() and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
-    whole_sd = {"model.diffusion_model.out.0.weight": torch.zeros(3), "cond_stage_model.x": torch.zeros(2)}
-    variants = {"plain": ldm, "first_stage_model.": {**whole_sd, **{"first_stage_model." + k: v for k, v in ldm.items()}},
-                "vae.": {"vae." + k: v for k, v in ldm.items()}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    for variant, state in variants.items():
-        for ext in (".safetensors", ".ckpt"):
-            path = str(tmp_path / f"vae{ext}")
-            if ext == ".safetensors":
-                kl.save_safetensors(state, path)
-            else:  # a whole training checkpoint, as SD's .ckpt files are
-                torch.save({"state_dict": state, "global_step": 470000}, path)
-            ours = kl.AutoencoderKL(**kl.read_config(str(tmp_path / "config.json"))).double()
-            kl.load_weights(ours, kl.read_weights(path), path)
-            assert_same_model(ours, ref)
-
-
-def test_ldm_names_cover_every_weight_and_name_it_as_diffusers_converter_expects():
-    for preset in ("sd", "sd3"):
-        model = kl.build(preset)
-        table = kl.ldm_names(model.config)
-        ldm = ldm_state_dict(model.state_dict(), 4)
-        assert set(table) == set(model.state_dict()) and sorted(table.values()) == sorted(ldm)
-        exported = kl.to_ldm(model.state_dict(), model.config)
-        assert all(exported[k].shape == v.shape for k, v in ldm.items())  # attention as [C, C, 1, 1]
-    assert exported["decoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
-
-
-class RunsCode:
-    """An object whose unpickling would call open(marker, "w"), as a malicious .ckpt would call anything."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-PRETRAINED_USERS = {  # each command that loads torchvision's weights from $TORCH_HOME/hub/checkpoints
-    "kl train (VGG16)": torchvision.models.VGG16_Weights.IMAGENET1K_V1.url,
-    "kl eval --fid (Inception)": kl.INCEPTION.url,
-    "vae.py --fid (Inception)": vae.INCEPTION.url,
-}
-
-
-@pytest.mark.parametrize("command", PRETRAINED_USERS)
-def test_a_planted_pretrained_network_file_is_refused_and_never_run(command, kl_data, data_dir, tmp_path, monkeypatch, capsys):
-    """README tells offline users to put these files into $TORCH_HOME/hub/checkpoints by hand, and torch.hub
-    checks a hash only when it downloads: a pickle planted there under the expected name must not run."""
-    hub = tmp_path / "torch" / "hub" / "checkpoints"
-    hub.mkdir(parents=True)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    planted = hub / os.path.basename(PRETRAINED_USERS[command])
-    marker = tmp_path / "ran"
-    torch.save({"features.0.weight": RunsCode(str(marker))}, str(planted))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("the file is there: no download"))
-    if command.startswith("vae.py"):
-        code = run_main(["--data-dir", data_dir, "--out", str(tmp_path / "run"), *TINY, "--fid"])
-        err = one_line_error(capsys, str(planted), "sha256", "not loaded")
-    else:
-        argv = ["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--out", str(tmp_path / "run")]
-        if "eval" in command:
-            kl.main(argv)
-            capsys.readouterr()
-            argv = ["eval", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--device", "cpu", "--fid"]
-        else:
-            argv[argv.index("--perceptual-weight") + 1] = "1"
-        with pytest.raises(SystemExit) as e:
-            kl.main(argv)
-        code = e.value.code
-        kl_error(capsys, str(planted), "sha256", "not loaded")
-    assert code == 2 and not marker.exists()
-    assert planted.exists()  # the user's file is refused, not deleted
-
-
-@pytest.mark.parametrize("module", [vae, kl])
-def test_load_pretrained_checks_the_hash_in_the_name_on_every_load_and_unpickles_only_tensors(module, tmp_path, monkeypatch):
-    """A file whose name carries its own sha256 prefix passes the hash check, so weights_only=True is the
-    second lock: a code-running pickle is still refused unread, and a state dict of tensors loads."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    hub = tmp_path / "torch" / "hub" / "checkpoints"
-
-    def named_by_its_hash(obj, stem):
-        torch.save(obj, str(tmp_path / "f.pth"))
-        data = (tmp_path / "f.pth").read_bytes()
-        return f"https://example.invalid/{stem}-{hashlib.sha256(data).hexdigest()[:8]}.pth", data
-    marker = tmp_path / "ran"
-    url, data = named_by_its_hash({"w": RunsCode(str(marker))}, "evil")
-    hub.mkdir(parents=True)
-    (hub / os.path.basename(url)).write_bytes(data)
-    with pytest.raises(module.UserError, match="UnpicklingError"):
-        module.load_pretrained(url, "a test")
-    assert not marker.exists()
-
-    state = {"w": torch.arange(3.0)}
-    url, data = named_by_its_hash(state, "net")
-    downloads = []
-
-    def download(url, dst, hash_prefix=None, progress=True):  # torch.hub's: checks the prefix as it downloads
-        downloads.append(hash_prefix)
-        open(dst, "wb").write(data)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
-    for _ in range(2):
-        assert torch.equal(module.load_pretrained(url, "a test")["w"], state["w"])
-    assert downloads == [url[-12:-4]]  # downloaded once, with the hash from its name
-    (hub / os.path.basename(url)).write_bytes(data[:-1] + b"x")  # changed after the download
-    with pytest.raises(module.UserError, match="sha256 begins"):
-        module.load_pretrained(url, "a test")
-    (hub / os.path.basename(url)).write_bytes(data)
-
-    def out_of_memory(*args, **kwargs):  # as reading or unpickling a huge file planted under the name would
-        raise MemoryError
-    monkeypatch.setattr(torch, "load", out_of_memory)
-    with pytest.raises(module.UserError, match="MemoryError"):
-        module.load_pretrained(url, "a test")
-
-
-def test_a_ckpt_that_needs_code_is_refused_and_never_run(tmp_path, capsys):
-    marker = str(tmp_path / "ran")
-    torch.save({"state_dict": kl.build("tiny").state_dict(), "callbacks": RunsCode(marker)}, str(tmp_path / "evil.ckpt"))
-    write_test_image(tmp_path / "in.png", 16, 16)
-    with pytest.raises(SystemExit):
-        kl.main(["reconstruct", "--weights", str(tmp_path / "evil.ckpt"), "--preset", "tiny", "--image", str(tmp_path / "in.png"),
-                 "--out", str(tmp_path / "out.png"), "--device", "cpu"])
-    kl_error(capsys, "evil.ckpt", "open", "refused", ".safetensors")
-    assert not os.path.exists(marker)
-    (tmp_path / "text.ckpt").write_text("hello")  # not a pickle at all: another message
-    with pytest.raises(SystemExit):
-        kl.main(["reconstruct", "--weights", str(tmp_path / "text.ckpt"), "--preset", "tiny", "--image", str(tmp_path / "in.png"),
-                 "--out", str(tmp_path / "out.png"), "--device", "cpu"])
-    kl_error(capsys, "text.ckpt is not a safetensors file or a PyTorch checkpoint")
-
-
-def test_ldm_export_loads_in_diffusers_from_single_file_and_back_here(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    ref, config = diffusers_reference("flux-like")
-    ours = kl.AutoencoderKL(**kl.read_config(write_json(tmp_path / "cfg" / "config.json", config)))
-    kl.load_weights(ours, ref.state_dict())  # float32 weights, as files have them
-    kl.export(ours, str(tmp_path / "vae_ldm.safetensors"), fmt="ldm")
-    assert "decoder.up.0.block.0.conv1.weight" in kl.load_safetensors(str(tmp_path / "vae_ldm.safetensors"))
-    theirs = diffusers.AutoencoderKL.from_single_file(str(tmp_path / "vae_ldm.safetensors"), config=str(tmp_path / "cfg"),
-                                                      local_files_only=True)
-    assert all(torch.equal(theirs.state_dict()[k], v) for k, v in ours.state_dict().items())
-    assert_same_model(copy.deepcopy(ours), theirs.double().eval())
-    again = kl.AutoencoderKL(**kl.read_config(str(tmp_path / "cfg")))
-    kl.load_weights(again, kl.read_weights(str(tmp_path / "vae_ldm.safetensors")))
-    assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
-
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f)
-    return str(path)
-
-
-@pytest.mark.parametrize("name", list(SD_CONFIGS))
-def test_any_diffusers_config_builds_the_same_model_and_survives_export(tmp_path, name):
-    diffusers = pytest.importorskip("diffusers")
-    ref, config = diffusers_reference(name)
-    ours = kl.AutoencoderKL(**kl.read_config(write_json(tmp_path / "in" / "config.json", {**config, "_diffusers_version": "0.42.1"})))
-    assert list(ours.state_dict()) == list(ref.state_dict())
-    kl.load_weights(ours.double(), ref.state_dict())
-    assert_same_model(ours, ref)
-    kl.export(ours.float(), str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
-    reloaded = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "out"))
-    for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "mid_block_add_attention",
-                "act_fn", "norm_num_groups", "use_quant_conv", "use_post_quant_conv", "sample_size"):
-        assert reloaded.config[key] == ref.config[key], key
-    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in ours.state_dict().items())
-
-
-def test_presets_carry_the_published_latent_conventions():
-    with torch.device("meta"):  # the modules and their config, without allocating weights
-        models = {p: kl.build(p) for p in ("sd", "sdxl", "sd3", "flux")}
-    assert {p: (m.config["scaling_factor"], m.config["shift_factor"]) for p, m in models.items()} == {
-        "sd": (0.18215, None), "sdxl": (0.13025, None), "sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
-    for p in ("sd3", "flux"):
-        model = models[p]
-        assert model.quant_conv is None and model.post_quant_conv is None and model.config["latent_channels"] == 16
-    assert models["sdxl"].config["force_upcast"] and models["sdxl"].config["sample_size"] == 1024
-
-
-@pytest.mark.parametrize("name", list(SD_CONFIGS))
-def test_diffusion_latents_follow_diffusers_pipelines(name):
-    config = kl.complete(SD_CONFIGS[name])
-    z = torch.randn(3, config["latent_channels"], 4, 5, dtype=torch.float64)
-    model_z = kl.to_diffusion_latents(z, config)
-    # what diffusers' pipelines do: SD3/Flux (z - shift) * scale; SDXL with latents_mean/std (z - mean) * scale / std
-    if config["latents_mean"] is not None:
-        mean, std = (torch.tensor(config[k], dtype=torch.float64).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
-        expected = (z - mean) * config["scaling_factor"] / std
-    else:
-        expected = (z - (config["shift_factor"] or 0)) * config["scaling_factor"]
-    assert torch.allclose(model_z, expected, rtol=1e-14, atol=0)
-    assert torch.allclose(kl.from_diffusion_latents(model_z, config), z, rtol=1e-13, atol=1e-14)
-
-
-@pytest.mark.parametrize("h, w", [(80, 56), (96, 96), (40, 40), (32, 24)])
-def test_tiled_encode_and_decode_equal_diffusers_tiling(h, w):
-    ref, _ = diffusers_reference("sd-like", sample_size=32)
-    ours = kl.AutoencoderKL(**kl.complete({**SD_CONFIGS["sd-like"], "sample_size": 32})).double().eval()
-    kl.load_weights(ours, ref.state_dict())
-    ref.enable_tiling()
-    ref.enable_slicing()  # one image at a time, which must change nothing
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(2, 3, h, w, dtype=torch.float64, generator=g) * 2 - 1
-    z = torch.randn(2, 4, h // 4, w // 4, dtype=torch.float64, generator=g)
-    with torch.no_grad():
-        posterior, theirs = kl.encode(ours, x, tile=True), ref.encode(x).latent_dist
-        decoded = kl.decode(ours, z, tile=True)
-        assert relative_error(posterior.mean, theirs.mean) <= 1e-12 and relative_error(posterior.logvar, theirs.logvar) <= 1e-12
-        assert relative_error(decoded, ref.decode(z).sample) <= 1e-12
-        # and the tiles are real: whole-image encoding and decoding differ from them, except for images that fit one tile
-        if max(h, w) > 32:
-            assert relative_error(kl.encode(ours, x).mean, posterior.mean) > 1e-3
-            assert relative_error(kl.decode(ours, z), decoded) > 1e-3
-        else:
-            assert torch.equal(kl.encode(ours, x).mean, posterior.mean) and torch.equal(kl.decode(ours, z), decoded)
-
-
-@pytest.mark.parametrize("tile, limit, size, tiled", [("on", None, 16, True), ("off", 1, 16, False), ("auto", 1000, 16, True),
-                                                     ("auto", 5000, 16, False), ("on", None, 48, False)])  # 48: one tile
-def test_reconstruct_tiles_when_asked_or_above_the_auto_size(tiny_weights, tmp_path, capsys, monkeypatch, tile, limit, size, tiled):
-    if limit is not None:
-        monkeypatch.setattr(kl, "AUTO_TILE_PIXELS", limit)
-    write_test_image(tmp_path / "in.png", 48, 40)  # 1,920 pixels, tiles of size x size
-    config = write_json(tmp_path / "cfg" / "config.json", {**kl.PRESETS["tiny"], "sample_size": size})
-    kl.main(["reconstruct", "--weights", tiny_weights, "--config", config, "--image", str(tmp_path / "in.png"),
-             "--out", str(tmp_path / "out.png"), "--device", "cpu", "--tile", tile])
-    assert (", tiled" in capsys.readouterr().out) == tiled
-    model = kl.AutoencoderKL(**kl.read_config(config)).eval()
-    kl.load_weights(model, kl.load_safetensors(tiny_weights))
-    with torch.no_grad():
-        x = kl.decode_image(str(tmp_path / "in.png"))[None].float() / 127.5 - 1
-        expected = kl.to_uint8(kl.decode(model, kl.encode(model, x, tiled).mode(), tiled)[0])
-    assert (torchvision.io.read_image(str(tmp_path / "out.png")).int() - expected.int()).abs().max() <= 1
-
-
-def test_encode_and_decode_commands_round_trip(tiny_weights, tmp_path, capsys):
-    folder = tmp_path / "images" / "sub"
-    folder.mkdir(parents=True)
-    for i in range(3):
-        torchvision.io.write_png(torch.from_numpy(smooth_images(1, 32, seed=i)[0]).permute(2, 0, 1).contiguous(), str(folder / f"{i}.png"))
-    common = ["--weights", tiny_weights, "--preset", "tiny", "--device", "cpu"]
-    kl.main(["encode", *common, "--data", str(tmp_path / "images"), "--resolution", "32", "--batch-size", "2", "--out", str(tmp_path / "lat.safetensors")])
-    saved, meta = kl.load_safetensors(str(tmp_path / "lat.safetensors"), metadata=True)
-    assert json.loads(meta["names"]) == [os.path.join("sub", f"{i}.png") for i in range(3)]
-    model = kl.build("tiny").eval()
-    kl.load_weights(model, kl.load_safetensors(tiny_weights))
-    x = torch.stack([kl.decode_image(str(folder / f"{i}.png")).float() / 127.5 - 1 for i in range(3)])
-    with torch.no_grad():
-        posterior = model.encode(x)
-    assert torch.allclose(saved["mean"], posterior.mean, atol=1e-5) and torch.allclose(saved["logvar"], posterior.logvar, atol=1e-5)
-    assert torch.allclose(saved["latents"], posterior.mean * 0.18215, atol=1e-5)  # tiny keeps SD's scaling factor
-    kl.main(["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "decoded")])
-    for i in range(3):
-        kl.main(["reconstruct", *common, "--image", str(folder / f"{i}.png"), "--out", str(tmp_path / f"rec{i}.png")])
-        decoded = torchvision.io.read_image(str(tmp_path / "decoded" / "sub" / f"{i}.png")).int()
-        assert (decoded - torchvision.io.read_image(str(tmp_path / f"rec{i}.png")).int()).abs().max() <= 1
-    # --sample: another z, the same posterior
-    kl.main(["encode", *common, "--data", str(tmp_path / "images"), "--resolution", "32", "--sample", "--out", str(tmp_path / "s.safetensors")])
-    sampled = kl.load_safetensors(str(tmp_path / "s.safetensors"))
-    assert torch.allclose(sampled["mean"], saved["mean"], atol=1e-6)
-    eps = torch.randn(saved["mean"].shape, generator=torch.Generator().manual_seed(0))  # --seed 0, one batch of 3
-    z = saved["mean"] + torch.exp(0.5 * saved["logvar"]) * eps
-    assert torch.allclose(sampled["latents"], z * 0.18215, atol=1e-5) and not torch.allclose(z, saved["mean"], atol=0.1)
-
-
-def test_fp16_is_upcast_where_the_config_says_so(tiny_weights, tmp_path, capsys):
-    write_test_image(tmp_path / "in.png", 16, 16)
-    args = ["reconstruct", "--weights", tiny_weights, "--image", str(tmp_path / "in.png"), "--device", "cpu"]
-    upcast = write_json(tmp_path / "up" / "config.json", {**kl.PRESETS["tiny"], "force_upcast": True})
-    assert kl.main([*args, "--config", upcast, "--dtype", "fp16", "--out", str(tmp_path / "a.png")]) == \
-        kl.main([*args, "--config", upcast, "--dtype", "fp32", "--out", str(tmp_path / "b.png")])
-    assert "force_upcast" in capsys.readouterr().err
-    plain = write_json(tmp_path / "plain" / "config.json", {**kl.PRESETS["tiny"], "force_upcast": False})
-    kl.main([*args, "--config", plain, "--dtype", "fp16", "--out", str(tmp_path / "c.png")])
-    assert "float16" in capsys.readouterr().out
-
-
-def test_train_from_ldm_weights_and_eval_weights_files(kl_data, tmp_path, capsys):
-    torch.manual_seed(3)
-    start = kl.build("tiny").state_dict()
-    ldm = str(tmp_path / "start.ckpt")
-    torch.save({"state_dict": {"first_stage_model." + k: v for k, v in ldm_state_dict(start, 2).items()}}, ldm)
-    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--lr", "1e-12", "--disc-weight", "0", "--weights", ldm,
-             "--out", str(tmp_path / "run")])
-    trained = torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)["model"]
-    assert all(torch.allclose(trained[k], v, atol=1e-8) for k, v in start.items())
-    record = kl.main(["eval", "--weights", ldm, "--preset", "tiny", "--data", kl_data, "--val-size", "16", "--resolution", "32",
-                      "--device", "cpu", "--out", str(tmp_path / "ev")])
-    assert record["images"] == 16 and os.path.exists(tmp_path / "ev" / "metrics.jsonl")
-    kl.main(["eval", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--export", str(tmp_path / "ev" / "ldm.safetensors"),
-             "--export-format", "ldm"])
-    assert "decoder.up.0.block.0.conv1.weight" in kl.load_safetensors(str(tmp_path / "ev" / "ldm.safetensors"))
-    # convert: the LDM .ckpt to diffusers' format, which holds the same weights
-    kl.main(["convert", "--weights", ldm, "--preset", "tiny", "--export", str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")])
-    converted = kl.load_safetensors(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
-    assert converted.keys() == start.keys() and all(torch.equal(converted[k], v) for k, v in start.items())
-    assert kl.read_config(str(tmp_path / "vae"))["block_out_channels"] == (32, 64)
-
-
-@pytest.mark.parametrize("argv, words", [
-    (["--preset", "tiny", "--config", "c.json"], ["--config and --preset"]),
-    (["--ckpt", "x.pt", "--preset", "tiny"], ["--ckpt holds its model's config"]),
-    (["--preset", "tiny", "--ema"], ["--ema needs --ckpt"]),
-    (["--config", "missing.json"], ["No such file", "missing.json"]),
-    (["--preset", "sd3"], ["does not fit", "preset sd3", "--preset or --config"]),
-    (["--weights-folder"], ["without diffusion_pytorch_model.safetensors"]),
-])
-def test_model_choice_mistakes_are_one_line_errors(tiny_weights, tmp_path, capsys, argv, words):
-    write_test_image(tmp_path / "in.png", 16, 16)
-    weights = ["--weights", str(tmp_path)] if argv == ["--weights-folder"] else ["--weights", tiny_weights] * ("--ckpt" not in argv)
-    argv = [] if argv == ["--weights-folder"] else argv
-    with pytest.raises(SystemExit) as e:
-        kl.main(["reconstruct", *weights, *argv, "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
-    assert e.value.code == 2
-    kl_error(capsys, *words)
-
-
-def test_encode_decode_convert_mistakes_are_one_line_errors(tiny_weights, tmp_path, capsys):
-    common = ["--weights", tiny_weights, "--preset", "tiny", "--device", "cpu"]
-    (tmp_path / "imgs").mkdir()
-    write_test_image(tmp_path / "imgs" / "a.png", 32, 32)
-    kl.save_safetensors({"other": torch.zeros(1)}, str(tmp_path / "nolat.safetensors"))
-    kl.save_safetensors({"latents": torch.zeros(1, 16, 4, 4)}, str(tmp_path / "lat16.safetensors"))
-    kl.save_safetensors({"latents": torch.zeros(1, 4, 4, 4)}, str(tmp_path / "lat.safetensors"))
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "000000.png").write_bytes(b"mine")
-    cases = [
-        (["encode", *common, "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "lat.npz")], ["can write .safetensors"]),
-        (["encode", *common, "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "lat.safetensors")], ["exists", "--overwrite"]),
-        (["encode", *common, "--data", str(tmp_path / "imgs"), "--resolution", "31", "--out", str(tmp_path / "n.safetensors")], ["multiple of 2"]),
-        (["decode", *common, "--latents", str(tmp_path / "nolat.safetensors"), "--out", str(tmp_path / "d")], ["no 'latents' tensor"]),
-        (["decode", *common, "--latents", str(tmp_path / "lat16.safetensors"), "--out", str(tmp_path / "d")], ["16 channels", "4"]),
-        (["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "out")], ["000000.png exists"]),
-        (["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", tiny_weights], ["is a file"]),
-        (["decode", *common, "--latents", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "d")], ["No such file", "none.safetensors"]),
-        (["convert", *common[:-2], "--export", tiny_weights], ["also an input"]),
-        (["eval", *common, "--data", "x.npz"], ["pass --out"]),
-    ]
-    for argv, words in cases:
-        with pytest.raises(SystemExit) as e:
-            kl.main(argv)
-        assert e.value.code == 2, argv
-        kl_error(capsys, *words)
-    assert (tmp_path / "out" / "000000.png").read_bytes() == b"mine"
-
-
-def test_decode_writes_only_inside_its_out_folder(tiny_weights, tmp_path):
-    path = str(tmp_path / "lat.safetensors")
-    kl.save_safetensors({"latents": torch.zeros(1, 4, 4, 4)}, path, metadata={"names": json.dumps(["../escaped.png"])})
-    kl.main(["decode", "--weights", tiny_weights, "--preset", "tiny", "--device", "cpu", "--latents", path, "--out", str(tmp_path / "out")])
-    assert os.listdir(tmp_path / "out") == ["000000.png"] and not (tmp_path / "escaped.png").exists()
-
-
-def test_a_diffusers_folder_brings_its_own_config(tmp_path, capsys):
-    torch.manual_seed(0)
-    model = kl.AutoencoderKL(**kl.complete({**SD_CONFIGS["flux-like"], "block_out_channels": (32, 64)}))
-    kl.export(model, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
-    write_test_image(tmp_path / "in.png", 16, 16)
-    kl.main(["reconstruct", "--weights", str(tmp_path / "vae"), "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "o.png"),
-             "--device", "cpu"])
-    assert "latent [1, 16, 8, 8]" in capsys.readouterr().out  # 16 channels, f = 2: the folder's config, not the sd preset
-
-
-def test_kl_writes_are_atomic(tmp_path, monkeypatch):
-    """An interrupted write (here: after half a file) leaves the previous file as it was and no stray .tmp."""
-    kl.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 1})
-    kl.write_image(torch.zeros(3, 8, 8), str(tmp_path / "image.png"))
-    before = (tmp_path / "image.png").read_bytes()
-
-    def half_then_interrupt(obj, path, *args, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"half")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", half_then_interrupt)
-    monkeypatch.setattr(torchvision.io, "write_png", half_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        kl.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 2})
-    with pytest.raises(KeyboardInterrupt):
-        kl.write_image(torch.ones(3, 8, 8), str(tmp_path / "image.png"))
-    monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "image.png"]
-    assert torch.load(str(tmp_path / "ckpt.pt"), weights_only=True)["step"] == 1 and (tmp_path / "image.png").read_bytes() == before
-
-
-def test_eval_of_a_weights_file_uses_the_held_out_split_of_a_default_training_run(tiny_weights, tmp_path):
-    images = smooth_images(1100, 16, seed=5)
-    np.savez(str(tmp_path / "big.npz"), images=images)
-    record = kl.main(["eval", "--weights", tiny_weights, "--preset", "tiny", "--data", str(tmp_path / "big.npz"), "--resolution", "16",
-                      "--device", "cpu", "--out", str(tmp_path / "ev")])
-    _, held_out = kl.split(1100, 1000, None, 0)  # train's defaults: --val-size 1000, --seed 0
-    grid = torchvision.io.read_image(str(tmp_path / "ev" / "reconstructions.png"))
-    top_row = torch.stack([grid[:, 2:18, 2 + 18 * i:18 + 18 * i] for i in range(8)])  # make_grid: padding 2
-    assert record["images"] == 1000
-    assert torch.equal(top_row, torch.from_numpy(images[held_out[:8].numpy()]).permute(0, 3, 1, 2))
-
-
-# ============================================================================= what the programs compute from their options
-# Each test here asserts what a command computed, not what it printed: a one-line change to how an option, the data
-# pipeline, several processes, a picture or a metric's input is wired makes one of them fail.
-
-def spy_optimizer(base):
-    """A subclass of a torch optimizer that notes, at every step, its hyperparameters, the norm of the gradients it is
-    handed and the weights before the step (patched in for torch.optim.<name>, it sees what the program passes)."""
-    class Spy(base):
-        steps = []
-
-        def step(self, closure=None):
-            params = [p for group in self.param_groups for p in group["params"]]
-            grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
-            Spy.steps.append({**{k: v for k, v in self.param_groups[0].items() if k != "params"},
-                              "grad_norm": torch.cat(grads).norm().item(), "weights": [p.detach().clone() for p in params]})
-            return super().step(closure)
-    return Spy
-
-
-def grid_tile(grid, row, col, size, padding=2):
-    """The image at (row, col) of a picture drawn by torchvision's make_grid (C, H, W), padding 2."""
-    y, x = padding + row * (size + padding), padding + col * (size + padding)
-    return grid[:, y:y + size, x:x + size]
+        kl.parse_args(["train", "--help"])
+    printed = "".join(capsys.readouterr().out.split())  # without the spaces and line breaks of argparse's wrapping
+    assert all("".join(f.metadata["help"].split()) in printed for f in dataclasses.fields(kl.Config)
+               if f.name != "precision")  # a run option, of eval too, with its own help
+    for wrong in (["--disc-start", "1.5"], ["--lr", "0"], ["--rec-loss", "l2"], ["--kl-weight", "-1"]):
+        with pytest.raises(kl.UserError, match=wrong[0]):
+            kl.parse_args(["train", "--data", "x.npz", *wrong])
 
 
 @pytest.fixture(scope="module")
@@ -2148,6 +990,9 @@ def test_kl_epochs_batch_size_and_log_lines(frozen, tmp_path):
     before, a checkpoint in between does not cut that interval, and the run's last line covers the partial one."""
     every, ckpt = frozen_train(frozen, tmp_path / "every", "--epochs", "2", "--batch-size", "4")
     assert [r["step"] for r in every] == [1, 2, 3, 4] and ckpt["step"] == 4
+    again, _ = frozen_train(frozen, tmp_path / "again", "--epochs", "2", "--batch-size", "4")
+    again, _ = frozen_train(frozen, tmp_path / "again", "--epochs", "1", "--batch-size", "4", "--overwrite")
+    assert [r["step"] for r in again] == [1, 2]  # a new run over an old one: a log of its own
     sparse, _ = frozen_train(frozen, tmp_path / "sparse", "--epochs", "2", "--batch-size", "4", "--log-every", "3",
                              "--ckpt-every", "2")
     assert [r["step"] for r in sparse] == [3, 4]
@@ -2192,89 +1037,6 @@ def test_kl_train_size_options_build_that_model(kl_data, tmp_path):
     assert (config["latent_channels"], config["block_out_channels"], config["layers_per_block"]) == (3, [32, 64, 64], 2)
 
 
-class RecordingFeatures(nn.Module):
-    """A stand-in for Inception-v3 that keeps what reaches it and returns a few of its pixels as features."""
-
-    def __init__(self):
-        super().__init__()
-        self.inputs = []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return x[:, :, ::60, ::60].flatten(1).double()
-
-
-IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-def thirds(h, w, dot):
-    """uint8 (h, w, 3): red, green and blue thirds along the longer side, a white square of `dot` pixels at the centre."""
-    image = np.zeros((h, w, 3), np.uint8)
-    long_axis = 1 if w > h else 0
-    n = max(h, w) // 3
-    for c in range(3):
-        index = [slice(None), slice(None)]
-        index[long_axis] = slice(c * n, (c + 1) * n)
-        image[tuple(index) + (c,)] = 255
-    image[h // 2:h // 2 + dot, w // 2:w // 2 + dot] = 255
-    return image
-
-
-def test_kl_image_pipeline_pictures_and_rfid_inputs(tiny_weights, tmp_path, monkeypatch):
-    """Through eval's reconstructions.png (held-out inputs above their reconstructions): images are resized on their
-    shorter side and centre-cropped, RGB kept in order, 16-bit levels rounded to 8 bits; the bottom row decodes the
-    posterior mean; a second eval draws the same picture; and rFID's network gets inputs and reconstructions as
-    they are in [0, 1], resized bilinearly to 299 x 299 and normalised with ImageNet's mean and std."""
-    PIL = pytest.importorskip("PIL.Image")
-    folder = tmp_path / "images"
-    folder.mkdir()
-    PIL.fromarray(thirds(32, 96, 2)).save(folder / "a_big.png")  # resized to 16 x 48, then the green third
-    level = np.arange(256).reshape(16, 16)
-    PIL.fromarray((level.clip(0, 254) * 257 + np.where(level % 2, 129, 128)).astype(np.uint16)).save(folder / "b_grey16.png")
-    PIL.fromarray(thirds(48, 16, 1)).save(folder / "c_tall.png")  # centre-cropped: green, the dot at (8, 8)
-    PIL.fromarray(thirds(16, 48, 1)).save(folder / "d_wide.png")
-    red_blue = np.zeros((16, 16, 3), np.uint8)
-    red_blue[:, :8, 0], red_blue[:, 8:, 2] = 200, 100  # square: left as it is, channels in order
-    PIL.fromarray(red_blue).save(folder / "e_red_blue.png")
-    recorder = RecordingFeatures()
-    monkeypatch.setattr(kl, "load_inception", lambda device: recorder)
-    outs = []
-    for run in ("first", "second"):
-        outs.append(tmp_path / run)
-        kl.main(["eval", "--weights", tiny_weights, "--preset", "tiny", "--data", str(folder), "--val-data", str(folder),
-                 "--resolution", "16", "--workers", "0", "--device", "cpu", "--fid", "--out", str(outs[-1])])
-    picture = (outs[0] / "reconstructions.png").read_bytes()
-    assert (outs[1] / "reconstructions.png").read_bytes() == picture
-    grid = torchvision.io.decode_png(torch.frombuffer(bytearray(picture), dtype=torch.uint8)).int()
-    inputs = torch.stack([grid_tile(grid, 0, i, 16) for i in range(5)])
-    assert torch.equal(inputs[4], torch.from_numpy(red_blue).permute(2, 0, 1).int())
-    green, dot = torch.tensor([0, 255, 0]).view(3, 1, 1).expand(3, 16, 16).clone(), torch.tensor([255, 255, 255])
-    green[:, 8, 8] = dot
-    assert torch.equal(inputs[2], green) and torch.equal(inputs[3], green)
-    big = inputs[0]
-    assert torch.equal(big[:, :5, 2:14], green[:, :5, 2:14]) and torch.equal(big[:, 12:, 2:14], green[:, 12:, 2:14])
-    assert divmod(int(big[0].argmax()), 16) in {(7, 7), (7, 8), (8, 7), (8, 8)}  # the white square, blurred
-    expected_grey = torch.from_numpy(level.clip(0, 254) + level % 2).int()  # x.5 + 1/514 rounds up, x.5 - 1/514 down
-    expected_grey[15, 15] = 254 + 1  # the last pixel: 254 * 257 + 129
-    assert torch.equal(inputs[1], expected_grey.expand(3, -1, -1))
-    model = kl.build("tiny").eval()
-    kl.load_weights(model, kl.load_safetensors(tiny_weights))
-    x = inputs.float() / 127.5 - 1
-    with torch.no_grad():
-        x_rec = model.decode(model.encode(x).mean)
-    expected_rec = ((x_rec.clamp(-1, 1) + 1) * 127.5).round().int()
-    recs = torch.stack([grid_tile(grid, 1, i, 16) for i in range(5)])
-    assert (recs - expected_rec).abs().max() <= 1
-    assert len(recorder.inputs) == 4 and all(t.shape == (5, 3, 299, 299) for t in recorder.inputs)
-    seen = [t * IMAGENET_STD + IMAGENET_MEAN for t in recorder.inputs[:2]]  # the first eval's one batch, both sides
-    want = [torch.nn.functional.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False)
-            for images in (inputs, recs)]
-
-    def same(a, b):
-        return (a - b).abs().max() < 1e-2 / 255
-    assert (same(seen[0], want[0]) and same(seen[1], want[1])) or (same(seen[0], want[1]) and same(seen[1], want[0]))
-
-
 def test_kl_held_out_split_is_stratified_seeded_and_apart_from_training(frozen, tmp_path):
     """40 uniform images of distinct grey levels in 4 classes, --val-size 8: reconstructions.png shows the held-out
     images, two of each class; one step on all 32 others with the weights held still (--lr 1e-30) logs the mean L1
@@ -2301,35 +1063,82 @@ def test_kl_held_out_split_is_stratified_seeded_and_apart_from_training(frozen, 
     assert other != val and sorted(np.bincount(np.array(other) % 4)) == [2, 2, 2, 2]
 
 
-def test_vae_options_reach_the_optimizer_the_schedule_and_the_evaluation(data_dir, tmp_path, monkeypatch):
-    """Adam gets --adam-eps and, per epoch, the cosine schedule's lr; --batch-size sets the steps per epoch; --compile
-    compiles the training step's terms; the test NLL draws --eval-samples importance samples per image; FID's network
-    gets --fid-samples decoded prior samples and as many grey-level test images (not binarized) as 299 x 299 RGB,
-    normalised with ImageNet's mean and std."""
-    spy = spy_optimizer(torch.optim.Adam)
-    monkeypatch.setattr(torch.optim, "Adam", spy)
-    compiled, draws, recorder = [], [], RecordingFeatures()
-    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)
-    real_bound = vae.iwae_bound
+def test_kl_training_lowers_the_loss_and_learns_the_logvar(kl_data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "40", "--disc-start", "20", "--out", out])
+    logs = kl_records(out, "train")
+    assert [r["step"] for r in logs] == list(range(4, 41, 4))
+    # L1 over the first 4 steps is about 0.4; the mean over 4 steps moves by a few hundredths from
+    # one log line to the next once it has come down, so a fall of 0.1 is learning, not noise
+    assert logs[-1]["rec"] < logs[0]["rec"] - 0.1
+    assert logs[-1]["g"] != 0 and logs[-1]["lambda"] > 0 and logs[0]["g"] == 0  # the discriminator joined at step 20
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 40 and ckpt["logvar"].item() != 0.0  # the learned log-variance moved
+    printed = capsys.readouterr().out
+    for name in ["PSNR", "dB", "SSIM", "KL", "latent std", "scaling factor"]:
+        assert name in printed
+    assert os.path.getsize(os.path.join(out, "reconstructions.png")) > 0
+    final = kl_records(out, "eval")[-1]
+    assert final["images"] == 16 and final["step"] == 40
 
-    def counted_bound(x, mu, logvar, log_likelihood, k):
-        draws.append(k * len(x))
-        return real_bound(x, mu, logvar, log_likelihood, k)
-    monkeypatch.setattr(vae, "iwae_bound", counted_bound)
-    monkeypatch.setattr(vae, "load_inception", lambda device: recorder)
-    record = vae.main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY, "--epochs", "3", "--batch-size", "64", "--lr", "2e-3",
-                       "--adam-eps", "1e-5", "--compile", "--eval-samples", "24", "--fid", "--fid-samples", "40"])
-    assert [s["lr"] for s in spy.steps] == pytest.approx([2e-3] * 4 + [1.5e-3] * 4 + [0.5e-3] * 4, rel=1e-12)
-    assert all(s["eps"] == 1e-5 and tuple(s["betas"]) == (0.9, 0.999) for s in spy.steps)
-    assert len(compiled) == 1 and sum(draws) == 24 * 64 and record["eval_samples"] == 24
-    seen = torch.cat(recorder.inputs) * IMAGENET_STD + IMAGENET_MEAN
-    assert seen.shape == (80, 3, 299, 299) and record["fid_samples"] == 40
-    assert (seen - seen[:, :1]).abs().max() < 1e-5  # grey repeated to RGB
-    grey = torch.from_numpy(fake_digits(64, 1)[:40]).float().div(255).view(40, 1, 28, 28)
-    want = torch.nn.functional.interpolate(grey, size=(299, 299), mode="bilinear", align_corners=False)
-    real, fake = (seen[40:], seen[:40]) if (seen[40:, :1] - want).abs().max() < 1e-5 else (seen[:40], seen[40:])
-    assert (real[:, :1] - want).abs().max() < 1e-5  # the first 40 test images, grey levels
-    assert fake.min() >= -1e-6 and fake.max() <= 1 + 1e-6 and (fake[:, :1] - want).abs().mean() > 0.05  # not test images
+
+def test_kl_logvar_is_learned_only_with_learn_logvar(kl_data, tmp_path):
+    logvars = {}
+    for flag in ("--learn-logvar", "--no-learn-logvar"):
+        out = str(tmp_path / flag)
+        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "2", "--disc-weight", "0", flag, "--out", out])
+        logvars[flag] = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["logvar"].item()
+    assert logvars["--no-learn-logvar"] == 0.0 and logvars["--learn-logvar"] != 0.0
+
+
+def test_kl_resume_equals_uninterrupted_run(kl_data, tmp_path, monkeypatch):
+    """Interrupted right after the checkpoint at step 6 and resumed: the same weights, logs and evaluations as a run
+    that went straight through (periodic evaluations every 3 steps: one falls on the checkpoint's step)."""
+    args = ["train", "--data", kl_data, *KL_TINY, "--steps", "12", "--ckpt-every", "6", "--disc-start", "4", "--hflip",
+            "--ema", "0.9", "--eval-every", "3", "--log-every", "3"]
+    kl.main([*args, "--out", str(tmp_path / "straight")])
+    real_save = kl.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        real_save(path, state)
+        if state["step"] == 6:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(kl, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        kl.main([*args, "--out", str(tmp_path / "resumed")])
+    assert e.value.code == 130
+    monkeypatch.setattr(kl, "save_checkpoint", real_save)
+    kl.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
+    a, b = (torch.load(str(tmp_path / run / "ckpt.pt"), weights_only=True) for run in ("straight", "resumed"))
+    for part in ("model", "disc", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    assert torch.equal(a["logvar"], b["logvar"])
+
+    def comparable(records):
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+    assert comparable(kl_records(str(tmp_path / "resumed"), "train")) == comparable(kl_records(str(tmp_path / "straight"), "train"))
+    assert kl_records(str(tmp_path / "resumed"), "eval")[-1] == kl_records(str(tmp_path / "straight"), "eval")[-1]
+
+
+def test_torchrun_with_one_process_runs_the_distributed_code_and_matches_a_plain_run(kl_data, tmp_path):
+    """Under torchrun even one process initialises the process group (gloo here, NCCL on a GPU) and wraps the model
+    in DDP; with one rank, averaging changes nothing, so it ends with the plain run's weights, bit for bit."""
+    args = ["train", "--data", kl_data, *KL_TINY, "--steps", "3", "--disc-start", "1"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                             "kl_autoencoder.py", *args, "--out", str(tmp_path / "ddp")], cwd=HERE, capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 process(es) on cpu gloo" in result.stdout  # the process group is there
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 there: the same kernels, the same sums
+    try:
+        kl.main([*args, "--out", str(tmp_path / "plain")])
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (torch.load(str(tmp_path / run / "ckpt.pt"), weights_only=True) for run in ("ddp", "plain"))
+    for part in ("model", "disc"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
 SAVE_EACH_RANKS_WEIGHTS = """
@@ -2410,38 +1219,370 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(fr
     assert len(kl_records(two, "train")) == 4 and len(kl_records(two, "eval")) == 3  # rank 0 alone wrote them
 
 
-@pytest.mark.parametrize("program", ["vae", "kl"])
-def test_main_puts_back_the_sigterm_handler_it_found(program, data_dir, tmp_path):
-    """main() turns SIGTERM into Ctrl-C while it runs, and puts the caller's handler back, also after an error:
-    otherwise a later SIGTERM (a CI timeout's) would become a KeyboardInterrupt in whatever runs next."""
-    def mine(signum, frame):
-        pass
-    previous = signal.signal(signal.SIGTERM, mine)
-    try:
-        main = vae.main if program == "vae" else kl.main
-        with pytest.raises(SystemExit):
-            main(["--data-dir", data_dir, "--out", str(tmp_path), "--lr", "-1"] if program == "vae" else ["eval", "--ckpt", "none"])
-        assert signal.getsignal(signal.SIGTERM) is mine
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(kl_data, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = kl.reconstruction_loss
 
-
-def test_a_preset_that_contradicts_the_folders_config_is_refused(tmp_path, capsys):
-    """A --weights folder brings its config.json; --preset may name the same model (its tile size aside), not another."""
-    model = kl.build("tiny", latent_channels=8, use_quant_conv=False)
-    kl.export(model, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
-    write_test_image(tmp_path / "in.png", 16, 16)
-    argv = ["reconstruct", "--weights", str(tmp_path / "vae"), "--image", str(tmp_path / "in.png"), "--device", "cpu"]
+    def poisoned(x, x_rec, kind="l1"):
+        calls["n"] += 1
+        return real(x, x_rec, kind) * (float("nan") if calls["n"] > 5 else 1.0)
+    monkeypatch.setattr(kl, "reconstruction_loss", poisoned)
+    out = str(tmp_path / "run")
     with pytest.raises(SystemExit) as e:
-        kl.main([*argv, "--preset", "tiny", "--out", str(tmp_path / "a.png")])
+        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "12", "--ckpt-every", "4", "--disc-weight", "0", "--out", out])
     assert e.value.code == 2
-    kl_error(capsys, "--preset tiny", "config.json", "drop --preset")
-    config = json.loads((tmp_path / "vae" / "config.json").read_text())
-    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "latent_channels": 4, "use_quant_conv": True,
-                                                              "sample_size": 64}))
-    kl.save_safetensors(kl.build("tiny").state_dict(), str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
-    kl.main([*argv, "--preset", "tiny", "--out", str(tmp_path / "b.png")])  # the same model, another tile size: fine
-    assert os.path.isfile(tmp_path / "b.png")
+    kl_error(capsys, "nan", "last good step")
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
+
+
+def test_kl_training_evaluates_the_ema_weights_when_it_keeps_them(kl_data, tmp_path):
+    out = str(tmp_path / "run")
+    final = kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "3", "--disc-weight", "0", "--ema", "0.5",
+                     "--out", out])
+    ckpt = os.path.join(out, "ckpt.pt")
+    with_ema = kl.main(["eval", "--ckpt", ckpt, "--device", "cpu", "--ema", "--out", str(tmp_path / "e")])
+    without = kl.main(["eval", "--ckpt", ckpt, "--device", "cpu", "--out", str(tmp_path / "w")])
+    assert final == with_ema and with_ema["psnr"] != without["psnr"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+class ConstantPosterior(nn.Module):
+    """A stand-in autoencoder whose q(z|x) is N(c, exp(logvar)) in every latent element (a 1x1 convolution
+    with zero weights, so that it runs in bf16 under autocast as the real encoder does)."""
+
+    def __init__(self, c, logvar):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.copy_(torch.tensor([c] * 4 + [logvar] * 4))
+
+    def encode(self, x):
+        return kl.DiagonalGaussianDistribution(self.conv(x[:, :, ::2, ::2]))
+
+    def decode(self, z):
+        return torch.zeros(len(z), 3, 2 * z.shape[2], 2 * z.shape[3])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_kl_evaluate_reports_the_kl_and_latent_std_of_a_known_posterior(precision):
+    """Latents N(3, 2^2): KL per image in closed form (in float32 even under bf16), the std of the samples about
+    their mean (2, not sqrt(2^2 + 3^2)) within 6 standard errors, and the scaling factor 1/std (not 1/var)."""
+    model = ConstantPosterior(3.0, math.log(4.0))
+    torch.manual_seed(0)
+    batches = [torch.rand(32, 3, 16, 16) * 2 - 1 for _ in range(2)]
+    record = kl.evaluate(model, batches, precision)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        c, logvar = model.encode(batches[0]).parameters[0, [0, 4], 0, 0].double()  # what the encoder really gave
+    elements = 4 * 8 * 8
+    assert record["kl"] == pytest.approx(0.5 * elements * (c ** 2 + logvar.exp() - 1 - logvar).item(), rel=1e-6)
+    std, n = (0.5 * logvar).exp().item(), 64 * elements
+    assert abs(record["latent_std"] - std) <= 6 * std / math.sqrt(2 * (n - 1))
+    assert abs(record["scaling_factor"] - 1 / std) <= 6 / std / math.sqrt(2 * (n - 1)) * 1.01
+
+
+def test_kl_rfid_is_the_frechet_distance_of_the_features_of_inputs_and_reconstructions():
+    torch.manual_seed(0)
+    model = kl.build("tiny").eval()
+    batches = [torch.rand(40, 3, 16, 16) * 2 - 1 for _ in range(2)]
+    net = stand_in_features(3 * 16 * 16)
+    record = kl.evaluate(model, batches, "fp32", features=lambda images: net(images.double()))
+    real, fake = [], []
+    with torch.no_grad():
+        for x in batches:
+            x_rec = model.decode(model.encode(x).mean)
+            real.append(net((((x.clamp(-1, 1) + 1) * 127.5).round() / 255).double()))
+            fake.append(net((((x_rec.clamp(-1, 1) + 1) * 127.5).round() / 255).double()))
+    assert record["rfid"] == pytest.approx(independent_frechet(torch.cat(real), torch.cat(fake)), rel=1e-6)
+
+
+def test_kl_eval_command_with_rfid(kl_data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "2", "--disc-weight", "0", "--out", out])
+    torch.manual_seed(0)
+    monkeypatch.setattr(kl, "load_inception", lambda device: nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 8)).double())
+    monkeypatch.setattr(kl, "inception_features", lambda net, x: net(x.double()))
+    record = kl.main(["eval", "--ckpt", os.path.join(out, "ckpt.pt"), "--device", "cpu", "--fid"])
+    assert math.isfinite(record["rfid"]) and record["rfid"] >= 0 and record["step"] == 2
+    assert "rFID" in capsys.readouterr().out
+    assert kl_records(out, "eval")[-1] == record
+
+
+IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def thirds(h, w, dot):
+    """uint8 (h, w, 3): red, green and blue thirds along the longer side, a white square of `dot` pixels at the centre."""
+    image = np.zeros((h, w, 3), np.uint8)
+    long_axis = 1 if w > h else 0
+    n = max(h, w) // 3
+    for c in range(3):
+        index = [slice(None), slice(None)]
+        index[long_axis] = slice(c * n, (c + 1) * n)
+        image[tuple(index) + (c,)] = 255
+    image[h // 2:h // 2 + dot, w // 2:w // 2 + dot] = 255
+    return image
+
+
+def test_kl_image_pipeline_pictures_and_rfid_inputs(tiny_weights, tmp_path, monkeypatch):
+    """Through eval's reconstructions.png (held-out inputs above their reconstructions): images are resized on their
+    shorter side and centre-cropped, RGB kept in order, 16-bit levels rounded to 8 bits; the bottom row decodes the
+    posterior mean; a second eval draws the same picture; and rFID's network gets inputs and reconstructions as
+    they are in [0, 1], resized bilinearly to 299 x 299 and normalised with ImageNet's mean and std."""
+    PIL = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    PIL.fromarray(thirds(32, 96, 2)).save(folder / "a_big.png")  # resized to 16 x 48, then the green third
+    level = np.arange(256).reshape(16, 16)
+    PIL.fromarray((level.clip(0, 254) * 257 + np.where(level % 2, 129, 128)).astype(np.uint16)).save(folder / "b_grey16.png")
+    PIL.fromarray(thirds(48, 16, 1)).save(folder / "c_tall.png")  # centre-cropped: green, the dot at (8, 8)
+    PIL.fromarray(thirds(16, 48, 1)).save(folder / "d_wide.png")
+    red_blue = np.zeros((16, 16, 3), np.uint8)
+    red_blue[:, :8, 0], red_blue[:, 8:, 2] = 200, 100  # square: left as it is, channels in order
+    PIL.fromarray(red_blue).save(folder / "e_red_blue.png")
+    recorder = RecordingFeatures()
+    monkeypatch.setattr(kl, "load_inception", lambda device: recorder)
+    outs = []
+    for run in ("first", "second"):
+        outs.append(tmp_path / run)
+        kl.main(["eval", "--weights", tiny_weights, "--preset", "tiny", "--data", str(folder), "--val-data", str(folder),
+                 "--resolution", "16", "--workers", "0", "--device", "cpu", "--fid", "--out", str(outs[-1])])
+    picture = (outs[0] / "reconstructions.png").read_bytes()
+    assert (outs[1] / "reconstructions.png").read_bytes() == picture
+    grid = torchvision.io.decode_png(torch.frombuffer(bytearray(picture), dtype=torch.uint8)).int()
+    inputs = torch.stack([grid_tile(grid, 0, i, 16) for i in range(5)])
+    assert torch.equal(inputs[4], torch.from_numpy(red_blue).permute(2, 0, 1).int())
+    green, dot = torch.tensor([0, 255, 0]).view(3, 1, 1).expand(3, 16, 16).clone(), torch.tensor([255, 255, 255])
+    green[:, 8, 8] = dot
+    assert torch.equal(inputs[2], green) and torch.equal(inputs[3], green)
+    big = inputs[0]
+    assert torch.equal(big[:, :5, 2:14], green[:, :5, 2:14]) and torch.equal(big[:, 12:, 2:14], green[:, 12:, 2:14])
+    assert divmod(int(big[0].argmax()), 16) in {(7, 7), (7, 8), (8, 7), (8, 8)}  # the white square, blurred
+    expected_grey = torch.from_numpy(level.clip(0, 254) + level % 2).int()  # x.5 + 1/514 rounds up, x.5 - 1/514 down
+    expected_grey[15, 15] = 254 + 1  # the last pixel: 254 * 257 + 129
+    assert torch.equal(inputs[1], expected_grey.expand(3, -1, -1))
+    model = kl.build("tiny").eval()
+    kl.load_weights(model, kl.load_safetensors(tiny_weights))
+    x = inputs.float() / 127.5 - 1
+    with torch.no_grad():
+        x_rec = model.decode(model.encode(x).mean)
+    expected_rec = ((x_rec.clamp(-1, 1) + 1) * 127.5).round().int()
+    recs = torch.stack([grid_tile(grid, 1, i, 16) for i in range(5)])
+    assert (recs - expected_rec).abs().max() <= 1
+    assert len(recorder.inputs) == 4 and all(t.shape == (5, 3, 299, 299) for t in recorder.inputs)
+    seen = [t * IMAGENET_STD + IMAGENET_MEAN for t in recorder.inputs[:2]]  # the first eval's one batch, both sides
+    want = [torch.nn.functional.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False)
+            for images in (inputs, recs)]
+
+    def same(a, b):
+        return (a - b).abs().max() < 1e-2 / 255
+    assert (same(seen[0], want[0]) and same(seen[1], want[1])) or (same(seen[0], want[1]) and same(seen[1], want[0]))
+
+
+def test_eval_of_a_weights_file_uses_the_held_out_split_of_a_default_training_run(tiny_weights, tmp_path):
+    images = smooth_images(1100, 16, seed=5)
+    np.savez(str(tmp_path / "big.npz"), images=images)
+    record = kl.main(["eval", "--weights", tiny_weights, "--preset", "tiny", "--data", str(tmp_path / "big.npz"), "--resolution", "16",
+                      "--device", "cpu", "--out", str(tmp_path / "ev")])
+    _, held_out = kl.split(1100, 1000, None, 0)  # train's defaults: --val-size 1000, --seed 0
+    grid = torchvision.io.read_image(str(tmp_path / "ev" / "reconstructions.png"))
+    top_row = torch.stack([grid[:, 2:18, 2 + 18 * i:18 + 18 * i] for i in range(8)])  # make_grid: padding 2
+    assert record["images"] == 1000
+    assert torch.equal(top_row, torch.from_numpy(images[held_out[:8].numpy()]).permute(0, 3, 1, 2))
+
+
+# ----------------------------------------------------------------------------- Part II: images and data, pretrained networks, weights files
+
+def test_npz_loader_and_stratified_split(kl_data):
+    data, labels = kl.load_images(kl_data, 16, "unused")
+    assert len(data) == 96 and data[0].shape == (3, 16, 16) and data[0].dtype == torch.uint8
+    train, val = kl.split(len(data), 16, labels, seed=3)
+    assert len(val) == 16 and len(train) == 80 and not set(train.tolist()) & set(val.tolist())
+    assert torch.bincount(labels[val]).tolist() == [4, 4, 4, 4]  # stratified: 96 images, 4 classes of 24
+    assert torch.equal(kl.split(len(data), 16, labels, seed=3)[1], val)  # fixed by the seed
+
+
+def test_stratified_split_rounds_to_the_exact_size():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    _, val = kl.split(100, 15, labels)
+    assert len(val) == 15 and torch.bincount(labels[val]).tolist() == [8, 4, 3]  # shares 7.5, 4.5, 3.0
+
+
+def test_folder_loader_finds_images_recursively_and_crops(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    torchvision.io.write_png(torch.zeros(3, 40, 60, dtype=torch.uint8), str(tmp_path / "a" / "wide.png"))
+    torchvision.io.write_jpeg(torch.full((3, 50, 30), 200, dtype=torch.uint8), str(tmp_path / "a" / "b" / "tall.jpg"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    data, labels = kl.load_images(str(tmp_path), 16, "unused")
+    assert len(data) == 2 and labels is None
+    assert all(data[i].shape == (3, 16, 16) for i in range(2))
+
+
+def test_torchvision_loader_reads_mnist_as_rgb(tmp_path):
+    make_mnist(str(tmp_path))
+    data, labels = kl.load_images("mnist", 32, str(tmp_path))
+    assert len(data) == 256 and data[0].shape == (3, 32, 32) and torch.equal(data[0][0], data[0][1]) and len(labels) == 256
+
+
+def test_every_image_depth_and_mode_is_read_as_8_bit_rgb(tmp_path):
+    PIL = pytest.importorskip("PIL.Image")
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    PIL.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 16 bits: v * 257 is v in 8 bits
+    PIL.fromarray(grey, "L").save(tmp_path / "grey.png")
+    PIL.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 7)]), "RGBA").save(tmp_path / "rgba.png")
+    PIL.fromarray(grey, "L").convert("P").save(tmp_path / "palette.png")
+    for name in ("grey16.png", "grey.png", "rgba.png", "palette.png"):
+        image = kl.decode_image(str(tmp_path / name))
+        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16), name
+        assert torch.equal(image, torch.from_numpy(grey).expand(3, -1, -1)), name
+    # the same conversion for arrays: grey + alpha and RGBA npz images
+    for channels in (2, 4):
+        path = str(tmp_path / f"c{channels}.npz")
+        np.savez(path, images=np.stack([np.dstack([grey] * (channels - 1) + [np.full_like(grey, 7)])] * 4))
+        data, _ = kl.load_images(path, 16, "unused")
+        assert torch.equal(data[0], torch.from_numpy(grey).expand(3, -1, -1)), channels
+
+
+class RunsCode:
+    """An object whose unpickling would call open(marker, "w"), as a malicious .ckpt would call anything."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("module", [vae, kl])
+def test_load_pretrained_checks_the_hash_in_the_name_on_every_load_and_unpickles_only_tensors(module, tmp_path, monkeypatch):
+    """A file whose name carries its own sha256 prefix passes the hash check, so weights_only=True is the
+    second lock: a code-running pickle is still refused unread, and a state dict of tensors loads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+
+    def named_by_its_hash(obj, stem):
+        torch.save(obj, str(tmp_path / "f.pth"))
+        data = (tmp_path / "f.pth").read_bytes()
+        return f"https://example.invalid/{stem}-{hashlib.sha256(data).hexdigest()[:8]}.pth", data
+    marker = tmp_path / "ran"
+    url, data = named_by_its_hash({"w": RunsCode(str(marker))}, "evil")
+    hub.mkdir(parents=True)
+    (hub / os.path.basename(url)).write_bytes(data)
+    with pytest.raises(module.UserError, match="UnpicklingError"):
+        module.load_pretrained(url, "a test")
+    assert not marker.exists()
+
+    state = {"w": torch.arange(3.0)}
+    url, data = named_by_its_hash(state, "net")
+    downloads = []
+
+    def download(url, dst, hash_prefix=None, progress=True):  # torch.hub's: checks the prefix as it downloads
+        downloads.append(hash_prefix)
+        open(dst, "wb").write(data)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    for _ in range(2):
+        assert torch.equal(module.load_pretrained(url, "a test")["w"], state["w"])
+    assert downloads == [url[-12:-4]]  # downloaded once, with the hash from its name
+    (hub / os.path.basename(url)).write_bytes(data[:-1] + b"x")  # changed after the download
+    with pytest.raises(module.UserError, match="sha256 begins"):
+        module.load_pretrained(url, "a test")
+    (hub / os.path.basename(url)).write_bytes(data)
+
+    def out_of_memory(*args, **kwargs):  # as reading or unpickling a huge file planted under the name would
+        raise MemoryError
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(module.UserError, match="MemoryError"):
+        module.load_pretrained(url, "a test")
+
+
+SAFETENSORS_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+                      torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+def sample_tensors(dtype):
+    torch.manual_seed(0)
+    values = torch.randn(3, 5, 2) * 50
+    return {"weights": values.to(dtype).clone(), "scalar": torch.tensor(7).to(dtype), "empty": torch.zeros(0, 4, dtype=dtype),
+            "row": values[0, :, 0].to(dtype).clone()}
+
+
+@pytest.mark.parametrize("dtype", SAFETENSORS_DTYPES)
+def test_safetensors_reader_matches_the_safetensors_package(tmp_path, dtype):
+    st = pytest.importorskip("safetensors.torch")
+    tensors = sample_tensors(dtype)
+    st.save_file(tensors, str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
+    loaded = kl.load_safetensors(str(tmp_path / "a.safetensors"))
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == dtype and torch.equal(loaded[name], t), name
+    # and our writer produces what the package reads
+    kl.save_safetensors(tensors, str(tmp_path / "b.safetensors"), metadata={"format": "pt"})
+    for name, t in st.load_file(str(tmp_path / "b.safetensors")).items():
+        assert torch.equal(t, tensors[name]), name
+
+
+def test_safetensors_round_trip_without_the_package(tmp_path):
+    tensors = {f"t{i}": t for i, t in enumerate(sample_tensors(torch.bfloat16).values())}
+    kl.save_safetensors(tensors, str(tmp_path / "w.safetensors"))
+    loaded = kl.load_safetensors(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def raw_safetensors(header, data, length=None):
+    blob = json.dumps(header).encode()
+    return (length if length is not None else len(blob)).to_bytes(8, "little") + blob + data
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, "b": {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]}}
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda good: good[:-5], "truncated"),
+    (lambda good: good[:5], "shorter than the 8-byte header"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [100], "data_offsets": [0, 400]}}, bytes(16)), "truncated"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                                   "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(24)), "overlapping"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16)), "gap"),
+    (lambda good: raw_safetensors({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)), "unknown dtype"),
+    (lambda good: raw_safetensors(GOOD, bytes(24), length=2 ** 60), "header length"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, bytes(16)), "needs 12"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, bytes(16)), "invalid shape"),
+    (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, bytes(16)), "invalid data_offsets"),
+    (lambda good: b"\x10" + bytes(7) + b"not json at all!" + bytes(8), "not valid JSON"),
+    (lambda good: raw_safetensors([1, 2], b""), "not a JSON object"),
+    (lambda good: good + b"extra", "trailing bytes"),
+])
+def test_malformed_safetensors_are_rejected(tmp_path, make, words):
+    good = raw_safetensors(GOOD, bytes(24))
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(make(good))
+    with pytest.raises(kl.UserError, match=words):
+        kl.load_safetensors(str(path))
+
+
+def test_duplicate_names_are_rejected(tmp_path):
+    blob = b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}'
+    (tmp_path / "dup.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(2))
+    with pytest.raises(kl.UserError, match="duplicate"):
+        kl.load_safetensors(str(tmp_path / "dup.safetensors"))
+
+
+@given(st.data())
+@settings(max_examples=200)
+def test_corrupted_safetensors_never_crash_the_reader(tmp_path_factory, data):
+    """Any byte flipped or any cut: the reader either returns tensors or refuses the file with a UserError."""
+    good = bytearray(raw_safetensors(GOOD, bytes(range(24))))
+    for _ in range(data.draw(st.integers(1, 4))):
+        good[data.draw(st.integers(0, len(good) - 1))] = data.draw(st.integers(0, 255))
+    blob = bytes(good[:data.draw(st.integers(0, len(good)))])
+    path = tmp_path_factory.mktemp("fuzz") / "f.safetensors"
+    path.write_bytes(blob)
+    try:
+        tensors = kl.load_safetensors(str(path))
+    except kl.UserError:
+        return
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) <= len(blob)
 
 
 def test_the_safetensors_files_we_write_open_in_the_safetensors_package(tiny_weights, tmp_path):
@@ -2467,14 +1608,42 @@ def test_the_safetensors_files_we_write_open_in_the_safetensors_package(tiny_wei
                 json.loads(metadata[key])
 
 
-def test_vae_seed_decides_the_run(data_dir, tmp_path):
-    """The same --seed trains the same weights; another seed, others."""
-    weights = []
-    for seed, out in (("0", "a"), ("0", "b"), ("1", "c")):
-        vae.main(["--data-dir", data_dir, "--out", str(tmp_path / out), *TINY, "--epochs", "1", "--seed", seed])
-        weights.append(torch.load(str(tmp_path / out / "ckpt.pt"), weights_only=True)["model"])
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+def test_legacy_attention_names_and_4d_weights_load():
+    ref = diffusers_autoencoder(KL_CONFIGS["tiny"])
+    legacy = {}
+    for name, tensor in ref.state_dict().items():
+        for new, old in [("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")]:
+            if f".attentions.0.{new}." in name:
+                name = name.replace(f".{new}.", f".{old}.")
+                tensor = tensor[:, :, None, None] if tensor.ndim == 2 else tensor
+        legacy[name] = tensor
+    assert any(".query." in n for n in legacy) and any(v.ndim == 4 and ".proj_attn." in n for n, v in legacy.items())
+    ours = kl.load_weights(kl.build("tiny").eval(), legacy)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert relative_error(ours(x), ref(x).sample) <= 1e-5
+
+
+def test_load_weights_names_what_does_not_fit():
+    state = kl.build("tiny").state_dict()
+    with pytest.raises(kl.UserError, match=r"1 missing, e.g. decoder.conv_out.bias"):
+        kl.load_weights(kl.build("tiny"), {k: v for k, v in state.items() if k != "decoder.conv_out.bias"})
+    with pytest.raises(kl.UserError, match=r"1 unexpected, e.g. extra.weight"):
+        kl.load_weights(kl.build("tiny"), {**state, "extra.weight": torch.zeros(1)})
+    with pytest.raises(kl.UserError, match=r"keys .* missing"):  # weights of another preset
+        kl.load_weights(kl.build("small"), state, which="preset small")
+
+
+def test_export_loads_into_diffusers(kl_data, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    exported = tmp_path / "exported" / "diffusion_pytorch_model.safetensors"
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "2", "--disc-weight", "0", "--out", str(tmp_path / "run"), "--export", str(exported)])
+    ref = diffusers.AutoencoderKL.from_pretrained(str(exported.parent)).eval()
+    ours = kl.build("tiny")
+    ours.load_state_dict(torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)["model"])
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert relative_error(ours.eval()(x), ref(x).sample) <= 1e-5
 
 
 def test_export_never_pairs_weights_with_another_models_config(tiny_weights, tmp_path, capsys):
@@ -2496,24 +1665,693 @@ def test_export_never_pairs_weights_with_another_models_config(tiny_weights, tmp
     assert state["decoder.conv_in.weight"].shape[1] == 4
 
 
-def test_config_holds_ldms_recipe_and_is_the_train_commands_options(capsys):
-    """LDM's values (latent-diffusion's contperceptual.py and kl-f8 config; FACTS.md), with our two documented
-    departures (--learn-logvar on; lr 1e-4 for one small GPU), and the train command's defaults are Config's."""
-    ldm = kl.Config()
-    assert (ldm.rec_loss, ldm.perceptual_weight, ldm.kl_weight, ldm.disc_weight, ldm.disc_start, ldm.betas) == \
-        ("l1", 1.0, 1e-6, 0.5, 50001, (0.5, 0.9))
-    assert (ldm.weight_decay, ldm.grad_clip, ldm.ema, ldm.learn_logvar, ldm.lr) == (0.0, 0.0, 0.0, True, 1e-4)
-    args = kl.parse_args(["train", "--data", "x.npz", "--device", "cpu"])
-    assert all(getattr(args, f.name) == getattr(ldm, f.name) for f in dataclasses.fields(kl.Config)
-               if f.name not in ("precision", "device", "data", "workers"))  # settled by the command line:
-    assert (args.precision, args.device, args.data, args.workers) == ("fp32", "cpu", "x.npz", 0)  # bf16 on CUDA
-    args = kl.parse_args(["train", "--data", "x.npz", "--betas", "0.9", "0.99", "--no-learn-logvar", "--rec-loss", "mse"])
-    assert (args.betas, args.learn_logvar, args.rec_loss) == ((0.9, 0.99), False, "mse")
+def test_kl_writes_are_atomic(tmp_path, monkeypatch):
+    """An interrupted write (here: after half a file) leaves the previous file as it was and no stray .tmp."""
+    kl.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 1})
+    kl.write_image(torch.zeros(3, 8, 8), str(tmp_path / "image.png"))
+    before = (tmp_path / "image.png").read_bytes()
+
+    def half_then_interrupt(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", half_then_interrupt)
+    monkeypatch.setattr(torchvision.io, "write_png", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        kl.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 2})
+    with pytest.raises(KeyboardInterrupt):
+        kl.write_image(torch.ones(3, 8, 8), str(tmp_path / "image.png"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "image.png"]
+    assert torch.load(str(tmp_path / "ckpt.pt"), weights_only=True)["step"] == 1 and (tmp_path / "image.png").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- Part III: Stable Diffusion files
+
+SD_CONFIGS = {  # a diffusers config each (what a vae/config.json holds), small enough for the CPU
+    "sd-like": dict(block_out_channels=[32, 64, 64], layers_per_block=2, latent_channels=4, scaling_factor=0.18215),
+    "flux-like": dict(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16, use_quant_conv=False,
+                      use_post_quant_conv=False, mid_block_add_attention=False, scaling_factor=0.3611, shift_factor=0.1159),
+    "sdxl-like": dict(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, act_fn="gelu", norm_num_groups=16,
+                      scaling_factor=0.13025, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0],
+                      force_upcast=False),
+}
+
+
+def diffusers_reference(name, sample_size=32):
+    """diffusers' AutoencoderKL of one SD_CONFIGS entry in float64, its 1-d parameters drawn too, and its config.json."""
+    diffusers = pytest.importorskip("diffusers")
+    n = len(SD_CONFIGS[name]["block_out_channels"])
+    config = {"_class_name": "AutoencoderKL", "down_block_types": ["DownEncoderBlock2D"] * n,
+              "up_block_types": ["UpDecoderBlock2D"] * n, "sample_size": sample_size, **SD_CONFIGS[name]}
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL.from_config(config).double().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return ref, config
+
+
+def ldm_state_dict(state, levels):
+    """diffusers names -> CompVis/LDM names and shapes, written out here independently of kl_autoencoder.py
+    (and checked against diffusers' own converter in the test)."""
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+    out = {}
+    for name, tensor in state.items():
+        p = name.split(".")
+        if p[1] in ("down_blocks", "up_blocks"):
+            level = p[2] if p[1] == "down_blocks" else str(levels - 1 - int(p[2]))
+            kind = {"resnets": ["block", p[4]], "downsamplers": ["downsample"], "upsamplers": ["upsample"]}[p[3]]
+            p = [p[0], "down" if p[1] == "down_blocks" else "up", level, *kind, *p[5:]]
+        elif p[1] == "mid_block" and p[2] == "resnets":
+            p = [p[0], "mid", f"block_{int(p[3]) + 1}", *p[4:]]
+        elif p[1] == "mid_block":
+            p = [p[0], "mid", "attn_1", attention[p[4]], p[-1]]
+            if p[3] != "norm" and p[-1] == "weight":
+                tensor = tensor[:, :, None, None]
+        out[".".join({"conv_shortcut": "nin_shortcut", "conv_norm_out": "norm_out"}.get(x, x) for x in p)] = tensor
+    return out
+
+
+def assert_same_model(ours, ref, size=32, tolerance=1e-12):
+    """Our model and diffusers' give the same posterior and decoding in float64."""
+    ours = ours.double().eval()
+    x = torch.rand(2, ours.config["in_channels"], size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert relative_error(ours.encode(x).mean, ref.encode(x).latent_dist.mean) <= tolerance
+        assert relative_error(ours.encode(x).logvar, ref.encode(x).latent_dist.logvar) <= tolerance
+        assert relative_error(ours(x), ref(x).sample) <= tolerance
+
+
+@pytest.mark.parametrize("name", ["sd-like", "flux-like"])
+def test_ldm_files_load_with_and_without_prefix_from_safetensors_and_ckpt(tmp_path, name):
+    ref, config = diffusers_reference(name)
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    ldm = ldm_state_dict(ref.state_dict(), len(config["block_out_channels"]))
+    # LDM's up.0 is the full-resolution level (diffusers' last up block): it has no upsampler
+    assert "encoder.mid.block_1.norm1.weight" in ldm and not any(k.startswith("decoder.up.0.upsample") for k in ldm)
+    # the test's map is diffusers' map: diffusers' converter takes it back exactly
+    back = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ldm.items()}, config)
+    assert back.keys() == ref.state_dict().keys() and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+    whole_sd = {"model.diffusion_model.out.0.weight": torch.zeros(3), "cond_stage_model.x": torch.zeros(2)}
+    variants = {"plain": ldm, "first_stage_model.": {**whole_sd, **{"first_stage_model." + k: v for k, v in ldm.items()}},
+                "vae.": {"vae." + k: v for k, v in ldm.items()}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for variant, state in variants.items():
+        for ext in (".safetensors", ".ckpt"):
+            path = str(tmp_path / f"vae{ext}")
+            if ext == ".safetensors":
+                kl.save_safetensors(state, path)
+            else:  # a whole training checkpoint, as SD's .ckpt files are
+                torch.save({"state_dict": state, "global_step": 470000}, path)
+            ours = kl.AutoencoderKL(**kl.read_config(str(tmp_path / "config.json"))).double()
+            kl.load_weights(ours, kl.read_weights(path), path)
+            assert_same_model(ours, ref)
+
+
+def test_ldm_names_cover_every_weight_and_name_it_as_diffusers_converter_expects():
+    for preset in ("sd", "sd3"):
+        model = kl.build(preset)
+        table = kl.ldm_names(model.config)
+        ldm = ldm_state_dict(model.state_dict(), 4)
+        assert set(table) == set(model.state_dict()) and sorted(table.values()) == sorted(ldm)
+        exported = kl.to_ldm(model.state_dict(), model.config)
+        assert all(exported[k].shape == v.shape for k, v in ldm.items())  # attention as [C, C, 1, 1]
+    assert exported["decoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+
+
+def test_ldm_export_loads_in_diffusers_from_single_file_and_back_here(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    ref, config = diffusers_reference("flux-like")
+    ours = kl.AutoencoderKL(**kl.read_config(write_json(tmp_path / "cfg" / "config.json", config)))
+    kl.load_weights(ours, ref.state_dict())  # float32 weights, as files have them
+    kl.export(ours, str(tmp_path / "vae_ldm.safetensors"), fmt="ldm")
+    assert "decoder.up.0.block.0.conv1.weight" in kl.load_safetensors(str(tmp_path / "vae_ldm.safetensors"))
+    theirs = diffusers.AutoencoderKL.from_single_file(str(tmp_path / "vae_ldm.safetensors"), config=str(tmp_path / "cfg"),
+                                                      local_files_only=True)
+    assert all(torch.equal(theirs.state_dict()[k], v) for k, v in ours.state_dict().items())
+    assert_same_model(copy.deepcopy(ours), theirs.double().eval())
+    again = kl.AutoencoderKL(**kl.read_config(str(tmp_path / "cfg")))
+    kl.load_weights(again, kl.read_weights(str(tmp_path / "vae_ldm.safetensors")))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+def test_optional_quant_convs_and_read_config(tmp_path):
+    model = kl.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False)
+    assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in model.state_dict())
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+    config = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
+              "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "latent_channels": 4, "sample_size": 32}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert kl.AutoencoderKL(**kl.read_config(str(tmp_path))).encode(torch.zeros(1, 3, 16, 16)).mean.shape == (1, 4, 8, 8)
+    for bad, words in [({"act_fn": "tanh"}, "act_fn"), ({"attention_head_dim": 8}, "unknown AutoencoderKL fields attention_head_dim"),
+                       ({"down_block_types": ["DownBlock2D"] * 2}, "down_block_types"), ({"_class_name": "UNet2DModel"}, "UNet2DModel")]:
+        (tmp_path / "bad.json").write_text(json.dumps({**config, **bad}))
+        with pytest.raises(kl.UserError, match=words):
+            kl.read_config(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("name", list(SD_CONFIGS))
+def test_any_diffusers_config_builds_the_same_model_and_survives_export(tmp_path, name):
+    diffusers = pytest.importorskip("diffusers")
+    ref, config = diffusers_reference(name)
+    ours = kl.AutoencoderKL(**kl.read_config(write_json(tmp_path / "in" / "config.json", {**config, "_diffusers_version": "0.42.1"})))
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    kl.load_weights(ours.double(), ref.state_dict())
+    assert_same_model(ours, ref)
+    kl.export(ours.float(), str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
+    reloaded = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "out"))
+    for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "mid_block_add_attention",
+                "act_fn", "norm_num_groups", "use_quant_conv", "use_post_quant_conv", "sample_size"):
+        assert reloaded.config[key] == ref.config[key], key
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+def test_a_diffusers_folder_brings_its_own_config(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = kl.AutoencoderKL(**kl.complete({**SD_CONFIGS["flux-like"], "block_out_channels": (32, 64)}))
+    kl.export(model, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    write_test_image(tmp_path / "in.png", 16, 16)
+    kl.main(["reconstruct", "--weights", str(tmp_path / "vae"), "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "o.png"),
+             "--device", "cpu"])
+    assert "latent [1, 16, 8, 8]" in capsys.readouterr().out  # 16 channels, f = 2: the folder's config, not the sd preset
+
+
+def test_a_preset_that_contradicts_the_folders_config_is_refused(tmp_path, capsys):
+    """A --weights folder brings its config.json; --preset may name the same model (its tile size aside), not another."""
+    model = kl.build("tiny", latent_channels=8, use_quant_conv=False)
+    kl.export(model, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    write_test_image(tmp_path / "in.png", 16, 16)
+    argv = ["reconstruct", "--weights", str(tmp_path / "vae"), "--image", str(tmp_path / "in.png"), "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        kl.main([*argv, "--preset", "tiny", "--out", str(tmp_path / "a.png")])
+    assert e.value.code == 2
+    kl_error(capsys, "--preset tiny", "config.json", "drop --preset")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "latent_channels": 4, "use_quant_conv": True,
+                                                              "sample_size": 64}))
+    kl.save_safetensors(kl.build("tiny").state_dict(), str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    kl.main([*argv, "--preset", "tiny", "--out", str(tmp_path / "b.png")])  # the same model, another tile size: fine
+    assert os.path.isfile(tmp_path / "b.png")
+
+
+def test_presets_carry_the_published_latent_conventions():
+    with torch.device("meta"):  # the modules and their config, without allocating weights
+        models = {p: kl.build(p) for p in ("sd", "sdxl", "sd3", "flux")}
+    assert {p: (m.config["scaling_factor"], m.config["shift_factor"]) for p, m in models.items()} == {
+        "sd": (0.18215, None), "sdxl": (0.13025, None), "sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+    for p in ("sd3", "flux"):
+        model = models[p]
+        assert model.quant_conv is None and model.post_quant_conv is None and model.config["latent_channels"] == 16
+    assert models["sdxl"].config["force_upcast"] and models["sdxl"].config["sample_size"] == 1024
+
+
+@pytest.mark.parametrize("name", list(SD_CONFIGS))
+def test_diffusion_latents_follow_diffusers_pipelines(name):
+    config = kl.complete(SD_CONFIGS[name])
+    z = torch.randn(3, config["latent_channels"], 4, 5, dtype=torch.float64)
+    model_z = kl.to_diffusion_latents(z, config)
+    # what diffusers' pipelines do: SD3/Flux (z - shift) * scale; SDXL with latents_mean/std (z - mean) * scale / std
+    if config["latents_mean"] is not None:
+        mean, std = (torch.tensor(config[k], dtype=torch.float64).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
+        expected = (z - mean) * config["scaling_factor"] / std
+    else:
+        expected = (z - (config["shift_factor"] or 0)) * config["scaling_factor"]
+    assert torch.allclose(model_z, expected, rtol=1e-14, atol=0)
+    assert torch.allclose(kl.from_diffusion_latents(model_z, config), z, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("h, w", [(80, 56), (96, 96), (40, 40), (32, 24)])
+def test_tiled_encode_and_decode_equal_diffusers_tiling(h, w):
+    ref, _ = diffusers_reference("sd-like", sample_size=32)
+    ours = kl.AutoencoderKL(**kl.complete({**SD_CONFIGS["sd-like"], "sample_size": 32})).double().eval()
+    kl.load_weights(ours, ref.state_dict())
+    ref.enable_tiling()
+    ref.enable_slicing()  # one image at a time, which must change nothing
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, h, w, dtype=torch.float64, generator=g) * 2 - 1
+    z = torch.randn(2, 4, h // 4, w // 4, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        posterior, theirs = kl.tiled_encode(ours, x), ref.encode(x).latent_dist
+        decoded = kl.tiled_decode(ours, z)
+        assert relative_error(posterior.mean, theirs.mean) <= 1e-12 and relative_error(posterior.logvar, theirs.logvar) <= 1e-12
+        assert relative_error(decoded, ref.decode(z).sample) <= 1e-12
+        # and the tiles are real: whole-image encoding and decoding differ from them, except for images that fit one tile
+        if max(h, w) > 32:
+            assert relative_error(ours.encode(x).mean, posterior.mean) > 1e-3
+            assert relative_error(ours.decode(z), decoded) > 1e-3
+        else:
+            assert torch.equal(ours.encode(x).mean, posterior.mean) and torch.equal(ours.decode(z), decoded)
+
+
+def test_reconstruct_end_to_end(tiny_weights, tmp_path, capsys):
+    write_test_image(tmp_path / "in.png", 24, 32)
+    quality = kl.main(["reconstruct", "--weights", tiny_weights, "--preset", "tiny", "--image", str(tmp_path / "in.png"),
+                       "--out", str(tmp_path / "out.png"), "--device", "cpu"])
+    out = torchvision.io.read_image(str(tmp_path / "out.png"))
+    assert out.shape == (3, 24, 32) and out.dtype == torch.uint8
+    printed = capsys.readouterr().out
+    assert "latent [1, 4, 12, 16]" in printed and "PSNR" in printed
+    # the printed PSNR is that of the written file against the input
+    x = torchvision.io.read_image(str(tmp_path / "in.png")).float() / 255
+    expected = 10 * math.log10(1 / (out.float() / 255 - x).pow(2).mean().item())
+    assert quality == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("tile, limit, size, tiled", [("on", None, 16, True), ("off", 1, 16, False), ("auto", 1000, 16, True),
+                                                     ("auto", 5000, 16, False), ("on", None, 48, False)])  # 48: one tile
+def test_reconstruct_tiles_when_asked_or_above_the_auto_size(tiny_weights, tmp_path, capsys, monkeypatch, tile, limit, size, tiled):
+    if limit is not None:
+        monkeypatch.setattr(kl, "AUTO_TILE_PIXELS", limit)
+    write_test_image(tmp_path / "in.png", 48, 40)  # 1,920 pixels, tiles of size x size
+    config = write_json(tmp_path / "cfg" / "config.json", {**kl.PRESETS["tiny"], "sample_size": size})
+    kl.main(["reconstruct", "--weights", tiny_weights, "--config", config, "--image", str(tmp_path / "in.png"),
+             "--out", str(tmp_path / "out.png"), "--device", "cpu", "--tile", tile])
+    assert (", tiled" in capsys.readouterr().out) == tiled
+    model = kl.AutoencoderKL(**kl.read_config(config)).eval()
+    kl.load_weights(model, kl.load_safetensors(tiny_weights))
+    with torch.no_grad():
+        x = kl.decode_image(str(tmp_path / "in.png"))[None].float() / 127.5 - 1
+        expected = kl.to_uint8((kl.tiled_decode if tiled else kl.AutoencoderKL.decode)(
+            model, (kl.tiled_encode if tiled else kl.AutoencoderKL.encode)(model, x).mode())[0])
+    assert (torchvision.io.read_image(str(tmp_path / "out.png")).int() - expected.int()).abs().max() <= 1
+
+
+def test_reconstruct_overwrites_only_when_asked(tiny_weights, tmp_path):
+    write_test_image(tmp_path / "in.png", 32, 32)
+    (tmp_path / "out.jpg").write_bytes(b"old")
+    kl.main(["reconstruct", "--weights", tiny_weights, "--preset", "tiny", "--image", str(tmp_path / "in.png"),
+             "--out", str(tmp_path / "out.jpg"), "--device", "cpu", "--overwrite"])
+    assert torchvision.io.read_image(str(tmp_path / "out.jpg")).shape == (3, 32, 32)  # a JPEG now
+    assert sorted(os.listdir(tmp_path)) == ["in.png", "out.jpg"]
+
+
+def test_encode_and_decode_commands_round_trip(tiny_weights, tmp_path, capsys):
+    folder = tmp_path / "images" / "sub"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        torchvision.io.write_png(torch.from_numpy(smooth_images(1, 32, seed=i)[0]).permute(2, 0, 1).contiguous(), str(folder / f"{i}.png"))
+    common = ["--weights", tiny_weights, "--preset", "tiny", "--device", "cpu"]
+    kl.main(["encode", *common, "--data", str(tmp_path / "images"), "--resolution", "32", "--batch-size", "2", "--out", str(tmp_path / "lat.safetensors")])
+    saved, meta = kl.load_safetensors(str(tmp_path / "lat.safetensors"), metadata=True)
+    assert json.loads(meta["names"]) == [os.path.join("sub", f"{i}.png") for i in range(3)]
+    model = kl.build("tiny").eval()
+    kl.load_weights(model, kl.load_safetensors(tiny_weights))
+    x = torch.stack([kl.decode_image(str(folder / f"{i}.png")).float() / 127.5 - 1 for i in range(3)])
+    with torch.no_grad():
+        posterior = model.encode(x)
+    assert torch.allclose(saved["mean"], posterior.mean, atol=1e-5) and torch.allclose(saved["logvar"], posterior.logvar, atol=1e-5)
+    assert torch.allclose(saved["latents"], posterior.mean * 0.18215, atol=1e-5)  # tiny keeps SD's scaling factor
+    kl.main(["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "decoded")])
+    for i in range(3):
+        kl.main(["reconstruct", *common, "--image", str(folder / f"{i}.png"), "--out", str(tmp_path / f"rec{i}.png")])
+        decoded = torchvision.io.read_image(str(tmp_path / "decoded" / "sub" / f"{i}.png")).int()
+        assert (decoded - torchvision.io.read_image(str(tmp_path / f"rec{i}.png")).int()).abs().max() <= 1
+    # --sample: another z, the same posterior
+    kl.main(["encode", *common, "--data", str(tmp_path / "images"), "--resolution", "32", "--sample", "--out", str(tmp_path / "s.safetensors")])
+    sampled = kl.load_safetensors(str(tmp_path / "s.safetensors"))
+    assert torch.allclose(sampled["mean"], saved["mean"], atol=1e-6)
+    eps = torch.randn(saved["mean"].shape, generator=torch.Generator().manual_seed(0))  # --seed 0, one batch of 3
+    z = saved["mean"] + torch.exp(0.5 * saved["logvar"]) * eps
+    assert torch.allclose(sampled["latents"], z * 0.18215, atol=1e-5) and not torch.allclose(z, saved["mean"], atol=0.1)
+
+
+def test_fp16_is_upcast_where_the_config_says_so(tiny_weights, tmp_path, capsys):
+    write_test_image(tmp_path / "in.png", 16, 16)
+    args = ["reconstruct", "--weights", tiny_weights, "--image", str(tmp_path / "in.png"), "--device", "cpu"]
+    upcast = write_json(tmp_path / "up" / "config.json", {**kl.PRESETS["tiny"], "force_upcast": True})
+    assert kl.main([*args, "--config", upcast, "--dtype", "fp16", "--out", str(tmp_path / "a.png")]) == \
+        kl.main([*args, "--config", upcast, "--dtype", "fp32", "--out", str(tmp_path / "b.png")])
+    assert "force_upcast" in capsys.readouterr().err
+    plain = write_json(tmp_path / "plain" / "config.json", {**kl.PRESETS["tiny"], "force_upcast": False})
+    kl.main([*args, "--config", plain, "--dtype", "fp16", "--out", str(tmp_path / "c.png")])
+    assert "float16" in capsys.readouterr().out
+
+
+def test_decode_writes_only_inside_its_out_folder(tiny_weights, tmp_path):
+    path = str(tmp_path / "lat.safetensors")
+    kl.save_safetensors({"latents": torch.zeros(1, 4, 4, 4)}, path, metadata={"names": json.dumps(["../escaped.png"])})
+    kl.main(["decode", "--weights", tiny_weights, "--preset", "tiny", "--device", "cpu", "--latents", path, "--out", str(tmp_path / "out")])
+    assert os.listdir(tmp_path / "out") == ["000000.png"] and not (tmp_path / "escaped.png").exists()
+
+
+def test_train_from_ldm_weights_and_eval_weights_files(kl_data, tmp_path, capsys):
+    torch.manual_seed(3)
+    start = kl.build("tiny").state_dict()
+    ldm = str(tmp_path / "start.ckpt")
+    torch.save({"state_dict": {"first_stage_model." + k: v for k, v in ldm_state_dict(start, 2).items()}}, ldm)
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--lr", "1e-12", "--disc-weight", "0", "--weights", ldm,
+             "--out", str(tmp_path / "run")])
+    trained = torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)["model"]
+    assert all(torch.allclose(trained[k], v, atol=1e-8) for k, v in start.items())
+    record = kl.main(["eval", "--weights", ldm, "--preset", "tiny", "--data", kl_data, "--val-size", "16", "--resolution", "32",
+                      "--device", "cpu", "--out", str(tmp_path / "ev")])
+    assert record["images"] == 16 and os.path.exists(tmp_path / "ev" / "metrics.jsonl")
+    kl.main(["eval", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--export", str(tmp_path / "ev" / "ldm.safetensors"),
+             "--export-format", "ldm"])
+    assert "decoder.up.0.block.0.conv1.weight" in kl.load_safetensors(str(tmp_path / "ev" / "ldm.safetensors"))
+    # convert: the LDM .ckpt to diffusers' format, which holds the same weights
+    kl.main(["convert", "--weights", ldm, "--preset", "tiny", "--export", str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")])
+    converted = kl.load_safetensors(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert converted.keys() == start.keys() and all(torch.equal(converted[k], v) for k, v in start.items())
+    assert kl.read_config(str(tmp_path / "vae"))["block_out_channels"] == (32, 64)
+
+
+# ============================================================================= both programs
+
+# ----------------------------------------------------------------------------- user mistakes: one line on stderr, exit code 2, nothing written
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
+    """A folder of the files the table of user mistakes names ({d}/name), with a vae.py run ({vaerun}) and a
+    kl_autoencoder.py run ({d}/klrun) in it, and MNIST and an .npz of images beside it ({mnist}, {kldata})."""
+    d = tmp_path_factory.mktemp("inputs")
+    for name, (h, w) in {"in32.png": (32, 32), "in31x32.png": (31, 32), "in1.png": (1, 1)}.items():
+        write_test_image(d / name, h, w)
+    (d / "text.png").write_bytes(b"this is text")
+    (d / "existing.png").write_bytes(b"someone's picture")
+    for folder in ("folder.png", "weightless", "dir", "no_mnist", "imgs"):
+        (d / folder).mkdir()
+    write_test_image(d / "imgs" / "a.png", 32, 32)
+    shutil.copy(tiny_weights, d / "tiny.safetensors")
+    state = kl.load_safetensors(tiny_weights)
+    kl.save_safetensors({k: v for k, v in state.items() if k != "decoder.conv_out.weight"}, str(d / "partial.safetensors"))
+    kl.save_safetensors({**state, "decoder.conv_out.weight": state["decoder.conv_out.weight"] * float("nan")},
+                        str(d / "nan.safetensors"))
+    torch.save({"state_dict": state, "callbacks": RunsCode(str(d / "ran"))}, str(d / "evil.ckpt"))  # would make {d}/ran
+    (d / "text.ckpt").write_text("hello")
+    for name, latents in (("nolat", {"other": torch.zeros(1)}), ("lat16", {"latents": torch.zeros(1, 16, 4, 4)}),
+                          ("lat", {"latents": torch.zeros(1, 4, 4, 4)})):
+        kl.save_safetensors(latents, str(d / f"{name}.safetensors"))
+    (d / "decoded").mkdir()
+    (d / "decoded" / "000000.png").write_bytes(b"mine")
+    (d / "bad.npz").write_bytes(b"not a zip file, and not a pickle either")
+    (d / "broken").mkdir()
+    for i in range(20):
+        torchvision.io.write_png(torch.full((3, 32, 32), 10 * i, dtype=torch.uint8), str(d / "broken" / f"{i:02d}.png"))
+    (d / "broken" / "13.png").write_bytes(b"\x89PNG broken")
+    (d / "text_ckpt.pt").write_text("hello, I am a text file\n" * 10)
+    (d / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    for damage in ("truncated_gz", "not_gzip", "bad_magic"):
+        make_mnist(str(d / damage), gz=damage != "bad_magic")
+        raw = d / damage / "MNIST" / "raw"
+        blob = bytearray((raw / "train-images-idx3-ubyte.gz").read_bytes() if damage != "bad_magic" else
+                         (raw / "train-images-idx3-ubyte").read_bytes())
+        if damage == "bad_magic":
+            (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x05" + blob[4:])
+        else:
+            (raw / "train-images-idx3-ubyte.gz").write_bytes(blob[:len(blob) // 2] if damage == "truncated_gz" else
+                                                             b"this is not gzip data at all")
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--disc-weight", "0", "--out", str(d / "klrun")])
+    (d / "copy").mkdir()
+    shutil.copy(d / "klrun" / "ckpt.pt", d / "copy" / "ckpt.pt")
+    (d / "evalrun").mkdir()  # a folder with an evaluation's log and nothing else
+    shutil.copy(d / "klrun" / "metrics.jsonl", d / "evalrun" / "metrics.jsonl")
+    return {"d": str(d), "mnist": data_dir, "kldata": kl_data, "vaerun": trained[0]}
+
+
+VAE = "--data-dir {mnist} --device cpu --out {new} "  # the start of every vae.py command below
+R = "reconstruct --device cpu --out {new}.png --image {d}/in32.png "  # and of reconstruct's
+W = "--weights {d}/tiny.safetensors --preset tiny --device cpu "  # the tiny model, for encode, decode, convert, eval
+T = "train --data {kldata} " + " ".join(KL_TINY) + " --out {new} "  # a tiny training run
+MISTAKES = [  # (program, command, words its message must hold, "!word" one it must not): {new} is a fresh path
+    ("vae", VAE + "--epochs 0", ["--epochs", "must be > 0"]),
+    ("vae", VAE + "--epochs 1.5", ["--epochs", "an integer", "'1.5'"]),
+    ("vae", VAE + "--lr -1", ["--lr"]),
+    ("vae", VAE + "--lr nan", ["--lr"]),
+    ("vae", VAE + "--beta inf", ["--beta"]),
+    ("vae", VAE + "--hidden wide", ["--hidden", "'wide'"]),
+    ("vae", VAE + "--device tpu", ["--device", "tpu"]),
+    ("vae", VAE + f"--seed {2 ** 64}", ["--seed", "at most"]),
+    ("vae", VAE + "--seed -1", ["--seed"]),
+    ("vae", VAE + "--beta 2 --capacity 5", ["--capacity", "--beta"]),
+    ("vae", VAE + "--train-samples 5 --beta 4", ["--train-samples"]),
+    ("vae", VAE + "--batch-size 100000", ["--batch-size"]),
+    ("vae", VAE + "--eval-only --ckpt nowhere/ckpt.pt", ["nowhere/ckpt.pt"]),
+    ("vae", VAE + "--resume", ["no checkpoint"]),
+    ("vae", VAE + "--eval-only --ckpt {d}/text_ckpt.pt", ["not a readable checkpoint", "pass a ckpt.pt that vae.py wrote",
+                                                          "!101"]),  # (torch.load's KeyError of a text file)
+    ("vae", VAE + "--eval-only --ckpt {d}/garbage.pt", ["garbage.pt", "not a readable checkpoint"]),
+    ("vae", VAE + "--out {vaerun} --epochs 1", ["exists", "--resume"]),
+    ("vae", VAE + "--out {vaerun} --ckpt {new}/elsewhere.pt --epochs 1", ["metrics.jsonl", "--overwrite"]),
+    ("vae", VAE + "--out {vaerun} --hidden 32 --resume --epochs 7", ["--hidden [64]"]),
+    ("vae", VAE + "--data-dir {d}/truncated_gz", ["train-images-idx3-ubyte.gz", "gzip"]),
+    ("vae", VAE + "--data-dir {d}/not_gzip", ["train-images-idx3-ubyte.gz", "gzip"]),
+    ("vae", VAE + "--data-dir {d}/bad_magic", ["magic number"]),
+    ("vae", VAE + "--data-dir {d}/no_mnist", [os.path.join("no_mnist", "MNIST", "raw"), "train-images-idx3-ubyte"]),
+    ("vae", VAE + "--fid", ["inception_v3_google", "checkpoints"]),  # offline: before training
+    ("kl", R + W.replace("tiny.", "nothing."), ["No such file", "nothing.safetensors"]),
+    ("kl", R + W + "--image {d}/nothing.png", ["No such file", "nothing.png"]),
+    ("kl", R + W + "--image {d}/text.png", ["cannot decode"]),
+    ("kl", R + W + "--image {d}/in31x32.png", ["31x32", "multiples of 2", "30x32 or 32x32"]),
+    ("kl", R + W + "--image {d}/in1.png", ["1x1", "at least 2"]),
+    ("kl", R + W.replace("tiny ", "small "), ["does not fit", "preset small"]),
+    ("kl", R + W.replace("tiny ", "sd3 "), ["does not fit", "preset sd3", "--preset or --config"]),
+    ("kl", R + W.replace("tiny.", "partial."), ["1 missing", "decoder.conv_out.weight"]),
+    ("kl", R + W.replace("tiny.", "nan."), ["decoder.conv_out.weight", "NaN"]),
+    ("kl", R + W.replace("tiny.safetensors", "evil.ckpt"), ["evil.ckpt", "open", "refused", ".safetensors"]),
+    ("kl", R + W.replace("tiny.safetensors", "text.ckpt"), ["text.ckpt is not a safetensors file or a PyTorch checkpoint"]),
+    ("kl", R + W.replace("tiny.safetensors", "weightless"), ["without diffusion_pytorch_model.safetensors"]),
+    ("kl", R + W + "--config c.json", ["--config and --preset"]),
+    ("kl", R + "--ckpt x.pt --preset tiny", ["--ckpt holds its model's config"]),
+    ("kl", R + W + "--ema", ["--ema needs --ckpt"]),
+    ("kl", R + "--weights {d}/tiny.safetensors --config missing.json", ["No such file", "missing.json"]),
+    ("kl", R + W + "--out {d}/tiny.safetensors", ["also an input"]),
+    ("kl", R + W + "--out {d}/in32.png", ["also an input"]),
+    ("kl", R + W + "--out {d}/existing.png", ["exists", "--overwrite"]),
+    ("kl", R + W + "--out {new}.bmp", [".bmp", ".png, .jpg, .jpeg"]),
+    ("kl", R + W + "--out {new}/out.png", ["does not exist"]),
+    ("kl", R + W + "--out {d}/folder.png", ["is a folder"]),
+    ("kl", "encode " + W + "--data {d}/imgs --out {new}.npz", ["can write .safetensors"]),
+    ("kl", "encode " + W + "--data {d}/imgs --out {d}/lat.safetensors", ["exists", "--overwrite"]),
+    ("kl", "encode " + W + "--data {d}/imgs --resolution 31 --out {new}.safetensors", ["multiple of 2"]),
+    ("kl", "decode " + W + "--latents {d}/nolat.safetensors --out {new}", ["no 'latents' tensor"]),
+    ("kl", "decode " + W + "--latents {d}/lat16.safetensors --out {new}", ["16 channels", "4"]),
+    ("kl", "decode " + W + "--latents {d}/lat.safetensors --out {d}/decoded", ["000000.png exists"]),
+    ("kl", "decode " + W + "--latents {d}/lat.safetensors --out {d}/tiny.safetensors", ["is a file"]),
+    ("kl", "decode " + W + "--latents {d}/none.safetensors --out {new}", ["No such file", "none.safetensors"]),
+    ("kl", "convert --weights {d}/tiny.safetensors --preset tiny --export {d}/tiny.safetensors", ["also an input"]),
+    ("kl", "eval " + W + "--data x.npz", ["pass --out"]),
+    ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --export {d}/klrun/ckpt.pt", ["also an input"]),
+    ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --export {d}/dir", ["is a folder"]),
+    ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --export {new}.bin", [".safetensors"]),
+    ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --resolution 33", ["multiple of 2"]),
+    ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --resolution 0", ["--resolution"]),
+    ("kl", "eval --ckpt {d}/copy/ckpt.pt --device cpu --out {d}/klrun", ["metrics.jsonl", "exists"]),
+    ("kl", T + "--steps 1 --out {d}/klrun", ["exists", "--resume", "--overwrite"]),
+    ("kl", T + "--steps 1 --out {d}/evalrun", ["metrics.jsonl", "exists"]),
+    ("kl", T + "--preset small --resolution 30", ["--resolution 30", "multiple of 4", "28 or 32"]),
+    ("kl", T + "--resolution 16 --disc-weight 0.5", ["discriminator", "--disc-weight 0"]),
+    ("kl", T + "--resolution 100000", ["--resolution 100000", "GiB"]),
+    ("kl", T + "--steps 3 --epochs 1", ["--steps and --epochs"]),
+    ("kl", T + "--data nowhere.npz", ["No such file", "nowhere.npz"]),
+    ("kl", T + "--data cifar10 --data-root {new}", ["could not get cifar10", "--data-root"]),  # offline
+    ("kl", T + "--data {d}/bad.npz", ["bad.npz", "not a readable .npz"]),
+    ("kl", T + "--data {d}/broken --workers 1 --val-size 2 --steps 4", ["13.png", "cannot decode"]),
+    ("kl", T + "--perceptual-weight 1", ["vgg16", "--perceptual-weight 0"]),  # offline
+    ("kl", T + "--grad-clip nan", ["--grad-clip"]),
+    ("kl", T + "--eval-every -1", ["--eval-every"]),
+    ("kl", T + "--lr nan", ["--lr"]),
+    ("kl", T + "--weight-decay nan", ["--weight-decay"]),
+    ("kl", T + "--workers -1", ["--workers"]),
+    ("kl", T + "--epochs 1.5", ["--epochs", "an integer"]),
+    ("kl", T + f"--seed {2 ** 64}", ["--seed", "at most"]),
+    ("kl", T + "--block-out-channels 0", ["--block-out-channels"]),
+    ("kl", T + "--block-out-channels 33 64", ["multiple of 32"]),
+    ("kl", T + "--latent-channels 0", ["--latent-channels"]),
+    ("kl", T + "--layers-per-block -1", ["--layers-per-block"]),
+    ("kl", T + "--ema 1", ["--ema", "[0, 1)"]),
+    ("kl", T + "--betas 0.5 1.5", ["--betas", "[0, 1)"]),
+]
+
+
+@pytest.mark.parametrize("program, command, words", MISTAKES, ids=[f"{p}: {c.split('--')[0]}{i}"
+                                                                   for i, (p, c, _) in enumerate(MISTAKES)])
+def test_every_user_mistake_is_one_line_and_exit_2_and_writes_nothing(program, command, words, inputs, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Offline (every download fails) and without pretrained weights at hand. Nothing among the inputs changes
+    (no file replaced, lost, or left half-written, no code run from a pickle), and nothing is written for {new} (at
+    most an empty log, when an image turns out broken once training has begun)."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    def no_dataset(self):
+        raise RuntimeError("Error downloading: no network")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    for dataset in (torchvision.datasets.MNIST, torchvision.datasets.CIFAR10):
+        monkeypatch.setattr(dataset, "download", no_dataset)
+    new = str(tmp_path / "new")
+    argv = shlex.split(command.format(**inputs, new=new))
+    before = [snapshot(inputs["d"]), snapshot(inputs["vaerun"])]
+    with pytest.raises(SystemExit) as e:
+        (vae if program == "vae" else kl).main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"{'vae.py' if program == 'vae' else 'kl_autoencoder.py'}: "
+                                                         f"error: "), err
+    for word in words:
+        assert (word[1:] not in err) if word.startswith("!") else (word.format(**inputs) in err), (word, err)
+    assert [snapshot(inputs["d"]), snapshot(inputs["vaerun"])] == before
+    assert not os.path.exists(new) or set(snapshot(new).items()) <= {("metrics.jsonl", b"")}
+
+
+def test_a_run_may_keep_its_checkpoint_elsewhere(data_dir, tmp_path, capsys):
+    vae.main(["--data-dir", data_dir, "--out", str(tmp_path / "o"), "--ckpt", str(tmp_path / "c.pt"), "--epochs", "1",
+              *TINY])
+    assert f"the checkpoint: {tmp_path / 'c.pt'}" in capsys.readouterr().out and os.path.isfile(tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("case", ["out is a file", "eval-only, out is a file", "out under a file"])
+def test_vae_unwritable_out_fails_before_any_work(trained, data_dir, tmp_path, capsys, monkeypatch, case):
+    (tmp_path / "file").write_text("a file")
+    monkeypatch.setattr(vae, "load_mnist", lambda *a: pytest.fail("loaded data before checking --out"))
+    args = {"out is a file": ["--out", str(tmp_path / "file")],
+            "eval-only, out is a file": ["--eval-only", "--ckpt", os.path.join(trained[0], "ckpt.pt"),
+                                         "--out", str(tmp_path / "file")],
+            "out under a file": ["--out", str(tmp_path / "file" / "run")]}[case]
+    assert run_main(["--data-dir", data_dir, *TINY, *args]) == 2
+    one_line_error(capsys, "file")
+
+
+def test_vae_nan_in_the_first_epoch_says_no_checkpoint_was_written(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(vae, "train_epoch", lambda *args, **kwargs: [float("nan")] * 3)
+    assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY]) == 2
+    one_line_error(capsys, "nan", "no checkpoint yet")
+    calls = []
+    monkeypatch.setattr(vae, "train_epoch", lambda *a, **k: calls.append(1) or [0.0 if len(calls) < 3 else float("nan")] * 3)
+    assert run_main(["--data-dir", data_dir, "--out", str(tmp_path / "later"), *TINY]) == 2
+    one_line_error(capsys, "nan", "in epoch 3", "holds the last good epoch, 2")
+    assert torch.load(str(tmp_path / "later" / "ckpt.pt"), weights_only=True)["epoch"] == 2
+
+
+def test_kl_nan_before_the_first_checkpoint_says_so(kl_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(kl, "reconstruction_loss", lambda x, x_rec, kind="l1": (x - x_rec) * float("nan"))
     with pytest.raises(SystemExit):
-        kl.parse_args(["train", "--help"])
-    printed = "".join(capsys.readouterr().out.split())  # without the spaces and line breaks of argparse's wrapping
-    assert all("".join(f.metadata["help"].split()) in printed for f in dataclasses.fields(kl.Config)
-               if f.name != "precision")  # a run option, of eval too, with its own help
-    for wrong in (["--disc-start", "1.5"], ["--lr", "0"], ["--rec-loss", "l2"], ["--kl-weight", "-1"]):
-        with pytest.raises(kl.UserError, match=wrong[0]):
-            kl.parse_args(["train", "--data", "x.npz", *wrong])
+        kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "8", "--disc-weight", "0", "--log-every", "1",
+                 "--out", str(tmp_path / "r")])
+    kl_error(capsys, "nan", "no checkpoint yet")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_fails_cleanly(data_dir, tmp_path, capsys):
+    assert run_main(["--device", "cuda", "--data-dir", data_dir, "--out", str(tmp_path)]) == 2
+    one_line_error(capsys, "--device cuda")
+
+
+PRETRAINED_USERS = {  # each command that loads torchvision's weights from $TORCH_HOME/hub/checkpoints
+    "kl train (VGG16)": torchvision.models.VGG16_Weights.IMAGENET1K_V1.url,
+    "kl eval --fid (Inception)": kl.INCEPTION.url,
+    "vae.py --fid (Inception)": vae.INCEPTION.url,
+}
+
+
+@pytest.mark.parametrize("command", PRETRAINED_USERS)
+def test_a_planted_pretrained_network_file_is_refused_and_never_run(command, kl_data, data_dir, tmp_path, monkeypatch, capsys):
+    """README tells offline users to put these files into $TORCH_HOME/hub/checkpoints by hand, and torch.hub
+    checks a hash only when it downloads: a pickle planted there under the expected name must not run."""
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    planted = hub / os.path.basename(PRETRAINED_USERS[command])
+    marker = tmp_path / "ran"
+    torch.save({"features.0.weight": RunsCode(str(marker))}, str(planted))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("the file is there: no download"))
+    if command.startswith("vae.py"):
+        code = run_main(["--data-dir", data_dir, "--out", str(tmp_path / "run"), *TINY, "--fid"])
+        one_line_error(capsys, str(planted), "sha256", "not loaded")
+    else:
+        argv = ["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--out", str(tmp_path / "run")]
+        if "eval" in command:
+            kl.main(argv)
+            capsys.readouterr()
+            argv = ["eval", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--device", "cpu", "--fid"]
+        else:
+            argv[argv.index("--perceptual-weight") + 1] = "1"
+        with pytest.raises(SystemExit) as e:
+            kl.main(argv)
+        code = e.value.code
+        kl_error(capsys, str(planted), "sha256", "not loaded")
+    assert code == 2 and not marker.exists()
+    assert planted.exists()  # the user's file is refused, not deleted
+
+
+# ----------------------------------------------------------------------------- signals, progress, the helpers both files write
+
+def test_sigterm_ends_a_run_like_ctrl_c(data_dir, tmp_path):
+    """A real process, stopped by SIGTERM in its first epochs: one line, exit 130, the last checkpoint kept."""
+    process = subprocess.Popen([sys.executable, "vae.py", "--data-dir", data_dir, "--out", str(tmp_path), "--epochs",
+                                "100000", *TINY], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:  # wait for the first finished epoch
+        if line.startswith("epoch"):
+            break
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.strip().splitlines() == [
+        "vae.py: interrupted; the checkpoint of the last finished epoch is kept"]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] >= 1
+
+
+@pytest.mark.parametrize("program", ["vae", "kl"])
+def test_main_puts_back_the_sigterm_handler_it_found(program, data_dir, tmp_path):
+    """main() turns SIGTERM into Ctrl-C while it runs, and puts the caller's handler back, also after an error:
+    otherwise a later SIGTERM (a CI timeout's) would become a KeyboardInterrupt in whatever runs next."""
+    def mine(signum, frame):
+        pass
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        main = vae.main if program == "vae" else kl.main
+        with pytest.raises(SystemExit):
+            main(["--data-dir", data_dir, "--out", str(tmp_path), "--lr", "-1"] if program == "vae" else ["eval", "--ckpt", "none"])
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_long_work_shows_progress_and_quick_work_does_not(monkeypatch, capsys):
+    """Not a terminal here: after its fifth second, a line per tenth of the work (images done, rate, time left)."""
+    clock = iter([0.0] + [1.0 + 3 * i for i in range(10)])  # the start, then one update every 3 s from t = 1 s
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    progress = vae.Progress("test NLL (K=5000)", 100)
+    for _ in range(10):
+        progress.update(10)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("test NLL (K=5000): 30/100 images, 4.3 images/s, 16 s left")  # t = 7 s, the first
+    assert len(lines) == 8 and lines[-1].startswith("test NLL (K=5000): 100/100 images")
+    clock = iter([0.0, 1.0, 2.0])
+    quick = vae.Progress("quick", 20)
+    quick.update(10), quick.update(10)
+    assert capsys.readouterr().out == ""
+
+
+SHARED = ["UserError", "Parser", "_number", "get_device", "load_pretrained", "load_inception", "load_checkpoint",
+          "check_writable", "Progress", "interrupt"]  # the block at the end of each file
+
+
+IN_PLACE = ["frechet_distance", "write_atomically", "append_jsonl"]  # where each file uses them, above a comment
+
+
+@pytest.mark.parametrize("name", SHARED + IN_PLACE)
+def test_the_helpers_both_files_write_stay_identical(name):
+    """Each script stands alone, so a few helpers are written in both: they must not drift apart. Those of the
+    command line and the files are in one block at the end of each file; the others say where their twin is."""
+    assert inspect.getsource(getattr(vae, name)) == inspect.getsource(getattr(kl, name))
+    for module in (vae, kl):
+        lines = open(module.__file__).read().split("\n")
+        start = inspect.getsourcelines(getattr(module, name))[1]
+        block = next(i for i, line in enumerate(lines) if line.startswith("# Shared with"))
+        assert (start > block) == (name in SHARED), f"{module.__name__}.{name}"
+        if name in IN_PLACE:
+            assert lines[start - 2].startswith("# A deliberate copy of"), f"{module.__name__}.{name}"
+
+
+@pytest.mark.parametrize("module", [vae, kl], ids=["vae", "kl_autoencoder"])
+def test_functions_and_lines_are_short(module):
+    source = open(module.__file__).read()
+    assert max(len(line) for line in source.split("\n")) <= 120
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            assert node.end_lineno - start + 1 <= 50, f"{node.name} has {node.end_lineno - start + 1} lines"

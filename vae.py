@@ -569,9 +569,9 @@ def open_run(cfg, device):
     check_writable(cfg.out)
     mismatch = [k for k in MODEL_KEYS if ckpt and not cfg.eval_only and ckpt["config"].get(k) != getattr(cfg, k)]
     if mismatch:
-        raise UserError(f"{cfg.ckpt} was trained with " + ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)}"
-                                                                   for k in mismatch)
-                        + ": pass the same options to --resume it, or another --out for a new run")
+        given = ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in mismatch)
+        raise UserError(f"{cfg.ckpt} was trained with {given}: pass the same options to --resume it, or another --out "
+                        f"for a new run")
     if cfg.eval_only:  # the checkpoint decides the model
         vars(cfg).update({key: ckpt["config"].get(key) for key in MODEL_KEYS})
     return ckpt
@@ -808,15 +808,13 @@ def load_checkpoint(path):
 
 
 def check_writable(folder):
-    """Make `folder` if need be and check that a file can be written in it, before any long work starts."""
+    """Make `folder` if need be and check that a file can be written in it, before any long work starts (an
+    OSError, say "Permission denied", is one line from main)."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write into {folder} ({e.strerror or type(e).__name__}): pass another --out")
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 class Progress:
