@@ -2101,6 +2101,7 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("vae", VAE + "--data-dir {d}/bad_magic", ["magic number"]),
     ("vae", VAE + "--data-dir {d}/no_mnist", [os.path.join("no_mnist", "MNIST", "raw"), "train-images-idx3-ubyte"]),
     ("vae", VAE + "--fid", ["inception_v3_google", "checkpoints"]),  # offline: before training
+    ("vae", VAE + "--out {d}/text.png/run", ["Not a directory", "text.png"]),
     ("kl", R + W.replace("tiny.", "nothing."), ["No such file", "nothing.safetensors"]),
     ("kl", R + W + "--image {d}/nothing.png", ["No such file", "nothing.png"]),
     ("kl", R + W + "--image {d}/text.png", ["cannot decode"]),
@@ -2145,6 +2146,7 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", T + "--resolution 16 --disc-weight 0.5", ["discriminator", "--disc-weight 0"]),
     ("kl", T + "--resolution 100000", ["--resolution 100000", "GiB"]),
     ("kl", T + "--steps 3 --epochs 1", ["--steps and --epochs"]),
+    ("kl", T + "--out {d}/text.png/run", ["Not a directory", "text.png"]),
     ("kl", T + "--data nowhere.npz", ["No such file", "nowhere.npz"]),
     ("kl", T + "--data cifar10 --data-root {new}", ["could not get cifar10", "--data-root"]),  # offline
     ("kl", T + "--data {d}/bad.npz", ["bad.npz", "not a readable .npz"]),
