@@ -140,12 +140,18 @@ class Level(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
                                       for i in range(n_blocks)])
-        if resample is not None:  # "down" or "up"
-            setattr(self, resample + "samplers", nn.ModuleList([Resample(out_channels, up=resample == "up")]))
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Resample(out_channels)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Resample(out_channels, up=True)])
 
     def forward(self, x):
-        for layer in [*self.resnets, *getattr(self, "downsamplers", []), *getattr(self, "upsamplers", [])]:
-            x = layer(x)
+        for resnet in self.resnets:
+            x = resnet(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x)
         return x
 
 
@@ -258,7 +264,7 @@ class AutoencoderKL(nn.Module):
     diffusers' config.json (except the SD-sized defaults). The last six keywords describe how the model is
     used, not the model: sample_size is the tile size of tiled encoding; scaling_factor, shift_factor,
     latents_mean, latents_std the latent convention of diffusion models (to_diffusion_latents, Part III);
-    force_upcast that float16 overflows in this model. They are kept, and exported, never applied here."""
+    force_upcast says that float16 overflows in this model. They are kept, and exported, never applied here."""
 
     def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                  latent_channels=4, norm_num_groups=32, act_fn="silu", mid_block_add_attention=True,
@@ -267,9 +273,9 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.config = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in locals().items()
                        if k not in ("self", "__class__")}  # every keyword, as diffusers' config.json holds it
-        shape = (block_out_channels, layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
-        self.encoder = Encoder(in_channels, latent_channels, *shape)
-        self.decoder = Decoder(latent_channels, out_channels, *shape)
+        levels = (block_out_channels, layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
+        self.encoder = Encoder(in_channels, latent_channels, *levels)
+        self.decoder = Decoder(latent_channels, out_channels, *levels)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
@@ -352,8 +358,8 @@ class Perceptual(nn.Module):
 class NLayerDiscriminator(nn.Module):
     """PatchGAN discriminator (Isola et al. 2017) as in taming-transformers and LDM: a grid of
     real/fake logits, one per overlapping patch. Conv(4x4, stride 2) + LeakyReLU(0.2), then
-    n_layers Conv(4x4, stride 2, 2, 1) + BatchNorm + LeakyReLU with 2x, 4x, 8x the channels,
-    then Conv(4x4) to one channel. Weights N(0, 0.02), BatchNorm scales N(1, 0.02).
+    n_layers Conv(4x4) + BatchNorm + LeakyReLU with 2x, 4x, 8x the channels (stride 2, the last one
+    stride 1), then Conv(4x4) to one channel. Weights N(0, 0.02), BatchNorm scales N(1, 0.02).
     2,765,633 parameters for 3 input channels."""
 
     def __init__(self, in_channels=3, ndf=64, n_layers=3):
@@ -424,46 +430,48 @@ def autoencoder_loss(x, x_rec, kl, logvar, rec_loss="l1", perceptual=None, perce
 # training: the recipe, one step, the loop
 
 
-def knob(default, help, **option):
+def option(default, help, **argparse_keywords):
     """A field of Config: its default, and the help (and any choices or metavar) of its train option."""
-    return dataclasses.field(default=default, metadata={"help": help, **option})
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_keywords})
 
 
 @dataclasses.dataclass
 class Config:
     """A training run: LDM's recipe (configs/autoencoder/autoencoder_kl_*.yaml and LPIPSWithDiscriminator): the
     objective and the optimizers (AdamW for the autoencoder and s, Adam for the discriminator); then the loop and
-    the data. Each field is a train option of the same name, with this help."""
-    rec_loss: str = knob("l1", "the per-pixel reconstruction loss (LDM: l1)", choices=("l1", "mse"))
-    perceptual_weight: float = knob(1.0, "weight of the LPIPS-style VGG16 distance (LDM: 1; 0: off)")
-    kl_weight: float = knob(1e-6, "weight of the KL summed over latent elements (LDM: 1e-6)")
-    learn_logvar: bool = knob(True, "learn the NLL's scalar log-variance s (LDM's code leaves it at 0)")
-    disc_weight: float = knob(0.5, "weight of the adversarial term (LDM: 0.5; 0: no discriminator)")
-    disc_start: int = knob(50001, "the step from which the discriminator trains and judges (LDM: 50001)")
-    lr: float = knob(1e-4, "learning rate of both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
-    betas: tuple = knob((0.5, 0.9), "Adam's betas, both optimizers (LDM)", metavar=("BETA1", "BETA2"))
-    weight_decay: float = knob(0.0, "the autoencoder's AdamW weight decay (LDM: 0, Adam)")
-    grad_clip: float = knob(0.0, "max gradient norm of the autoencoder (0: off)")
-    ema: float = knob(0.0, "decay of a moving average of the weights, e.g. 0.999 (0: none)", metavar="DECAY")
-    precision: str = knob("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)", choices=("auto", "bf16", "fp32"))
-    batch_size: int = knob(8, "images per step, per process")
-    steps: int = knob(10_000, "optimizer steps")
-    epochs: int = knob(None, "passes over the training images, instead of --steps")
-    hflip: bool = knob(False, "random horizontal flips")
-    compile: bool = knob(False, "torch.compile the autoencoder")
-    device: str = knob("auto", "cuda, mps or cpu (auto: the first there is)", choices=("auto", "cpu", "cuda", "mps"))
-    seed: int = knob(0, "the split, the initialisation, the data order, every random draw")
-    log_every: int = knob(50, "a log line every N steps: the means since the one before")
-    ckpt_every: int = knob(1000, "a checkpoint every N steps (and at the end)")
-    eval_every: int = knob(1000, "a held-out evaluation every N steps (0: only at the end)")
-    out: str = knob(os.path.join("runs", "kl"), "the run's folder: ckpt.pt, metrics.jsonl, reconstructions.png")
-    resume: bool = knob(False, "continue OUT/ckpt.pt")
-    data: str = knob(None, "a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, celeba")
-    val_data: str = knob(None, "held-out images (otherwise --val-size images of --data)")
-    val_size: int = knob(1000, "held-out images split off --data (stratified by label when it has labels)")
-    data_root: str = knob("./data", "where torchvision datasets are kept")
-    resolution: int = knob(256, "images are resized and centre-cropped to this square")
-    workers: int = knob(None, "DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)")
+    the data (which the command line reads: train() takes the data sets). Each field is a train option of the same
+    name, with this help; "auto" devices and precisions are settled in train()."""
+    rec_loss: str = option("l1", "the per-pixel reconstruction loss (LDM: l1)", choices=("l1", "mse"))
+    perceptual_weight: float = option(1.0, "weight of the LPIPS-style VGG16 distance (LDM: 1; 0: off)")
+    kl_weight: float = option(1e-6, "weight of the KL summed over latent elements (LDM: 1e-6)")
+    learn_logvar: bool = option(True, "learn the NLL's scalar log-variance s (LDM's code leaves it at 0)")
+    disc_weight: float = option(0.5, "weight of the adversarial term (LDM: 0.5; 0: no discriminator)")
+    disc_start: int = option(50001, "the step from which the discriminator trains and judges (LDM: 50001)")
+    lr: float = option(1e-4, "learning rate of both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
+    betas: tuple = option((0.5, 0.9), "Adam's betas, both optimizers (LDM)", metavar=("BETA1", "BETA2"))
+    weight_decay: float = option(0.0, "the autoencoder's AdamW weight decay (LDM: 0, Adam)")
+    grad_clip: float = option(0.0, "max gradient norm of the autoencoder (0: off)")
+    ema: float = option(0.0, "decay of a moving average of the weights, e.g. 0.999 (0: none)", metavar="DECAY")
+    precision: str = option("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)", choices=("auto", "bf16", "fp32"))
+    batch_size: int = option(8, "images per step, per process")
+    steps: int = option(10_000, "optimizer steps")
+    epochs: int = option(None, "passes over the training images, instead of --steps")
+    hflip: bool = option(False, "random horizontal flips")
+    compile: bool = option(False, "torch.compile the autoencoder")
+    device: str = option("auto", "cuda, mps or cpu (auto: the first there is)", choices=("auto", "cpu", "cuda", "mps"))
+    seed: int = option(0, "the split, the initialisation, the data order, every random draw")
+    log_every: int = option(50, "a log line every N steps: the means since the one before")
+    ckpt_every: int = option(1000, "a checkpoint every N steps (and at the end)")
+    eval_every: int = option(1000, "a held-out evaluation every N steps (0: only at the end)")
+    out: str = option(os.path.join("runs", "kl"), "the run's folder: ckpt.pt, metrics.jsonl, reconstructions.png")
+    resume: bool = option(False, "continue OUT/ckpt.pt")
+    data: str = option(None, "a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, "
+                             "celeba", required=True)
+    val_data: str = option(None, "held-out images (otherwise --val-size images of --data)")
+    val_size: int = option(1000, "held-out images split off --data (stratified by label when it has labels)")
+    data_root: str = option("./data", "where torchvision datasets are kept")
+    resolution: int = option(256, "images are resized and centre-cropped to this square")
+    workers: int = option(None, "DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)")
 
 
 class Trainable(nn.Module):
@@ -484,6 +492,12 @@ class Trainable(nn.Module):
 LOG_COLUMNS = ("loss", "rec", "perceptual", "nll", "kl", "g", "lambda", "d")  # train_step's terms, as logged
 
 
+def autocast(precision, device):
+    """bf16 autocast for precision "bf16", or "auto" on CUDA; else float32 throughout."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16" or precision == "auto" and device.type == "cuda")
+
+
 def train_step(model, disc, x, step, *, opt, opt_d, cfg, perceptual=None, ema=None):
     """One step of THE OBJECTIVE on a batch x with the recipe cfg (a Config): the autoencoder's optimizer step (then
     its EMA), and from cfg.disc_start on the discriminator's. model: a Trainable, or DistributedDataParallel around
@@ -491,9 +505,8 @@ def train_step(model, disc, x, step, *, opt, opt_d, cfg, perceptual=None, ema=No
     Returns the terms of autoencoder_loss and the discriminator's loss d, on the device (no host sync)."""
     raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     disc_on = cfg.disc_weight > 0 and step >= cfg.disc_start
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     # the autoencoder: decode a posterior sample, the objective (the discriminator frozen while it judges), a step
-    with autocast:
+    with autocast(cfg.precision, x.device):
         x_rec, kl = model(x)
         disc.requires_grad_(False)
         loss, terms = autoencoder_loss(
@@ -511,7 +524,7 @@ def train_step(model, disc, x, step, *, opt, opt_d, cfg, perceptual=None, ema=No
     terms["d"] = torch.zeros((), device=x.device)
     if disc_on:
         disc.requires_grad_(True)
-        with autocast:
+        with autocast(cfg.precision, x.device):
             d = hinge_d_loss(disc(x.detach()).float(), disc(x_rec.detach()).float())
         opt_d.zero_grad(set_to_none=True)
         d.backward()
@@ -527,20 +540,22 @@ def train_step(model, disc, x, step, *, opt, opt_d, cfg, perceptual=None, ema=No
     return terms
 
 
-def processes(device):
-    """(rank, number of processes, device) of this process (on CUDA: TF32, peak memory counted from here). torchrun
-    starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: each joins the process group (NCCL on
-    CUDA, gloo on the CPU), also when it is the only one, so that one GPU runs the same distributed code."""
-    if device.type == "cuda":
+def processes(name):
+    """(rank, number of processes, device) of this process, for the device name (auto: CUDA if there is one).
+    torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: each joins the process group
+    (NCCL on CUDA, gloo on the CPU), also when it is the only one, so that one GPU runs the same distributed code."""
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    rank, world = 0, 1
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if device.type == "cuda":  # TF32 matrix products and convolutions; the peak memory counted from here
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.reset_peak_memory_stats()
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+        torch.cuda.reset_peak_memory_stats(device)
+    return rank, world, device
 
 
 def networks(cfg, model_config, device, init=None):
@@ -563,12 +578,12 @@ def networks(cfg, model_config, device, init=None):
     return model, disc, opt, opt_d, ema
 
 
-def batches(n, cfg, step, process):
+def batch_indices(n, cfg, step, *, rank, world):
     """The indices of this process's batches from `step` on, without end. Epoch e's order is the permutation of
     the n images drawn from the seed cfg.seed + e (as DistributedSampler draws it), cut to a multiple of the
-    number of processes; process (rank r of world) takes every world-th image from the r-th on, in batches, the
-    rest dropped."""
-    (rank, world), per_rank = process, n // process[1]
+    number of processes; process `rank` of `world` takes every world-th image from the rank-th on, in batches of
+    cfg.batch_size, the rest dropped."""
+    per_rank = n // world
     epoch, i = divmod(step, per_rank // cfg.batch_size)
     while True:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
@@ -587,20 +602,24 @@ def to_model_input(batch, device, flip=False):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=None):  # init: weights to start from
-    """Train AutoencoderKL(**model_config) with THE OBJECTIVE and the recipe cfg on `data` (a Dataset of uint8 images
-    (3, r, r)), in one process or one per device (torchrun): rank 0 alone logs, evaluates on `val` (rFID: features, see
-    evaluate), writes ckpt.pt, metrics.jsonl, reconstructions.png into cfg.out, returns the final weights, record."""
-    rank, world, device = processes(torch.device(cfg.device))
+def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=None):
+    """Train AutoencoderKL(**model_config) (from the weights `init`, when given) with THE OBJECTIVE and the recipe cfg
+    on `data`, a Dataset of uint8 images (3, r, r), in one process or one per device (torchrun). Rank 0 alone logs,
+    evaluates on `val` (rFID at the end with `features`, see evaluate), writes cfg.out's ckpt.pt, metrics.jsonl and
+    reconstructions.png, and returns the final weights (the EMA's when kept) and evaluation; the others None."""
+    if cfg.perceptual_weight > 0 and perceptual is None:
+        raise ValueError("cfg.perceptual_weight > 0 needs the perceptual network (or set it to 0)")
+    rank, world, device = processes(cfg.device)
     model, disc, opt, opt_d, ema = networks(cfg, model_config, device, init)
     perceptual = perceptual.to(device) if perceptual is not None else None
+    final = model.autoencoder if ema is None else ema  # what is evaluated, and returned
     parts = {"model": model.autoencoder, "disc": disc, "opt": opt, "opt_d": opt_d, "ema": ema}  # the checkpoint's
     ckpt_path, log_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
-    start = begin(cfg, model, parts, rank)  # 0, or the resumed checkpoint's step
+    start = start_or_resume(cfg, model, parts, rank)  # 0, or the resumed checkpoint's step
     saved = start if cfg.resume else None  # the step of the last checkpoint
     total = cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
-    loader = torch.utils.data.DataLoader(data, batch_sampler=batches(len(data), cfg, start, (rank, world)),
-                                         num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batch_indices(len(data), cfg, start, rank=rank,
+                                         world=world), num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
     # the discriminator stays outside DDP: it also runs, frozen, in the autoencoder's loss (train_step averages it)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_initialized() else model
@@ -608,17 +627,14 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
         ddp.compile()
     sums, since, t0 = torch.zeros(len(LOG_COLUMNS), device=device), start, time.time()  # the log line in progress
     for step, batch in zip(range(start, total), loader):
-        torch.manual_seed(hash((cfg.seed, step, rank)))  # every random draw of the step: flips, posterior samples
+        torch.manual_seed(hash((cfg.seed, step, rank)))  # all of the step's draws (flips, posterior samples) from it
         x = to_model_input(batch, device, flip=cfg.hflip)
         terms = train_step(ddp, disc, x, step, opt=opt, opt_d=opt_d, cfg=cfg, perceptual=perceptual, ema=ema)
         sums += torch.stack([terms[name] for name in LOG_COLUMNS])  # on the device: no host sync
         done = step + 1
         log_now, save_now = done % cfg.log_every == 0 or done == total, done % cfg.ckpt_every == 0 or done == total
-        if log_now or save_now:  # the means since the last line, over the processes: the loop's only host sync
-            means = dict(zip(LOG_COLUMNS, mean_over_processes(sums / (done - since)).tolist()))
-            if not all(math.isfinite(v) for v in means.values()):  # stop before a bad state is saved
-                kept = f"{ckpt_path} holds the last good step, {saved}" if saved is not None else "no checkpoint yet"
-                raise FloatingPointError(f"the loss became {means['loss']} by step {done} ({kept}): try a lower --lr")
+        if log_now or save_now:  # the means since the last line, over the processes (the only host syncs: here)
+            means = finite_means(sums / (done - since), done, last_good=(ckpt_path, saved))
         if log_now:
             log_line(log_path, {"kind": "train", "step": done, **means, "logvar": model.logvar.item(), "images_per_s":
                                 (done - since) * cfg.batch_size * world / (time.time() - t0)}, device, rank)
@@ -629,9 +645,8 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
                                         "config": {"model": model_config, **vars(cfg)}})
         saved = done if save_now else saved
         if cfg.eval_every and done % cfg.eval_every == 0 and done < total and rank == 0:
-            evaluate_and_log(ema or model.autoencoder, val, cfg, step=done, out=cfg.out, features=features)
+            evaluate_and_log(final, val, cfg, step=done, out=cfg.out)
             model.train()
-    final = ema or model.autoencoder
     record = evaluate_and_log(final, val, cfg, step=max(start, total), out=cfg.out, features=features) \
         if rank == 0 else None
     if dist.is_initialized():
@@ -639,27 +654,40 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
     return (final, record) if rank == 0 else (None, None)
 
 
-def begin(cfg, model, parts, rank):
-    """The step a run begins at: 0 for a new one, whose log starts empty; a resumed one's, with the states in its
-    checkpoint loaded into its parts (an EMA that the checkpointed run did not keep starts at its weights)."""
+def start_or_resume(cfg, model, parts, rank):
+    """The step a run begins at: 0 for a new one, whose log starts empty in a new cfg.out; or a resumed one's, its
+    checkpoint's states loaded into its parts (an EMA that the checkpointed run did not keep starts at its
+    weights) and what it logged after that checkpoint forgotten (it will log it again)."""
+    log = os.path.join(cfg.out, "metrics.jsonl")
     if not cfg.resume:
         if rank == 0:
-            open(os.path.join(cfg.out, "metrics.jsonl"), "w").close()
+            os.makedirs(cfg.out, exist_ok=True)
+            open(log, "w").close()
         return 0
     ckpt = torch.load(os.path.join(cfg.out, "ckpt.pt"), map_location="cpu", weights_only=True)
     for name, part in parts.items():
         if part is not None:
             part.load_state_dict(ckpt.get(name) or ckpt["model"])
     model.logvar.data.copy_(ckpt["logvar"])
+    if rank == 0 and os.path.exists(log):
+        records = [json.loads(line) for line in pathlib.Path(log).read_text().splitlines() if line.strip()]
+        write_atomically(log, lambda tmp: pathlib.Path(tmp).write_text(
+            "".join(json.dumps(r) + "\n" for r in records if (r.get("step") or 0) <= ckpt["step"])))
     return ckpt["step"]
 
 
-def mean_over_processes(t):
-    """t averaged over the processes (in place; t itself with one)."""
+def finite_means(t, step, last_good):
+    """The means t of the logged terms, averaged over the processes, as {name: float} (a host sync). A run whose loss
+    is not finite stops here, before a bad state is saved; last_good: (the checkpoint's path, its step or None)."""
     if dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
-    return t
+    means = dict(zip(LOG_COLUMNS, t.tolist()))
+    if not all(math.isfinite(v) for v in means.values()):
+        kept = f"{last_good[0]} holds the last good step, {last_good[1]}" if last_good[1] is not None \
+            else "no checkpoint yet"
+        raise FloatingPointError(f"the loss became {means['loss']} by step {step} ({kept}): try a lower --lr")
+    return means
 
 
 def log_line(path, record, device, rank):
@@ -767,10 +795,9 @@ def evaluate(autoencoder, batches, precision="fp32", features=None):
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, kl, sum z, sum z^2
     n = n_latent = 0
     feats = {"real": [], "fake": []}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     generator = torch.Generator(device).manual_seed(0)
     for x in batches:
-        with autocast:
+        with autocast(precision, device):
             posterior = DiagonalGaussianDistribution(autoencoder.encode(x).parameters.float())  # statistics in fp32
             x_rec = autoencoder.decode(posterior.mode()).float()
         z = posterior.sample(generator).double()
@@ -808,7 +835,7 @@ def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None, batc
           f"scaling factor {record['scaling_factor']:.5f}", flush=True)
     append_jsonl(os.path.join(out, "metrics.jsonl"), record)
     x = to_model_input(torch.stack([images[i] for i in range(min(8, len(images)))]), device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+    with torch.no_grad(), autocast(cfg.precision, device):
         x_rec = autoencoder.decode(autoencoder.encode(x).mode()).float()
     grid = torchvision.utils.make_grid(torch.cat([x, x_rec]), nrow=len(x), padding=2, pad_value=1)
     write_atomically(os.path.join(out, "reconstructions.png"),
@@ -877,18 +904,20 @@ def load_images(spec, resolution, root):
     recursively), an .npz file of uint8 N x H x W x C `images` (and `labels`, which stratify the held-out split),
     or a torchvision dataset's training split, kept under ROOT (downloaded when missing). Arrays are resized once,
     here; grey images repeated to three channels and alpha dropped, as decode_image does."""
-    if os.path.isdir(spec):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise UserError(f"--data {spec}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
-        return ImageFiles(files, resolution), None
     if spec in TORCHVISION_DATASETS:
         dataset = torchvision_dataset(spec, root)
         if spec == "celeba":
             folder = os.path.join(root, dataset.base_folder, "img_align_celeba")
             return ImageFiles([os.path.join(folder, f) for f in dataset.filename], resolution), None
         images, labels = np.asarray(dataset.data), torch.as_tensor(dataset.targets)  # N x H x W (x C)
+    elif os.path.isdir(spec):
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise UserError(f"--data {spec}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
+        return ImageFiles(files, resolution), None
+    elif not spec.endswith(".npz"):
+        raise UserError(f"--data {spec}: not a folder, an .npz file, or one of {', '.join(TORCHVISION_DATASETS)}")
     else:
         try:
             with np.load(spec) as f:
@@ -972,7 +1001,7 @@ def load_lpips_weights(perceptual, path):
             if value.shape != w.shape or (value < 0).any():
                 raise ValueError(f"lin{i} has {value.numel()} weights (need {w.numel()}, all >= 0)")
             w.data.copy_(value)
-    except (KeyError, ValueError, RuntimeError, TypeError, pickle.UnpicklingError) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as e:
         raise UserError(f"--lpips-weights {path} is not LPIPS v0.1 vgg weights ({type(e).__name__}: {e})")
 
 
@@ -1009,11 +1038,13 @@ def load_safetensors(path, metadata=False):
                f"header length {n} with {len(blob) - 8} bytes after it (truncated?)")
     try:
         header = json.loads(blob[8:8 + n], object_pairs_hook=no_duplicates)
-    except ValueError as e:  # UnicodeDecodeError too
-        refuse(f"the header is not valid JSON ({e})")
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError too; RecursionError: nested beyond reason
+        refuse(f"the header is not valid JSON ({type(e).__name__})")
     if not isinstance(header, dict):
         refuse("the header is not a JSON object")
     meta, entries, end, size = header.pop("__metadata__", {}), [], 0, len(blob) - 8 - n
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        refuse("its __metadata__ is not a map of strings")
     for name, info in header.items():
         info = info if isinstance(info, dict) else {}
         dtype, shape, span = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -1225,20 +1256,21 @@ def add_model_options(q, source=True):
 
 
 def add_config_options(g, names=None, blank=False):
-    """An option for each field of Config (or those named), its default (None with blank: eval settles them) and
-    help; the kind of each field checked as argparse parses it."""
+    """An option for each field of Config (or those named), its default (with blank: None, and nothing required;
+    eval settles them) and help; the kind of each field checked as argparse parses it."""
     kinds = {"lr": positive_float, "ema": decay, "betas": decay, "seed": seed, "disc_start": nonnegative_int,
              "eval_every": nonnegative_int, "workers": nonnegative_int, int: positive_int, float: nonnegative_float}
     for f in dataclasses.fields(Config):
         if names is None or f.name in names:
-            option = {"default": None if blank else f.default, **f.metadata,
-                      "help": f.metadata["help"].replace("%", "%%")}  # (argparse formats help with %)
+            keywords = {**f.metadata, "default": None if blank else f.default,
+                        "help": f.metadata["help"].replace("%", "%%")}  # (argparse formats help with %)
+            keywords["required"] = keywords.get("required", False) and not blank
             if f.type is bool:
-                option["action"] = argparse.BooleanOptionalAction
+                keywords["action"] = argparse.BooleanOptionalAction
             elif f.type is not str:
-                option.update(type=kinds.get(f.name, kinds.get(f.type)),
-                              nargs=len(f.default) if f.type is tuple else None)
-            g.add_argument("--" + f.name.replace("_", "-"), **option)
+                keywords.update(type=kinds.get(f.name, kinds.get(f.type)),
+                                nargs=len(f.default) if f.type is tuple else None)
+            g.add_argument("--" + f.name.replace("_", "-"), **keywords)
 
 
 def decay(text):
@@ -1304,11 +1336,13 @@ def check_output(path, flag, inputs, extensions, *, overwrite, make_folder=False
                    and os.path.samefile(path, i) for i in inputs if i)
     problem = ("is also an input of this command: write to another file" if is_input else
                "is a folder: give a file name" if os.path.isdir(path) else
-               f"can write {', '.join(extensions)} files only" if not path.lower().endswith(extensions) else
+               f"is not a {' or '.join(extensions)} file, what this command writes" if not path.lower().endswith(
+                   extensions) else
                "exists: pass --overwrite to replace it, or another name" if os.path.exists(path) and not overwrite else
-               f"the folder {folder} does not exist" if not make_folder and not os.path.isdir(folder) else None)
+               f"is in a folder that does not exist, {folder}" if not make_folder and not os.path.isdir(folder) else
+               None)
     if problem:
-        raise UserError(f"{flag} {path}: {problem}")
+        raise UserError(f"{flag} {path} {problem}")
 
 
 def check_resolution(resolution, config, disc_weight):
@@ -1374,7 +1408,6 @@ def train_command(args):
         if with_lists(complete(ckpt["config"]["model"])) != with_lists(config):
             raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: pass its sizes, or "
                             f"another --out")
-        drop_records_after(os.path.join(cfg.out, "metrics.jsonl"), ckpt["step"])
         print(f"resuming {ckpt_path} at step {ckpt['step']}")
     if rank0:
         check_writable(cfg.out)
@@ -1390,23 +1423,19 @@ def train_command(args):
         raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(data) // world} training images of "
                         f"each of the {world} processes")
     if rank0:
-        backend = ("nccl" if cfg.device == "cuda" else "gloo") if "RANK" in os.environ else ""
+        backend = (" nccl" if cfg.device == "cuda" else " gloo") if "RANK" in os.environ else ""
         print(f"AutoencoderKL {config['block_out_channels']}; {len(data):,} training and {len(val):,} held-out images "
-              f"at {cfg.resolution}x{cfg.resolution}; {world} process(es) on {cfg.device} {backend}; "
+              f"at {cfg.resolution}x{cfg.resolution}; {world} process(es) on {cfg.device}{backend}; "
               + (f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.steps:,} steps"), flush=True)
     features = None if net is None else lambda x: inception_features(net.to(x.device), x)
-    final, record = train(cfg, config, data, val, init=init, perceptual=perceptual, features=features)
+    try:
+        final, record = train(cfg, config, data, val, init=init, perceptual=perceptual, features=features)
+    finally:  # also after a failure (a diverged loss, Ctrl-C): leave no process group behind
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if final is not None and args.export:
         export(final, args.export, args.overwrite, args.export_format)
     return record
-
-
-def drop_records_after(path, step):
-    """Forget what a run logged after the checkpoint it is resumed from (it will log it again)."""
-    if os.path.exists(path):
-        records = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
-        write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(
-            "".join(json.dumps(r) + "\n" for r in records if (r.get("step") or 0) <= step)))
 
 
 def eval_command(args):
@@ -1431,15 +1460,20 @@ def eval_command(args):
         if theirs and os.path.exists(os.path.join(out, name)) and not args.overwrite:
             raise UserError(f"{os.path.join(out, name)} exists: pass another --out, or --overwrite")
     check_writable(out)
-    progress, loader = Progress("held-out evaluation", len(val)), torch.utils.data.DataLoader(val, batch_size=64,
-                                                                                              num_workers=args.workers)
-    batches = (progress.update(len(b)) or to_model_input(b, device) for b in loader)
     features = None if net is None else lambda x: inception_features(net, x)
     record = evaluate_and_log(model.to(device), val, args, step=ckpt["step"] if ckpt else 0, out=out,
-                              features=features, batches=batches)
+                              features=features, batches=with_progress(val, device, args.workers))
     if args.export:
         export(model, args.export, args.overwrite, args.export_format)
     return record
+
+
+def with_progress(images, device, workers):
+    """The held-out images as model inputs on the device, in batches of 64, with a progress line for long work."""
+    progress = Progress("held-out evaluation", len(images))
+    for batch in torch.utils.data.DataLoader(images, batch_size=64, num_workers=workers):
+        yield to_model_input(batch, device)
+        progress.update(len(batch))
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ Nothing here touches the network: the tests write their own small data. The form
 """
 
 import ast
+import builtins
 import copy
 import dataclasses
 import gzip
@@ -852,6 +853,32 @@ def test_lpips_weights_file_is_loaded(tmp_path):
 
 # ----------------------------------------------------------------------------- Config and the training loop: what a run computes from its options
 
+def test_part_one_is_a_complete_program(tmp_path):
+    """Part I of kl_autoencoder.py uses nothing defined after it (every name it reads is its own, imported, or a
+    builtin), and trains from a Config with its defaults for the device and precision ("auto"), in a folder that
+    does not exist yet, on uint8 tensors: the copy a reader makes of it runs."""
+    source = open(kl.__file__).read()
+    part_one = source[source.index("# PART I:"):source.index("# PART II:")]
+    tree, imported = ast.parse(part_one), {a.asname or a.name.split(".")[0] for n in ast.walk(ast.parse(source))
+                                           if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))} | {
+        t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)} | {
+        a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments) for a in [*n.args, *n.kwonlyargs, n.vararg, n.kwarg]
+        if a} | {
+        n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} | {
+        n.name for n in ast.walk(tree) if isinstance(n, ast.ExceptHandler) and n.name}
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert used - defined - imported - set(dir(builtins)) == set()
+    images = torch.from_numpy(smooth_images(12, 16)).permute(0, 3, 1, 2).contiguous()
+    cfg = kl.Config(steps=3, batch_size=4, perceptual_weight=0, disc_weight=0, log_every=1, eval_every=2,
+                    out=str(tmp_path / "new" / "run"))
+    final, record = kl.train(cfg, dict(block_out_channels=(32, 64), layers_per_block=1), images[:8], images[8:])
+    assert isinstance(final, kl.AutoencoderKL) and record["images"] == 4 and record["step"] == 3
+    assert sorted(os.listdir(cfg.out)) == ["ckpt.pt", "metrics.jsonl", "reconstructions.png"]
+    with pytest.raises(ValueError, match="perceptual"):  # a perceptual weight with no network is not ignored
+        kl.train(dataclasses.replace(cfg, perceptual_weight=1.0), {}, images[:8], images[8:])
+
+
 def test_config_holds_ldms_recipe_and_is_the_train_commands_options(capsys):
     """LDM's values (latent-diffusion's contperceptual.py and kl-f8 config; FACTS.md), with our two documented
     departures (--learn-logvar on; lr 1e-4 for one small GPU), and the train command's defaults are Config's."""
@@ -964,8 +991,8 @@ def test_kl_disc_ema_and_export_options_reach_the_run(frozen, tmp_path, monkeypa
     monkeypatch.setattr(kl, "load_inception", lambda device: RecordingFeatures())
     export = tmp_path / "export" / "w.safetensors"
     records, ckpt = frozen_train(frozen, tmp_path / "run", "--steps", "3", "--disc-start", "1", "--disc-weight", "0.3",
-                                 "--ema", "0.75", "--lr", "2e-4", "--fid", "--export", str(export))
-    assert "rfid" in kl_records(str(tmp_path / "run"), "eval")[-1]  # --fid: the final evaluation has it
+                                 "--ema", "0.75", "--lr", "2e-4", "--fid", "--export", str(export), "--eval-every", "2")
+    assert ["rfid" in r for r in kl_records(str(tmp_path / "run"), "eval")] == [False, True]  # --fid: the final one
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["g"] == records[0]["lambda"] == records[0]["d"] == 0
     assert len(spy_d.steps) == 2 and tuple(spy_d.steps[0]["betas"]) == (0.5, 0.9) and spy_d.steps[0]["lr"] == 2e-4
@@ -1092,22 +1119,23 @@ def test_kl_logvar_is_learned_only_with_learn_logvar(kl_data, tmp_path):
 
 
 def test_kl_resume_equals_uninterrupted_run(kl_data, tmp_path, monkeypatch):
-    """Interrupted right after the checkpoint at step 6 and resumed: the same weights, logs and evaluations as a run
-    that went straight through (periodic evaluations every 3 steps: one falls on the checkpoint's step)."""
+    """Interrupted after the log line of step 9 (the last checkpoint: step 6) and resumed: the same weights, logs and
+    evaluations as a run that went straight through, the step-9 line not twice (periodic evaluations every 3
+    steps: one falls on the checkpoint's step)."""
     args = ["train", "--data", kl_data, *KL_TINY, "--steps", "12", "--ckpt-every", "6", "--disc-start", "4", "--hflip",
             "--ema", "0.9", "--eval-every", "3", "--log-every", "3"]
     kl.main([*args, "--out", str(tmp_path / "straight")])
-    real_save = kl.save_checkpoint
+    real_log_line = kl.log_line
 
-    def save_then_interrupt(path, state):
-        real_save(path, state)
-        if state["step"] == 6:
+    def log_then_interrupt(path, record, device, rank):
+        real_log_line(path, record, device, rank)
+        if record["step"] == 9:
             raise KeyboardInterrupt
-    monkeypatch.setattr(kl, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(kl, "log_line", log_then_interrupt)
     with pytest.raises(SystemExit) as e:
         kl.main([*args, "--out", str(tmp_path / "resumed")])
-    assert e.value.code == 130
-    monkeypatch.setattr(kl, "save_checkpoint", real_save)
+    assert e.value.code == 130 and torch.load(str(tmp_path / "resumed" / "ckpt.pt"), weights_only=True)["step"] == 6
+    monkeypatch.setattr(kl, "log_line", real_log_line)
     kl.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
     a, b = (torch.load(str(tmp_path / run / "ckpt.pt"), weights_only=True) for run in ("straight", "resumed"))
     for part in ("model", "disc", "ema"):
@@ -1551,6 +1579,9 @@ GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, "b": {"
     (lambda good: raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, bytes(16)), "invalid data_offsets"),
     (lambda good: b"\x10" + bytes(7) + b"not json at all!" + bytes(8), "not valid JSON"),
     (lambda good: raw_safetensors([1, 2], b""), "not a JSON object"),
+    (lambda good: raw_safetensors({"__metadata__": [1], **GOOD}, bytes(24)), "__metadata__ is not a map of strings"),
+    (lambda good: raw_safetensors({"__metadata__": {"config": 5}, **GOOD}, bytes(24)), "__metadata__"),
+    (lambda good: (200_000).to_bytes(8, "little") + b"[" * 200_000, "not valid JSON"),
     (lambda good: good + b"extra", "trailing bytes"),
 ])
 def test_malformed_safetensors_are_rejected(tmp_path, make, words):
@@ -2053,6 +2084,9 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     (d / "broken" / "13.png").write_bytes(b"\x89PNG broken")
     (d / "text_ckpt.pt").write_text("hello, I am a text file\n" * 10)
     (d / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    ckpt = torch.load(os.path.join(trained[0], "ckpt.pt"), weights_only=True)  # vae.py checkpoints of other versions:
+    torch.save({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "likelihood"}}, d / "vae_nokey.pt")
+    torch.save({**ckpt, "config": {**ckpt["config"], "hidden": [32]}}, d / "vae_other.pt")  # weights of other sizes
     for damage in ("truncated_gz", "not_gzip", "bad_magic"):
         make_mnist(str(d / damage), gz=damage != "bad_magic")
         raw = d / damage / "MNIST" / "raw"
@@ -2093,6 +2127,8 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("vae", VAE + "--eval-only --ckpt {d}/text_ckpt.pt", ["not a readable checkpoint", "pass a ckpt.pt that vae.py wrote",
                                                           "!101"]),  # (torch.load's KeyError of a text file)
     ("vae", VAE + "--eval-only --ckpt {d}/garbage.pt", ["garbage.pt", "not a readable checkpoint"]),
+    ("vae", VAE + "--eval-only --ckpt {d}/vae_nokey.pt", ["vae_nokey.pt", "does not hold a model vae.py can build"]),
+    ("vae", VAE + "--eval-only --ckpt {d}/vae_other.pt", ["vae_other.pt", "does not hold a model vae.py can build"]),
     ("vae", VAE + "--out {vaerun} --epochs 1", ["exists", "--resume"]),
     ("vae", VAE + "--out {vaerun} --ckpt {new}/elsewhere.pt --epochs 1", ["metrics.jsonl", "--overwrite"]),
     ("vae", VAE + "--out {vaerun} --hidden 32 --resume --epochs 7", ["--hidden [64]"]),
@@ -2121,10 +2157,10 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", R + W + "--out {d}/tiny.safetensors", ["also an input"]),
     ("kl", R + W + "--out {d}/in32.png", ["also an input"]),
     ("kl", R + W + "--out {d}/existing.png", ["exists", "--overwrite"]),
-    ("kl", R + W + "--out {new}.bmp", [".bmp", ".png, .jpg, .jpeg"]),
+    ("kl", R + W + "--out {new}.bmp", [".bmp", ".png or .jpg or .jpeg"]),
     ("kl", R + W + "--out {new}/out.png", ["does not exist"]),
     ("kl", R + W + "--out {d}/folder.png", ["is a folder"]),
-    ("kl", "encode " + W + "--data {d}/imgs --out {new}.npz", ["can write .safetensors"]),
+    ("kl", "encode " + W + "--data {d}/imgs --out {new}.npz", ["is not a .safetensors file"]),
     ("kl", "encode " + W + "--data {d}/imgs --out {d}/lat.safetensors", ["exists", "--overwrite"]),
     ("kl", "encode " + W + "--data {d}/imgs --resolution 31 --out {new}.safetensors", ["multiple of 2"]),
     ("kl", "decode " + W + "--latents {d}/nolat.safetensors --out {new}", ["no 'latents' tensor"]),
@@ -2148,6 +2184,8 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", T + "--steps 3 --epochs 1", ["--steps and --epochs"]),
     ("kl", T + "--out {d}/text.png/run", ["Not a directory", "text.png"]),
     ("kl", T + "--data nowhere.npz", ["No such file", "nowhere.npz"]),
+    ("kl", T + "--data {d}/in32.png", ["in32.png", "not a folder, an .npz file"]),
+    ("kl", "train --preset tiny --device cpu --out {new}", ["--data"]),
     ("kl", T + "--data cifar10 --data-root {new}", ["could not get cifar10", "--data-root"]),  # offline
     ("kl", T + "--data {d}/bad.npz", ["bad.npz", "not a readable .npz"]),
     ("kl", T + "--data {d}/broken --workers 1 --val-size 2 --steps 4", ["13.png", "cannot decode"]),

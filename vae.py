@@ -532,12 +532,16 @@ def run(cfg):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(x_train)} images)")
     x_test, metrics = prepare_test_set(x_test_grey, cfg.likelihood), os.path.join(cfg.out, "metrics.jsonl")
     torch.manual_seed(cfg.seed)
-    model = VAE(**{key: (ckpt["config"] if ckpt else vars(cfg))[key] for key in MODEL_KEYS}).to(device)
+    try:  # the model of this run, or of the checkpoint (one of another vae.py: one line, not a traceback)
+        model = VAE(**{key: (ckpt["config"] if ckpt else vars(cfg))[key] for key in MODEL_KEYS}).to(device)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{cfg.ckpt} does not hold a model vae.py can build ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0]})")
     if ckpt is None:
         init_output_bias(model, x_train)
         open(metrics, "w").close()
-    else:
-        model.load_state_dict(ckpt["model"])
     print(f"{cfg.arch} VAE, {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.likelihood} likelihood, "
           f"on {device}")
     epoch = ckpt["epoch"] if ckpt else 0
@@ -585,7 +589,8 @@ def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if x_train.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        records = [json.loads(line) for line in open(metrics) if line.strip()] if os.path.exists(metrics) else []
+        records = [json.loads(line) for line in pathlib.Path(metrics).read_text().splitlines() if line.strip()] \
+            if os.path.exists(metrics) else []
         write_atomically(metrics, lambda tmp: pathlib.Path(tmp).write_text("".join(  # the epochs after it: gone
             json.dumps(r) + "\n" for r in records if r.get("kind") != "epoch" or r["epoch"] <= epoch)))
         print(f"resuming {cfg.ckpt} after epoch {epoch}")
