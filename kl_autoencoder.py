@@ -1424,9 +1424,11 @@ def train_command(args):
                         f"each of the {world} processes")
     if rank0:
         backend = (" nccl" if cfg.device == "cuda" else " gloo") if "RANK" in os.environ else ""
-        print(f"AutoencoderKL {config['block_out_channels']}; {len(data):,} training and {len(val):,} held-out images "
-              f"at {cfg.resolution}x{cfg.resolution}; {world} process(es) on {cfg.device}{backend}; "
-              + (f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.steps:,} steps"), flush=True)
+        with torch.device("meta"):  # the count without the memory
+            n_params = sum(p.numel() for p in AutoencoderKL(**config).parameters())
+        print(f"AutoencoderKL {config['block_out_channels']}, {n_params:,} parameters; {len(data):,} training and "
+              f"{len(val):,} held-out images at {cfg.resolution}x{cfg.resolution}; {world} process(es) on "
+              f"{cfg.device}{backend}; " + (f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.steps:,} steps"))
     features = None if net is None else lambda x: inception_features(net.to(x.device), x)
     try:
         final, record = train(cfg, config, data, val, init=init, perceptual=perceptual, features=features)

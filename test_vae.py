@@ -1229,7 +1229,7 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(fr
               "--log-every", "1", "--ckpt-every", "2", "--eval-every", "3", "--lr", "1e-3"]
     two = str(tmp_path / "two")
     printed, same = run_two_processes([*common, "--batch-size", "4", "--steps", "1", "--out", two], tmp_path / "logs1")
-    assert "2 process(es)" in printed and same  # stopped mid-epoch
+    assert "658,375 parameters" in printed and "2 process(es)" in printed and same  # stopped mid-epoch
     printed, same = run_two_processes([*common, "--batch-size", "4", "--steps", "4", "--out", two, "--resume"],
                                       tmp_path / "logs2")
     assert "resuming" in printed and same
