@@ -1181,7 +1181,6 @@ def export(autoencoder, path, overwrite=False, fmt="diffusers"):
 DEVICES, DTYPES = ["auto", "cpu", "cuda", "mps"], {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DATA_OPTIONS = ("data", "val_data", "val_size", "data_root", "resolution", "workers", "seed")  # of train and eval
 PROGRAM, CHECKPOINT_KEYS = "kl_autoencoder.py", {"model", "config", "step"}  # what load_checkpoint expects
-WORKERS = "DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)"
 
 
 def parse_args(argv=None):
@@ -1207,7 +1206,8 @@ def parse_args(argv=None):
     n.add_argument("--out", required=True, help="the latents file (.safetensors)")
     n.add_argument("--sample", action="store_true", help="latents from a posterior sample (default: its mean)")
     n.add_argument("--seed", type=seed, default=0, help="of the posterior samples")
-    n.add_argument("--workers", type=nonnegative_int, default=None, help=WORKERS)
+    n.add_argument("--workers", type=nonnegative_int, default=None,
+                   help=Config.__dataclass_fields__["workers"].metadata["help"])
     n.add_argument("--batch-size", type=positive_int, default=8)
     d.add_argument("--latents", required=True, help="a .safetensors file with a 'latents' tensor (N, C, h, w)")
     d.add_argument("--out", required=True, help="a folder for the images (PNG)")
