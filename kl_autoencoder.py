@@ -59,6 +59,11 @@ import tempfile
 import time
 import zipfile
 
+try:
+    import fcntl  # POSIX: a run's folder is locked (check_writable); not on Windows
+except ImportError:
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -627,6 +632,9 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
         ddp.compile()
     sums, since, t0 = torch.zeros(len(LOG_COLUMNS), device=device), start, time.time()  # the log line in progress
     for step, batch in zip(range(start, total), loader):
+        if cfg.eval_every and step % cfg.eval_every == 0 and step > 0 and rank == 0:  # evaluate the first `step` steps
+            evaluate_and_log(final, val, cfg, step=step, out=cfg.out)
+            model.train()
         torch.manual_seed(hash((cfg.seed, step, rank)))  # all of the step's draws (flips, posterior samples) from it
         x = to_model_input(batch, device, flip=cfg.hflip)
         terms = train_step(ddp, disc, x, step, opt=opt, opt_d=opt_d, cfg=cfg, perceptual=perceptual, ema=ema)
@@ -644,9 +652,6 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
                                         "logvar": model.logvar.detach().cpu(), "step": done,
                                         "config": {"model": model_config, **vars(cfg)}})
         saved = done if save_now else saved
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < total and rank == 0:
-            evaluate_and_log(final, val, cfg, step=done, out=cfg.out)
-            model.train()
     record = evaluate_and_log(final, val, cfg, step=max(start, total), out=cfg.out, features=features) \
         if rank == 0 else None
     if dist.is_initialized():
@@ -657,7 +662,8 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
 def start_or_resume(cfg, model, parts, rank):
     """The step a run begins at: 0 for a new one, whose log starts empty in a new cfg.out; or a resumed one's, its
     checkpoint's states loaded into its parts (an EMA that the checkpointed run did not keep starts at its
-    weights) and what it logged after that checkpoint forgotten (it will log it again)."""
+    weights) and what it logged after that checkpoint, and its evaluations at that step, forgotten (it will log them
+    again: the log ends as an uninterrupted run's)."""
     log = os.path.join(cfg.out, "metrics.jsonl")
     if not cfg.resume:
         if rank == 0:
@@ -671,8 +677,8 @@ def start_or_resume(cfg, model, parts, rank):
     model.logvar.data.copy_(ckpt["logvar"])
     if rank == 0 and os.path.exists(log):
         records = [json.loads(line) for line in pathlib.Path(log).read_text().splitlines() if line.strip()]
-        write_atomically(log, lambda tmp: pathlib.Path(tmp).write_text(
-            "".join(json.dumps(r) + "\n" for r in records if (r.get("step") or 0) <= ckpt["step"])))
+        kept = [r for r in records if r["step"] < ckpt["step"] or r["step"] == ckpt["step"] and r["kind"] == "train"]
+        write_atomically(log, "".join(json.dumps(r) + "\n" for r in kept).encode())
     return ckpt["step"]
 
 
@@ -703,20 +709,27 @@ def log_line(path, record, device, rank):
 
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def write_atomically(path, write):
-    """write(path + ".tmp"), then rename it to path: a reader never sees half a file, and a failed or
-    interrupted write leaves nothing behind. Every file this program writes goes through here."""
+def write_atomically(path, data):
+    """bytes -> path, written to path + ".tmp" and renamed: a reader never sees half a file, and a write that fails
+    (a full disk) or is interrupted leaves the previous file as it was and no .tmp. Python's file writer reports every
+    failed write; image encoders and torch.save writing to a path may not (on a full disk they left truncated files
+    and no error), so every file this program writes is made in memory and written here."""
     try:
-        write(path + ".tmp")
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
         os.replace(path + ".tmp", path)
-    except BaseException:
-        if os.path.isfile(path + ".tmp"):
+    except BaseException as e:
+        if os.path.lexists(path + ".tmp"):
             os.remove(path + ".tmp")
+        if isinstance(e, OSError) and not e.filename:  # a full disk: say which file could not be written
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 
 def save_checkpoint(path, state):
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically(path, buffer.getbuffer())
 
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
@@ -838,8 +851,7 @@ def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None, batc
     with torch.no_grad(), autocast(cfg.precision, device):
         x_rec = autoencoder.decode(autoencoder.encode(x).mode()).float()
     grid = torchvision.utils.make_grid(torch.cat([x, x_rec]), nrow=len(x), padding=2, pad_value=1)
-    write_atomically(os.path.join(out, "reconstructions.png"),
-                     lambda tmp: torchvision.io.write_png(to_uint8(grid).cpu(), tmp))
+    write_atomically(os.path.join(out, "reconstructions.png"), torchvision.io.encode_png(to_uint8(grid).cpu()).numpy())
     return record
 
 # =============================================================================
@@ -871,8 +883,8 @@ def decode_image(path, channels=3):
 def write_image(x, path):
     """(C, H, W) in [-1, 1] -> PNG, or JPEG (quality 95) when the name ends in .jpg or .jpeg; atomically."""
     image, jpeg = to_uint8(x).cpu(), path.lower().endswith((".jpg", ".jpeg"))
-    write_atomically(path, lambda tmp: torchvision.io.write_jpeg(image, tmp, quality=95) if jpeg
-                     else torchvision.io.write_png(image, tmp))
+    write_atomically(path, (torchvision.io.encode_jpeg(image, quality=95) if jpeg else
+                            torchvision.io.encode_png(image)).numpy())
 
 
 def fit(images, resolution):
@@ -1091,7 +1103,10 @@ def save_safetensors(tensors, path, metadata=None):
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     blob = struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
-    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(blob))
+    write_atomically(path, blob)
+
+
+FOLDER_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "config.json")  # diffusers'
 
 
 def read_weights(path):
@@ -1100,8 +1115,7 @@ def read_weights(path):
     Python function to call: such a file is refused, never run); a training checkpoint's "state_dict" is taken
     out of it; a diffusers folder gives its diffusion_pytorch_model file."""
     if os.path.isdir(path):
-        found = [p for p in (os.path.join(path, f"diffusion_pytorch_model.{e}") for e in ("safetensors", "bin"))
-                 if os.path.isfile(p)]
+        found = [p for p in (os.path.join(path, f) for f in FOLDER_FILES[:2]) if os.path.isfile(p)]
         if not found:
             raise UserError(f"{path} is a folder without diffusion_pytorch_model.safetensors: give the weights file")
         path = found[0]
@@ -1172,7 +1186,7 @@ def export(autoencoder, path, overwrite=False, fmt="diffusers"):
         raise UserError(f"{config_path} exists and describes another model: export into another folder, or pass "
                         f"--overwrite")
     save_safetensors(autoencoder.state_dict(), path, metadata={"format": "pt"})
-    write_atomically(config_path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(config, indent=2)))
+    write_atomically(config_path, json.dumps(config, indent=2).encode())
     print(f"exported {path} and {config_path}")
 
 # -----------------------------------------------------------------------------
@@ -1283,7 +1297,9 @@ def decay(text):
 def settle(args):
     """The one place where options are checked against each other and defaults that depend on others are settled
     (eval's from its checkpoint, in eval_command)."""
-    train, source = args.command == "train", [getattr(args, "weights", None) or getattr(args, "ckpt", None)]
+    train, inputs = args.command == "train", []
+    for path in filter(None, (getattr(args, name, None) for name in ("weights", "ckpt", "config", "image", "data"))):
+        inputs += [os.path.join(path, f) for f in FOLDER_FILES] if os.path.isdir(path) else [path]  # a folder's too
     if args.config and args.preset:
         raise UserError("--config and --preset both describe the model: pass one of them")
     if not train and args.ckpt and (args.config or args.preset):
@@ -1291,17 +1307,19 @@ def settle(args):
     if not train and args.ema and not args.ckpt:
         raise UserError("--ema needs --ckpt: a weights file holds one set of weights")
     if args.command == "reconstruct":
-        check_output(args.out, "--out", [args.image, *source], (".png", ".jpg", ".jpeg"), overwrite=args.overwrite)
+        check_output(args.out, "--out", inputs, (".png", ".jpg", ".jpeg"), overwrite=args.overwrite)
     if args.command == "encode":
-        check_output(args.out, "--out", [args.data, *source], (".safetensors",), overwrite=args.overwrite,
-                     make_folder=True)
+        check_output(args.out, "--out", inputs, (".safetensors",), overwrite=args.overwrite, make_folder=True)
     if args.command == "decode" and os.path.isfile(args.out):
         raise UserError(f"--out {args.out} is a file: give a folder for the images")
     if args.command == "eval" and args.weights and not args.out:
         raise UserError("eval --weights: pass --out, the folder for metrics.jsonl and reconstructions.png")
-    if getattr(args, "export", None):
-        inputs = [os.path.join(args.out, "ckpt.pt")] if train else source
+    if getattr(args, "export", None):  # and the config.json beside it, in diffusers' format
+        inputs += [os.path.join(args.out, "ckpt.pt")] if train else []
         check_output(args.export, "--export", inputs, (".safetensors",), overwrite=args.overwrite, make_folder=True)
+        if args.export_format == "diffusers":
+            check_output(os.path.join(os.path.dirname(args.export), "config.json"), "--export's", inputs, (".json",),
+                         overwrite=True, make_folder=True)
     if args.command in ("encode", "train"):
         args.workers = settled_workers(args)
     if not train:
@@ -1496,6 +1514,8 @@ def main(argv=None):
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python
+        while LOCKED:
+            os.close(LOCKED.popitem()[1])
 
 
 # =============================================================================
@@ -1735,6 +1755,7 @@ def encode_command(args):
     --sample), what a diffusion model trains on, and the posterior's `mean` and `logvar` (unscaled), all float32
     (N, C, h, w); `labels` when the data has them. The metadata holds the model's config (the scaling and shift
     used), how the latents were made, and the images' names in order."""
+    check_writable(os.path.dirname(os.path.abspath(args.out)))  # and locked: one encode at a time writes there
     model, _ = pretrained(args)
     if model.config["in_channels"] != 3:
         raise UserError(f"encode reads RGB images; this model takes {model.config['in_channels']} channels")
@@ -1767,17 +1788,21 @@ def encode_command(args):
 @torch.no_grad()
 def decode_command(args):
     """A file's `latents` (N, C, h, w), taken back with from_diffusion_latents (with the scaling and shift in the
-    file's metadata when it has them, else the model's) and decoded -> OUT/<name>.png for each."""
+    file's metadata when it has them, else the model's) and decoded -> OUT/<name>.png for each (000000.png, ...
+    when the names are missing, leave OUT, or are not one per image)."""
     latents, config = read_latents(args.latents)
     model, _ = pretrained(args)
     if latents.shape[1] != model.config["latent_channels"]:
         raise UserError(f"{args.latents}: latents have {latents.shape[1]} channels, this model "
                         f"{model.config['latent_channels']}")
-    names = config.pop("names", None)
-    if not (isinstance(names, list) and len(names) == len(latents) and all(  # names that stay inside --out
-            isinstance(n, str) and not os.path.isabs(n) and not os.path.normpath(n).startswith("..") for n in names)):
-        names = [f"{i:06d}.png" for i in range(len(latents))]
-    paths = [os.path.join(args.out, os.path.splitext(n)[0] + ".png") for n in names]
+    names, stems = config.pop("names", None), []
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        stems = [os.path.normpath(os.path.splitext(n)[0]) for n in names]
+    if not (len(stems) == len(latents) == len({s.lower() for s in stems}) and all(  # one each, inside --out
+            not os.path.isabs(s) and not s.startswith("..") for s in stems)):
+        stems = [f"{i:06d}" for i in range(len(latents))]  # (a.png and a.jpg would both become a.png)
+    check_writable(args.out)  # and locked: one decode at a time writes there
+    paths = [os.path.join(args.out, s + ".png") for s in stems]
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists ({len(existing)} of the images): pass --overwrite, or another --out")
@@ -1905,14 +1930,26 @@ def load_checkpoint(path):
     return ckpt
 
 
+LOCKED = {}  # folder -> the descriptor by which this process holds its lock
+
+
 def check_writable(folder):
-    """Make `folder` if need be and check that a file can be written in it, before any long work starts (an
-    OSError, say "Permission denied", is one line from main)."""
+    """Make `folder` if need be, check that a file can be written in it before any long work starts (an OSError, say
+    "Permission denied", is one line from main), and lock it: a second run into the folder while this one works is
+    refused. The system lets the lock go when the process ends (kill -9 too); main lets it go when it returns."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryFile(dir=folder):
         pass
+    key = os.path.realpath(folder)
+    if fcntl is not None and key not in LOCKED:
+        LOCKED[key] = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(LOCKED[key], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(LOCKED.pop(key))
+            raise UserError(f"{folder} is in use by another run right now: wait for it to end, or write elsewhere")
 
 
 class Progress:

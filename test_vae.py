@@ -619,19 +619,22 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_resume_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["save_checkpoint", "save_pictures"])
+def test_resume_equals_uninterrupted_run(where, data_dir, tmp_path, monkeypatch):
+    """Interrupted (as by kill -9: nothing after it runs) after epoch 3 was logged, before its checkpoint (ckpt.pt
+    holds epoch 2), or after the final evaluation was logged, and resumed: the log of a run that went straight
+    through, every line once."""
     args = ["--data-dir", data_dir, "--epochs", "4", *TINY]
     vae.main([*args, "--out", str(tmp_path / "straight")])
+    real = getattr(vae, where)
 
-    real_save = vae.save_checkpoint
-
-    def interrupted_save(path, model, opt, cfg, epoch):
-        if epoch == 3:  # Ctrl-C after epoch 3 was logged, before its checkpoint: ckpt.pt holds epoch 2
+    def interrupted(*a, **kw):
+        if where == "save_pictures" or kw["epoch"] == 3:
             raise KeyboardInterrupt
-        real_save(path, model, opt, cfg, epoch)
-    monkeypatch.setattr(vae, "save_checkpoint", interrupted_save)
+        real(*a, **kw)
+    monkeypatch.setattr(vae, where, interrupted)
     assert run_main([*args, "--out", str(tmp_path / "resumed")]) == 130
-    monkeypatch.setattr(vae, "save_checkpoint", real_save)
+    monkeypatch.setattr(vae, where, real)
     vae.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
 
     def comparable(record):
@@ -1118,24 +1121,28 @@ def test_kl_logvar_is_learned_only_with_learn_logvar(kl_data, tmp_path):
     assert logvars["--no-learn-logvar"] == 0.0 and logvars["--learn-logvar"] != 0.0
 
 
-def test_kl_resume_equals_uninterrupted_run(kl_data, tmp_path, monkeypatch):
-    """Interrupted after the log line of step 9 (the last checkpoint: step 6) and resumed: the same weights, logs and
-    evaluations as a run that went straight through, the step-9 line not twice (periodic evaluations every 3
-    steps: one falls on the checkpoint's step)."""
+@pytest.mark.parametrize("where, step, saved", [("log_line", 9, 6), ("evaluate", 6, 6), ("after the end", 12, 12)])
+def test_kl_resume_equals_uninterrupted_run(where, step, saved, kl_data, tmp_path, monkeypatch):
+    """Interrupted (as by kill -9: nothing after it runs) after the log line of step 9, or during the evaluation of
+    step 6, or after the final evaluation, and resumed: the same weights, and a log equal to that of a run that went
+    straight through, every line once (periodic evaluations every 3 steps: some fall on checkpoints' steps)."""
     args = ["train", "--data", kl_data, *KL_TINY, "--steps", "12", "--ckpt-every", "6", "--disc-start", "4", "--hflip",
             "--ema", "0.9", "--eval-every", "3", "--log-every", "3"]
     kl.main([*args, "--out", str(tmp_path / "straight")])
-    real_log_line = kl.log_line
+    real = getattr(kl, "log_line" if where == "log_line" else "evaluate_and_log")
 
-    def log_then_interrupt(path, record, device, rank):
-        real_log_line(path, record, device, rank)
-        if record["step"] == 9:
+    def interrupted(*a, **kw):
+        if where == "evaluate" and kw["step"] == step:
+            raise KeyboardInterrupt  # before it logs its record
+        result = real(*a, **kw)
+        if (a[1]["step"] if where == "log_line" else kw["step"]) == step and where != "evaluate":
             raise KeyboardInterrupt
-    monkeypatch.setattr(kl, "log_line", log_then_interrupt)
+        return result
+    monkeypatch.setattr(kl, real.__name__, interrupted)
     with pytest.raises(SystemExit) as e:
         kl.main([*args, "--out", str(tmp_path / "resumed")])
-    assert e.value.code == 130 and torch.load(str(tmp_path / "resumed" / "ckpt.pt"), weights_only=True)["step"] == 6
-    monkeypatch.setattr(kl, "log_line", real_log_line)
+    assert e.value.code == 130 and torch.load(str(tmp_path / "resumed" / "ckpt.pt"), weights_only=True)["step"] == saved
+    monkeypatch.setattr(kl, real.__name__, real)
     kl.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
     a, b = (torch.load(str(tmp_path / run / "ckpt.pt"), weights_only=True) for run in ("straight", "resumed"))
     for part in ("model", "disc", "ema"):
@@ -1146,7 +1153,8 @@ def test_kl_resume_equals_uninterrupted_run(kl_data, tmp_path, monkeypatch):
     def comparable(records):
         return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
     assert comparable(kl_records(str(tmp_path / "resumed"), "train")) == comparable(kl_records(str(tmp_path / "straight"), "train"))
-    assert kl_records(str(tmp_path / "resumed"), "eval")[-1] == kl_records(str(tmp_path / "straight"), "eval")[-1]
+    assert kl_records(str(tmp_path / "resumed"), "eval") == kl_records(str(tmp_path / "straight"), "eval")
+    assert [r["step"] for r in kl_records(str(tmp_path / "resumed"), "eval")] == [3, 6, 9, 12]
 
 
 def test_torchrun_with_one_process_runs_the_distributed_code_and_matches_a_plain_run(kl_data, tmp_path):
@@ -1235,7 +1243,7 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(fr
     assert "resuming" in printed and same
     kl.main([*common, "--batch-size", "8", "--steps", "4", "--out", str(tmp_path / "one")])
     assert sorted(os.listdir(two)) == ["ckpt.pt", "metrics.jsonl", "reconstructions.png"]
-    assert [r["step"] for r in kl_records(two, "eval")] == [1, 3, 4]  # the first run's final evaluation, then one each
+    assert [r["step"] for r in kl_records(two, "eval")] == [3, 4]  # the log of one run to step 4 (not step 1's final)
     assert kl_records(two, "train")[-1]["d"] > 0  # the discriminator trained in the last step
     for kind, steps in (("train", [1, 2, 3]), ("eval", [3])):
         a = [r for r in kl_records(two, kind) if r["step"] in steps][-len(steps):]
@@ -1244,7 +1252,7 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(fr
         for ra, rb in zip(a, b):
             for key in ("loss", "rec", "nll", "kl", "logvar") if kind == "train" else ("psnr", "ssim", "kl"):
                 assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (kind, ra["step"], key)
-    assert len(kl_records(two, "train")) == 4 and len(kl_records(two, "eval")) == 3  # rank 0 alone wrote them
+    assert len(kl_records(two, "train")) == 4 and len(kl_records(two, "eval")) == 2  # rank 0 alone wrote them
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(kl_data, tmp_path, monkeypatch, capsys):
@@ -1697,17 +1705,15 @@ def test_export_never_pairs_weights_with_another_models_config(tiny_weights, tmp
 
 
 def test_kl_writes_are_atomic(tmp_path, monkeypatch):
-    """An interrupted write (here: after half a file) leaves the previous file as it was and no stray .tmp."""
+    """An interrupted write (here: once the .tmp is written, before it is renamed) leaves the previous file as it was
+    and no stray .tmp."""
     kl.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 1})
     kl.write_image(torch.zeros(3, 8, 8), str(tmp_path / "image.png"))
     before = (tmp_path / "image.png").read_bytes()
 
-    def half_then_interrupt(obj, path, *args, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"half")
+    def interrupt(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", half_then_interrupt)
-    monkeypatch.setattr(torchvision.io, "write_png", half_then_interrupt)
+    monkeypatch.setattr(os, "replace", interrupt)
     with pytest.raises(KeyboardInterrupt):
         kl.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 2})
     with pytest.raises(KeyboardInterrupt):
@@ -2020,11 +2026,17 @@ def test_fp16_is_upcast_where_the_config_says_so(tiny_weights, tmp_path, capsys)
     assert "float16" in capsys.readouterr().out
 
 
-def test_decode_writes_only_inside_its_out_folder(tiny_weights, tmp_path):
+@pytest.mark.parametrize("names, written", [(["../escaped.png", "a.png"], ["000000.png", "000001.png"]),  # not outside
+                                             (["a/x.png", "b/x.png"], ["a/x.png", "b/x.png"]),
+                                             (["c.png", "c.jpg"], ["000000.png", "000001.png"]),  # not c.png twice
+                                             (["c.png", "C.png"], ["000000.png", "000001.png"]),  # (on macOS: one file)
+                                             (["c.png"], ["000000.png", "000001.png"])])  # not one per image
+def test_decode_writes_one_image_per_latent_and_only_inside_its_out_folder(names, written, tiny_weights, tmp_path):
     path = str(tmp_path / "lat.safetensors")
-    kl.save_safetensors({"latents": torch.zeros(1, 4, 4, 4)}, path, metadata={"names": json.dumps(["../escaped.png"])})
+    kl.save_safetensors({"latents": torch.zeros(max(2, len(names)), 4, 4, 4)}, path, metadata={"names": json.dumps(names)})
     kl.main(["decode", "--weights", tiny_weights, "--preset", "tiny", "--device", "cpu", "--latents", path, "--out", str(tmp_path / "out")])
-    assert os.listdir(tmp_path / "out") == ["000000.png"] and not (tmp_path / "escaped.png").exists()
+    assert sorted(os.path.relpath(os.path.join(d, f), tmp_path / "out") for d, _, files in os.walk(tmp_path / "out")
+                  for f in files) == written and not (tmp_path / "escaped.png").exists()
 
 
 def test_train_from_ldm_weights_and_eval_weights_files(kl_data, tmp_path, capsys):
@@ -2056,7 +2068,8 @@ def test_train_from_ldm_weights_and_eval_weights_files(kl_data, tmp_path, capsys
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     """A folder of the files the table of user mistakes names ({d}/name), with a vae.py run ({vaerun}) and a
-    kl_autoencoder.py run ({d}/klrun) in it, and MNIST and an .npz of images beside it ({mnist}, {kldata})."""
+    kl_autoencoder.py run ({d}/klrun) in it, a diffusers folder ({d}/wfolder), a folder another process holds locked
+    as a run does ({d}/locked), and MNIST and an .npz of images beside it ({mnist}, {kldata})."""
     d = tmp_path_factory.mktemp("inputs")
     for name, (h, w) in {"in32.png": (32, 32), "in31x32.png": (31, 32), "in1.png": (1, 1)}.items():
         write_test_image(d / name, h, w)
@@ -2102,7 +2115,15 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     shutil.copy(d / "klrun" / "ckpt.pt", d / "copy" / "ckpt.pt")
     (d / "evalrun").mkdir()  # a folder with an evaluation's log and nothing else
     shutil.copy(d / "klrun" / "metrics.jsonl", d / "evalrun" / "metrics.jsonl")
-    return {"d": str(d), "mnist": data_dir, "kldata": kl_data, "vaerun": trained[0]}
+    kl.main(["convert", "--weights", tiny_weights, "--preset", "tiny", "--export",
+             str(d / "wfolder" / "diffusion_pytorch_model.safetensors")])
+    (d / "locked").mkdir()
+    locker = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); time.sleep(600)", str(d / "locked")],
+                              stdout=subprocess.PIPE)
+    locker.stdout.readline()  # it holds the lock
+    yield {"d": str(d), "mnist": data_dir, "kldata": kl_data, "vaerun": trained[0]}
+    locker.kill()
 
 
 VAE = "--data-dir {mnist} --device cpu --out {new} "  # the start of every vae.py command below
@@ -2203,6 +2224,17 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", T + "--layers-per-block -1", ["--layers-per-block"]),
     ("kl", T + "--ema 1", ["--ema", "[0, 1)"]),
     ("kl", T + "--betas 0.5 1.5", ["--betas", "[0, 1)"]),
+    # data loss: never over an input, however spelled; a resumed run stays in its folder; one run in a folder at a time
+    ("kl", "encode --weights {d}/wfolder --device cpu --data {d}/imgs --overwrite "
+           "--out {d}/wfolder/diffusion_pytorch_model.safetensors", ["also an input"]),
+    ("kl", "convert --weights {d}/wfolder --overwrite --export {d}/wfolder/../wfolder/other.safetensors",
+     ["--export's", "config.json", "also an input"]),
+    ("kl", T + "--weights {d}/tiny.safetensors --overwrite --export {d}/tiny.safetensors", ["also an input"]),
+    ("vae", VAE + "--resume --ckpt {vaerun}/ckpt.pt", ["belongs to the run in {vaerun}", "--out {vaerun}"]),
+    ("vae", VAE.replace("{new}", "{d}/locked") + "--epochs 1", ["{d}/locked", "in use by another run"]),
+    ("kl", T.replace("{new}", "{d}/locked") + "--steps 1", ["in use by another run"]),
+    ("kl", "encode " + W + "--data {d}/imgs --out {d}/locked/lat.safetensors", ["in use by another run"]),
+    ("kl", "decode " + W + "--latents {d}/lat.safetensors --out {d}/locked", ["in use by another run"]),
 ]
 
 
@@ -2235,6 +2267,35 @@ def test_every_user_mistake_is_one_line_and_exit_2_and_writes_nothing(program, c
         assert (word[1:] not in err) if word.startswith("!") else (word.format(**inputs) in err), (word, err)
     assert [snapshot(inputs["d"]), snapshot(inputs["vaerun"])] == before
     assert not os.path.exists(new) or set(snapshot(new).items()) <= {("metrics.jsonl", b"")}
+
+
+FULL_DISK = [  # (program, command with --overwrite, the file it writes that fails)
+    ("kl", R + W + "--overwrite", "{new}.png"),
+    ("kl", "encode " + W + "--data {d}/imgs --resolution 32 --overwrite --out {new}.safetensors", "{new}.safetensors"),
+    ("kl", T + "--steps 1 --disc-weight 0 --overwrite", "{new}/ckpt.pt"),
+    ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --out {new} --overwrite", "{new}/reconstructions.png"),
+    ("vae", VAE + "--epochs 1 --overwrite " + " ".join(TINY), "{new}/ckpt.pt"),
+    ("vae", "--eval-only --ckpt {vaerun}/ckpt.pt --data-dir {mnist} --out {new} --eval-samples 2 --overwrite",
+     "{new}/samples.png")]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), a file on a disk that is full")
+@pytest.mark.parametrize("program, command, written", FULL_DISK, ids=[f"{p} {w}" for p, _, w in FULL_DISK])
+def test_a_full_disk_is_one_line_and_exit_2_and_no_part_of_a_file(program, command, written, inputs, tmp_path, capsys):
+    """Every file is written as NAME.tmp and renamed; here NAME.tmp is /dev/full, where every write fails (ENOSPC).
+    Image encoders and torch.save writing to a path report nothing there (they left truncated files, exit 0): the
+    failure must be seen and said in one line, exit 2, the earlier file intact, and no .tmp left."""
+    new = str(tmp_path / "new")
+    path = written.format(new=new)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"an earlier file")
+    os.symlink("/dev/full", path + ".tmp")
+    with pytest.raises(SystemExit) as e:
+        (vae if program == "vae" else kl).main(shlex.split(command.format(**inputs, new=new)))
+    assert e.value.code == 2
+    (one_line_error if program == "vae" else kl_error)(capsys, "No space left on device", path)
+    assert open(path, "rb").read() == b"an earlier file" and not os.path.lexists(path + ".tmp")
 
 
 def test_a_run_may_keep_its_checkpoint_elsewhere(data_dir, tmp_path, capsys):

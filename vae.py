@@ -36,6 +36,11 @@ import sys
 import tempfile
 import time
 
+try:
+    import fcntl  # POSIX: a run's folder is locked (check_writable); not on Windows
+except ImportError:
+    fcntl = None
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -429,7 +434,7 @@ def load_mnist(data_dir, device):
                     data = f.read()
             except (OSError, EOFError) as e:  # not gzip (BadGzipFile is an OSError), or truncated
                 raise UserError(f"{path}.gz is not a complete gzip file ({type(e).__name__}): download it again")
-            write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
+            write_atomically(path, data)
     download = not all(os.path.exists(os.path.join(raw, name)) for name in MNIST_FILES)
     if download:
         print(f"downloading MNIST into {raw}")
@@ -472,7 +477,7 @@ def save_grid(images, path, nrow):
     """(N, 784) in [0, 1] -> one PNG grid, atomically."""
     grid = torchvision.utils.make_grid(images.detach().float().view(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow,
                                        padding=2, pad_value=1)
-    write_atomically(path, lambda tmp: torchvision.io.write_png((grid[:1] * 255).round().to(torch.uint8), tmp))
+    write_atomically(path, torchvision.io.encode_png((grid[:1] * 255).round().to(torch.uint8)).numpy())
 
 
 @torch.no_grad()
@@ -502,24 +507,30 @@ PROGRAM, CHECKPOINT_KEYS = "vae.py", {"model", "config", "epoch"}  # what load_c
 
 
 # A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
-def write_atomically(path, write):
-    """write(path + ".tmp"), then rename it to path: a reader never sees half a file, and a failed or
-    interrupted write leaves nothing behind. Every file this program writes goes through here."""
+def write_atomically(path, data):
+    """bytes -> path, written to path + ".tmp" and renamed: a reader never sees half a file, and a write that fails
+    (a full disk) or is interrupted leaves the previous file as it was and no .tmp. Python's file writer reports every
+    failed write; image encoders and torch.save writing to a path may not (on a full disk they left truncated files
+    and no error), so every file this program writes is made in memory and written here."""
     try:
-        write(path + ".tmp")
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
         os.replace(path + ".tmp", path)
-    except BaseException:
-        if os.path.isfile(path + ".tmp"):
+    except BaseException as e:
+        if os.path.lexists(path + ".tmp"):
             os.remove(path + ".tmp")
+        if isinstance(e, OSError) and not e.filename:  # a full disk: say which file could not be written
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 
 def save_checkpoint(path, model, opt, cfg, epoch):
     """Everything needed to continue exactly: weights, optimizer, config, epoch, random states."""
-    write_atomically(path, lambda tmp: torch.save({
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(cfg), "epoch": epoch,
-        "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                else []}}, tmp))
+    buffer = io.BytesIO()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(cfg), "epoch": epoch,
+                "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}, buffer)
+    write_atomically(path, buffer.getbuffer())
 
 
 def run(cfg):
@@ -567,6 +578,10 @@ def open_run(cfg, device):
     if ckpt is None and os.path.exists(cfg.ckpt) and not cfg.overwrite:
         raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, another --out for a new run, or --overwrite")
     ours = os.path.abspath(cfg.out) == os.path.abspath(os.path.dirname(cfg.ckpt))  # the checkpoint's own folder
+    run_out = ckpt["config"].get("out") if ckpt else None  # its run's folder: the run continues there, all of it
+    if cfg.resume and not ours and os.path.abspath(cfg.out) != os.path.abspath(run_out or os.path.dirname(cfg.ckpt)):
+        raise UserError(f"{cfg.ckpt} belongs to the run in {run_out}: resume it with --out {run_out} (a resumed run "
+                        f"keeps its files together), or pass --eval-only to evaluate it elsewhere")
     for name in ("metrics.jsonl", *PICTURES):
         if (ckpt is None or not ours) and not cfg.overwrite and os.path.exists(os.path.join(cfg.out, name)):
             raise UserError(f"{cfg.out} holds another run's {name}: pass another --out, or --overwrite")
@@ -591,8 +606,8 @@ def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         records = [json.loads(line) for line in pathlib.Path(metrics).read_text().splitlines() if line.strip()] \
             if os.path.exists(metrics) else []
-        write_atomically(metrics, lambda tmp: pathlib.Path(tmp).write_text("".join(  # the epochs after it: gone
-            json.dumps(r) + "\n" for r in records if r.get("kind") != "epoch" or r["epoch"] <= epoch)))
+        kept = [r for r in records if r["epoch"] < epoch or r["epoch"] == epoch and r["kind"] == "epoch"]
+        write_atomically(metrics, "".join(json.dumps(r) + "\n" for r in kept).encode())  # the rest is made again
         print(f"resuming {cfg.ckpt} after epoch {epoch}")
     label = "-ELBO" if cfg.train_samples == 1 else f"-L_{cfg.train_samples}"  # train_bound in metrics.jsonl
     for r, opt in train(model, x_train, x_test, cfg, first_epoch=epoch, opt_state=opt_state):
@@ -715,6 +730,8 @@ def main(argv=None):
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python
+        while LOCKED:
+            os.close(LOCKED.popitem()[1])
 
 
 # =============================================================================
@@ -812,14 +829,26 @@ def load_checkpoint(path):
     return ckpt
 
 
+LOCKED = {}  # folder -> the descriptor by which this process holds its lock
+
+
 def check_writable(folder):
-    """Make `folder` if need be and check that a file can be written in it, before any long work starts (an
-    OSError, say "Permission denied", is one line from main)."""
+    """Make `folder` if need be, check that a file can be written in it before any long work starts (an OSError, say
+    "Permission denied", is one line from main), and lock it: a second run into the folder while this one works is
+    refused. The system lets the lock go when the process ends (kill -9 too); main lets it go when it returns."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryFile(dir=folder):
         pass
+    key = os.path.realpath(folder)
+    if fcntl is not None and key not in LOCKED:
+        LOCKED[key] = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(LOCKED[key], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(LOCKED.pop(key))
+            raise UserError(f"{folder} is in use by another run right now: wait for it to end, or write elsewhere")
 
 
 class Progress:
