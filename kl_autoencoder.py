@@ -673,7 +673,10 @@ def start_or_resume(cfg, model, parts, rank):
     ckpt = torch.load(os.path.join(cfg.out, "ckpt.pt"), map_location="cpu", weights_only=True)
     for name, part in parts.items():
         if part is not None:
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in getattr(part, "param_groups", [])]
             part.load_state_dict(ckpt.get(name) or ckpt["model"])
+            for group, ours in zip(getattr(part, "param_groups", []), settings):
+                group.update(ours)  # this run's lr, betas and weight decay, not the saved ones: --lr is honoured
     model.logvar.data.copy_(ckpt["logvar"])
     if rank == 0 and os.path.exists(log):
         records = [json.loads(line) for line in pathlib.Path(log).read_text().splitlines() if line.strip()]
@@ -861,7 +864,7 @@ def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None, batc
 # -----------------------------------------------------------------------------
 # images and data sets (uint8 (3, r, r) images)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # what torchvision.io.decode_image reads
 TORCHVISION_DATASETS = {"cifar10": (torchvision.datasets.CIFAR10, {"train": True}),  # the training splits
                         "mnist": (torchvision.datasets.MNIST, {"train": True}),
                         "celeba": (torchvision.datasets.CelebA, {"split": "all"})}
@@ -869,14 +872,19 @@ TORCHVISION_DATASETS = {"cifar10": (torchvision.datasets.CIFAR10, {"train": True
 
 def decode_image(path, channels=3):
     """An image file of any depth and mode (8 or 16 bits; grey, RGB, RGBA, palette) -> uint8 (channels, H, W),
-    the same way in every command: colours mixed up or down to `channels`, alpha dropped, 16 bits rounded to 8."""
+    the same way in every command: colours mixed up or down to `channels`, alpha dropped, 16 bits rounded to 8,
+    turned as its EXIF orientation says (as a photo is shown), an animation's first frame."""
     with open(path, "rb") as f:
         data = bytearray(f.read())
     mode = torchvision.io.ImageReadMode.RGB if channels == 3 else torchvision.io.ImageReadMode.GRAY
     try:
-        image = torchvision.io.decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode)
+        image = torchvision.io.decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode,
+                                            apply_exif_orientation=True)
     except (RuntimeError, ValueError) as e:  # damaged, empty, or not an image
         raise UserError(f"cannot decode {path} as an image ({str(e).strip().splitlines()[0]})")
+    image = image[0] if image.ndim == 4 else image  # (frames, C, H, W) of an animated GIF
+    if 0 in image.shape:
+        raise UserError(f"{path} is an image of {image.shape[-2]}x{image.shape[-1]} pixels")
     return image if image.dtype == torch.uint8 else (image.float() / 257).round().to(torch.uint8)  # 16 -> 8 bits
 
 
@@ -921,7 +929,7 @@ def load_images(spec, resolution, root):
         if spec == "celeba":
             folder = os.path.join(root, dataset.base_folder, "img_align_celeba")
             return ImageFiles([os.path.join(folder, f) for f in dataset.filename], resolution), None
-        images, labels = np.asarray(dataset.data), torch.as_tensor(dataset.targets)  # N x H x W (x C)
+        images, labels = np.asarray(dataset.data), np.asarray(dataset.targets)  # N x H x W (x C)
     elif os.path.isdir(spec):
         files = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
                        if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -933,15 +941,19 @@ def load_images(spec, resolution, root):
     else:
         try:
             with np.load(spec) as f:
-                images, labels = f["images"], (torch.as_tensor(f["labels"]) if "labels" in f.files else None)
+                images, labels = f["images"], (f["labels"] if "labels" in f.files else None)
         except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # no images; not an npz (numpy: a pickle?)
             raise UserError(f"--data {spec} is not a readable .npz file of 'images' ({type(e).__name__}: {e})")
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] > 4):
-        raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C (C = 1 to 4), not {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[3:] > (4,) or 0 in images.shape:
+        raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C (C = 1 to 4, none 0), not {images.dtype} "
+                        f"{images.shape}")
+    if labels is not None and (labels.shape != images.shape[:1] or labels.dtype.kind not in "biu"):
+        raise UserError(f"{spec}: 'labels' must be one integer per image, {len(images)}, not {labels.dtype} "
+                        f"{labels.shape}")
     images = torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2)
     check_memory(len(images) * 3 * resolution ** 2 * 5, f"--resolution {resolution}: resizing {len(images):,} images")
     return fit((images[:, :1].expand(-1, 3, -1, -1) if images.shape[1] <= 2 else images[:, :3]).contiguous(),
-               resolution), labels
+               resolution), None if labels is None else torch.as_tensor(labels)
 
 
 def torchvision_dataset(name, root):
@@ -1363,8 +1375,10 @@ def check_output(path, flag, inputs, extensions, *, overwrite, make_folder=False
         raise UserError(f"{flag} {path} {problem}")
 
 
-def check_resolution(resolution, config, disc_weight):
+def check_resolution(resolution, config, disc_weight=0, evaluated=True):
     f = 2 ** (len(config["block_out_channels"]) - 1)
+    if evaluated and resolution < 11:
+        raise UserError(f"--resolution {resolution}: SSIM, in every evaluation, needs images of at least 11 x 11")
     if resolution % f:
         raise UserError(f"--resolution {resolution} is not a multiple of {f}, this model's downsampling factor: "
                         f"use {max(f, resolution // f * f)} or {-(-resolution // f) * f}")
@@ -1468,7 +1482,7 @@ def eval_command(args):
     if args.data is None:
         raise UserError(f"{args.ckpt or args.weights} does not say what data to evaluate on: pass --data")
     args.workers = settled_workers(args)
-    check_resolution(args.resolution, model.config, 0)
+    check_resolution(args.resolution, model.config)
     device = get_device(args.device or "auto")
     if args.precision in (None, "auto"):
         args.precision = "bf16" if device.type == "cuda" else "fp32"
@@ -1550,23 +1564,56 @@ def read_config(path):
     """A diffusers AutoencoderKL config.json (or a folder holding one) -> AutoencoderKL keywords. Every field that
     changes the model is honoured, the latent convention kept, and a field this file does not know is refused
     (diffusers' own bookkeeping, the keys starting with "_", is skipped)."""
-    with open(os.path.join(path, "config.json") if os.path.isdir(path) else path) as f:
-        try:
+    with open(os.path.join(path, "config.json") if os.path.isdir(path) else path, encoding="utf-8-sig") as f:
+        try:  # (utf-8-sig: also a file saved with a byte-order mark)
             config = json.load(f)
-        except ValueError as e:
-            raise UserError(f"--config {path}: not a JSON config ({e})")
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"--config {path}: not a JSON config "
+                            f"({'nested too deeply' if isinstance(e, RecursionError) else e})")
     if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise UserError(f"--config {path} is not an AutoencoderKL config, but {config.get('_class_name', config)!r}"
                         if isinstance(config, dict) else f"--config {path}: not a JSON object")
     for key, block in {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}.items():
-        if any(t != block for t in config.pop(key, [])):
+        types = config.pop(key, [])
+        if not isinstance(types, list) or any(t != block for t in types):
             raise UserError(f"--config {path}: {key} other than {block} are not AutoencoderKL's")
     names = inspect.signature(AutoencoderKL).parameters
     unknown = sorted(k for k in config if k not in names and not k.startswith("_"))
-    if unknown or config.get("act_fn", "silu") not in ACTIVATIONS:
-        raise UserError(f"--config {path}: unknown AutoencoderKL fields {', '.join(unknown)}" if unknown else
-                        f"--config {path}: act_fn {config['act_fn']!r} is not one of {', '.join(ACTIVATIONS)}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
+    if unknown:
+        raise UserError(f"--config {path}: unknown AutoencoderKL fields {', '.join(unknown)}")
+    return check_config({k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names},
+                        f"--config {path}")
+
+
+def check_config(config, source):
+    """AutoencoderKL keywords (some or all) that a model can be built from and used with, else a one-line error that
+    names the field: counts are positive integers, widths multiples of norm_num_groups, flags true or false, the
+    scaling and shift finite (the scaling > 0), per-channel statistics one finite number per latent channel."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2 ** 16
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    full = complete(config)
+    groups, channels = full["norm_num_groups"], full["latent_channels"]
+    rules = {**dict.fromkeys(("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
+                              "sample_size"), (count, "a positive integer")),
+             "block_out_channels": (lambda v: isinstance(v, tuple) and v and all(count(w) and w % groups == 0
+                                                                                 for w in v),
+                                    f"a list of positive multiples of norm_num_groups ({groups})"),
+             "act_fn": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}"),
+             **dict.fromkeys(("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv", "force_upcast"),
+                             (lambda v: isinstance(v, bool), "true or false")),
+             "scaling_factor": (lambda v: number(v) and v > 0, "a finite number > 0"),
+             "shift_factor": (lambda v: v is None or number(v), "a finite number or null"),
+             "latents_mean": (lambda v: v is None or isinstance(v, tuple) and len(v) == channels and all(
+                 map(number, v)), f"null or {channels} finite numbers, one per latent channel"),
+             "latents_std": (lambda v: v is None or isinstance(v, tuple) and len(v) == channels and all(
+                 number(s) and s > 0 for s in v), f"null or {channels} finite numbers > 0, one per latent channel")}
+    for key, (ok, what) in rules.items():
+        if not ok(full[key]):
+            raise UserError(f"{source}: {key} {json.dumps(full[key])[:60]} must be {what}")
+    return config
 
 # -----------------------------------------------------------------------------
 # LDM's names: the CompVis/LDM names of most community VAE files and of the VAE inside whole Stable Diffusion
@@ -1737,7 +1784,7 @@ def reconstruct(args):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     posterior = (tiled_encode if tile else AutoencoderKL.encode)(model, x.to(device=device, dtype=dtype))
-    out = (tiled_decode if tile else AutoencoderKL.decode)(model, posterior.mode())
+    out = finite((tiled_decode if tile else AutoencoderKL.decode)(model, posterior.mode()), "the reconstructed pixels")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -1760,7 +1807,7 @@ def encode_command(args):
     if model.config["in_channels"] != 3:
         raise UserError(f"encode reads RGB images; this model takes {model.config['in_channels']} channels")
     resolution = args.resolution or model.config["sample_size"]
-    check_resolution(resolution, model.config, 0)
+    check_resolution(resolution, model.config, evaluated=False)
     images, labels = load_images(args.data, resolution, args.data_root)
     c, h = model.config["latent_channels"], resolution // model.downsampling_factor
     check_memory(len(images) * c * h * h * 4 * 3, f"encoding {len(images):,} images at {resolution}")
@@ -1769,7 +1816,7 @@ def encode_command(args):
     for batch in torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers):
         posterior = (tiled_encode if use_tiles(args, resolution ** 2) else AutoencoderKL.encode)(
             model, to_model_input(batch, device).to(dtype))
-        z = posterior.sample(generator) if args.sample else posterior.mode()
+        z = finite(posterior.sample(generator) if args.sample else posterior.mode(), "the latents")
         parts.append([t.float().cpu() for t in (to_diffusion_latents(z.float(), model.config), posterior.mean,
                                                 posterior.logvar)])
         progress.update(len(batch))
@@ -1807,11 +1854,12 @@ def decode_command(args):
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists ({len(existing)} of the images): pass --overwrite, or another --out")
     device, dtype = inference_setup(args, model)
-    z = from_diffusion_latents(latents, {**model.config, **config})
+    z = from_diffusion_latents(latents, check_config({**model.config, **config}, f"{args.latents}'s metadata"))
     tile = use_tiles(args, z.shape[2] * z.shape[3] * model.downsampling_factor ** 2)
     progress = Progress("decoding", len(z))
     for i in range(0, len(z), args.batch_size):
-        x = (tiled_decode if tile else AutoencoderKL.decode)(model, z[i:i + args.batch_size].to(device, dtype)).float()
+        x = finite((tiled_decode if tile else AutoencoderKL.decode)(model, z[i:i + args.batch_size].to(device, dtype)),
+                   "the decoded images").float()
         for image, path in zip(x, paths[i:i + args.batch_size]):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_image(image, path)
@@ -1828,8 +1876,19 @@ def read_latents(path):
         saved, names = json.loads(meta.get("config", "{}")), json.loads(meta.get("names", "null"))
     except ValueError:
         raise UserError(f"{path}: its metadata 'config' or 'names' is not JSON")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: its metadata 'config' is not a JSON object")
     keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
-    return tensors["latents"].float(), {**{k: saved[k] for k in keys if k in saved}, "names": names}
+    convention = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in keys}
+    return finite(tensors["latents"].float(), f"{path}: its latents"), {**convention, "names": names}
+
+
+def finite(t, what):
+    """t, if all its values are finite; else a one-line error (a flat one-colour image is no result)."""
+    if not torch.isfinite(t).all():
+        raise UserError(f"{what} hold NaN or infinite values" + ("; the weights overflow in this precision: try "
+                                                                  "--dtype fp32" if t.dtype != torch.float32 else ""))
+    return t
 
 
 def convert(args):

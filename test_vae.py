@@ -1255,6 +1255,19 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(fr
     assert len(kl_records(two, "train")) == 4 and len(kl_records(two, "eval")) == 2  # rank 0 alone wrote them
 
 
+def test_a_resumed_run_takes_its_optimizer_settings_from_its_options(kl_data, tmp_path):
+    """--resume continues the optimizers' moments, with this run's lr, betas and weight decay: a lower --lr, as the
+    message of a diverged run advises, is honoured (not the saved one)."""
+    args = ["train", "--data", kl_data, *KL_TINY, "--disc-weight", "0", "--out", str(tmp_path / "run")]
+    kl.main([*args, "--steps", "1"])
+    kl.main([*args, "--steps", "2", "--resume", "--lr", "1e-5", "--betas", "0.9", "0.99", "--weight-decay", "0.5"])
+    ckpt = torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)
+    group, group_d = ckpt["opt"]["param_groups"][0], ckpt["opt_d"]["param_groups"][0]
+    assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-5, (0.9, 0.99), 0.5)
+    assert (group_d["lr"], tuple(group_d["betas"]), group_d["weight_decay"]) == (1e-5, (0.9, 0.99), 0)
+    assert int(ckpt["opt"]["state"][0]["step"]) == 2  # the moments went on from step 1
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(kl_data, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     real = kl.reconstruction_loss
@@ -1359,6 +1372,23 @@ def thirds(h, w, dot):
         image[tuple(index) + (c,)] = 255
     image[h // 2:h // 2 + dot, w // 2:w // 2 + dot] = 255
     return image
+
+
+def test_photos_are_read_as_shown_and_animations_by_their_first_frame(tmp_path):
+    """A JPEG whose EXIF orientation says "turn 90 degrees clockwise" (6) is read turned, as PIL's exif_transpose and
+    every viewer show it; an animated GIF gives its first frame."""
+    PIL = pytest.importorskip("PIL.Image")
+    ImageOps = pytest.importorskip("PIL.ImageOps")
+    photo = PIL.fromarray(thirds(16, 48, 1))  # 16 high, 48 wide: shown 48 high and 16 wide
+    exif = PIL.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    shown = torch.from_numpy(np.array(ImageOps.exif_transpose(PIL.open(tmp_path / "photo.jpg")))).permute(2, 0, 1)
+    read = kl.decode_image(str(tmp_path / "photo.jpg"))
+    assert read.shape == shown.shape == (3, 48, 16) and (read.int() - shown.int()).abs().float().mean() < 2  # decoders
+    frames = [PIL.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (40, 200)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    assert torch.equal(kl.decode_image(str(tmp_path / "moving.gif")), torch.full((3, 8, 8), 40, dtype=torch.uint8))
 
 
 def test_kl_image_pipeline_pictures_and_rfid_inputs(tiny_weights, tmp_path, monkeypatch):
@@ -1842,6 +1872,8 @@ def test_optional_quant_convs_and_read_config(tmp_path):
               "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "latent_channels": 4, "sample_size": 32}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert kl.AutoencoderKL(**kl.read_config(str(tmp_path))).encode(torch.zeros(1, 3, 16, 16)).mean.shape == (1, 4, 8, 8)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(config).encode())  # as some Windows editors save
+    assert kl.read_config(str(tmp_path / "bom.json")) == kl.read_config(str(tmp_path))
     for bad, words in [({"act_fn": "tanh"}, "act_fn"), ({"attention_head_dim": 8}, "unknown AutoencoderKL fields attention_head_dim"),
                        ({"down_block_types": ["DownBlock2D"] * 2}, "down_block_types"), ({"_class_name": "UNet2DModel"}, "UNet2DModel")]:
         (tmp_path / "bad.json").write_text(json.dumps({**config, **bad}))
@@ -2117,6 +2149,22 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     shutil.copy(d / "klrun" / "metrics.jsonl", d / "evalrun" / "metrics.jsonl")
     kl.main(["convert", "--weights", tiny_weights, "--preset", "tiny", "--export",
              str(d / "wfolder" / "diffusion_pytorch_model.safetensors")])
+    config = kl.read_config(str(d / "wfolder"))
+    for name, change in BAD_CONFIGS.items():
+        (d / f"c_{name}.json").write_text(change if isinstance(change, str) else json.dumps({**config, **change}))
+    overflow = {**state, "encoder.conv_in.weight": state["encoder.conv_in.weight"] * 1e38}  # finite, and so large
+    kl.save_safetensors(overflow, str(d / "overflow.safetensors"))  # that the activations are not
+    for name, latents, meta in (("latnan", torch.full((1, 4, 4, 4), float("nan")), {}),
+                                ("latscale0", torch.zeros(1, 4, 4, 4), {"config": json.dumps({"scaling_factor": 0})}),
+                                ("latlist", torch.zeros(1, 4, 4, 4), {"config": "[1, 2]"})):
+        kl.save_safetensors({"latents": latents}, str(d / f"{name}.safetensors"), metadata=meta)
+    images = smooth_images(8, 16)
+    for name, arrays in {"labels3": dict(images=images, labels=np.arange(3)), "labels2d": dict(images=images, labels=
+                         np.zeros((8, 2), int)), "labelstr": dict(images=images, labels=np.array(["cat"] * 8)),
+                         "empty": dict(images=images[:0]), "zerosize": dict(images=images[:, :0])}.items():
+        np.savez(d / f"{name}.npz", **arrays)
+    (d / "bmps").mkdir()
+    (d / "bmps" / "a.bmp").write_bytes(b"BM" + bytes(60))
     (d / "locked").mkdir()
     locker = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
                                "fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); time.sleep(600)", str(d / "locked")],
@@ -2126,6 +2174,10 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     locker.kill()
 
 
+BAD_CONFIGS = {"str": {"latent_channels": "4"}, "zero": {"latent_channels": 0}, "groups7": {"norm_num_groups": 7},
+               "empty": {"block_out_channels": []}, "nullblock": {"down_block_types": None}, "actlist": {"act_fn": ["silu"]},
+               "scale0": {"scaling_factor": 0}, "scalenan": {"scaling_factor": float("nan")}, "flag": {"use_quant_conv": 1},
+               "mean3": {"latents_mean": [1, 2, 3], "latents_std": [1, 1, 1, 1]}, "deep": "[" * 100_000 + "]" * 100_000}
 VAE = "--data-dir {mnist} --device cpu --out {new} "  # the start of every vae.py command below
 R = "reconstruct --device cpu --out {new}.png --image {d}/in32.png "  # and of reconstruct's
 W = "--weights {d}/tiny.safetensors --preset tiny --device cpu "  # the tiny model, for encode, decode, convert, eval
@@ -2235,6 +2287,26 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", T.replace("{new}", "{d}/locked") + "--steps 1", ["in use by another run"]),
     ("kl", "encode " + W + "--data {d}/imgs --out {d}/locked/lat.safetensors", ["in use by another run"]),
     ("kl", "decode " + W + "--latents {d}/lat.safetensors --out {d}/locked", ["in use by another run"]),
+    # garbage: refused, not a flat image and exit 0
+    *[("kl", "convert --weights {d}/tiny.safetensors --export {new}.safetensors --config {d}/c_%s.json" % name, words)
+      for name, words in {"str": ["latent_channels \"4\"", "positive integer"], "zero": ["latent_channels 0"],
+                          "groups7": ["block_out_channels", "multiples of norm_num_groups (7)"],
+                          "empty": ["block_out_channels []"], "nullblock": ["down_block_types"],
+                          "actlist": ["act_fn", "one of silu"], "scale0": ["scaling_factor 0", "> 0"],
+                          "scalenan": ["scaling_factor NaN"], "flag": ["use_quant_conv 1", "true or false"],
+                          "mean3": ["latents_mean", "4 finite numbers"], "deep": ["nested too deeply"]}.items()],
+    ("kl", "decode " + W + "--latents {d}/latnan.safetensors --out {new}", ["latnan.safetensors", "NaN or infinite"]),
+    ("kl", "decode " + W + "--latents {d}/latscale0.safetensors --out {new}", ["metadata", "scaling_factor 0"]),
+    ("kl", "decode " + W + "--latents {d}/latlist.safetensors --out {new}", ["metadata", "not a JSON object"]),
+    ("kl", R + W.replace("tiny.", "overflow."), ["reconstructed pixels", "NaN or infinite"]),
+    ("kl", "encode " + W.replace("tiny.", "overflow.") + "--data {d}/imgs --out {new}.safetensors", ["latents", "NaN"]),
+    ("kl", T + "--data {d}/labels3.npz", ["'labels' must be one integer per image, 8", "(3,)"]),
+    ("kl", T + "--data {d}/labels2d.npz", ["'labels'", "(8, 2)"]),
+    ("kl", T + "--data {d}/labelstr.npz", ["'labels'", "<U3"]),
+    ("kl", T + "--data {d}/empty.npz", ["'images'", "none 0", "(0, 16, 16, 3)"]),
+    ("kl", T + "--data {d}/zerosize.npz", ["'images'", "(8, 0, 16, 3)"]),
+    ("kl", T + "--data {d}/bmps", ["no images", ".webp", "!.bmp"]),
+    ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --resolution 8", ["--resolution 8", "SSIM", "11 x 11"]),
 ]
 
 
