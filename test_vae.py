@@ -1121,14 +1121,22 @@ def test_kl_logvar_is_learned_only_with_learn_logvar(kl_data, tmp_path):
     assert logvars["--no-learn-logvar"] == 0.0 and logvars["--learn-logvar"] != 0.0
 
 
+@pytest.fixture(scope="module")
+def kl_straight(kl_data, tmp_path_factory):
+    """(the options, the folder) of a 12-step run that went straight through."""
+    args = ["train", "--data", kl_data, *KL_TINY, "--steps", "12", "--ckpt-every", "6", "--disc-start", "4", "--hflip",
+            "--ema", "0.9", "--eval-every", "3", "--log-every", "3"]
+    out = tmp_path_factory.mktemp("straight")
+    kl.main([*args, "--out", str(out)])
+    return args, out
+
+
 @pytest.mark.parametrize("where, step, saved", [("log_line", 9, 6), ("evaluate", 6, 6), ("after the end", 12, 12)])
-def test_kl_resume_equals_uninterrupted_run(where, step, saved, kl_data, tmp_path, monkeypatch):
+def test_kl_resume_equals_uninterrupted_run(where, step, saved, kl_straight, tmp_path, monkeypatch):
     """Interrupted (as by kill -9: nothing after it runs) after the log line of step 9, or during the evaluation of
     step 6, or after the final evaluation, and resumed: the same weights, and a log equal to that of a run that went
     straight through, every line once (periodic evaluations every 3 steps: some fall on checkpoints' steps)."""
-    args = ["train", "--data", kl_data, *KL_TINY, "--steps", "12", "--ckpt-every", "6", "--disc-start", "4", "--hflip",
-            "--ema", "0.9", "--eval-every", "3", "--log-every", "3"]
-    kl.main([*args, "--out", str(tmp_path / "straight")])
+    args, straight = kl_straight
     real = getattr(kl, "log_line" if where == "log_line" else "evaluate_and_log")
 
     def interrupted(*a, **kw):
@@ -1144,7 +1152,7 @@ def test_kl_resume_equals_uninterrupted_run(where, step, saved, kl_data, tmp_pat
     assert e.value.code == 130 and torch.load(str(tmp_path / "resumed" / "ckpt.pt"), weights_only=True)["step"] == saved
     monkeypatch.setattr(kl, real.__name__, real)
     kl.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
-    a, b = (torch.load(str(tmp_path / run / "ckpt.pt"), weights_only=True) for run in ("straight", "resumed"))
+    a, b = (torch.load(str(folder / "ckpt.pt"), weights_only=True) for folder in (straight, tmp_path / "resumed"))
     for part in ("model", "disc", "ema"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
@@ -1152,8 +1160,8 @@ def test_kl_resume_equals_uninterrupted_run(where, step, saved, kl_data, tmp_pat
 
     def comparable(records):
         return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
-    assert comparable(kl_records(str(tmp_path / "resumed"), "train")) == comparable(kl_records(str(tmp_path / "straight"), "train"))
-    assert kl_records(str(tmp_path / "resumed"), "eval") == kl_records(str(tmp_path / "straight"), "eval")
+    assert comparable(kl_records(str(tmp_path / "resumed"), "train")) == comparable(kl_records(str(straight), "train"))
+    assert kl_records(str(tmp_path / "resumed"), "eval") == kl_records(str(straight), "eval")
     assert [r["step"] for r in kl_records(str(tmp_path / "resumed"), "eval")] == [3, 6, 9, 12]
 
 
