@@ -607,6 +607,12 @@ def to_model_input(batch, device, flip=False):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+def quiet_on_sigterm(worker_id):
+    """In each DataLoader worker: SIGTERM (a scheduler's stop, sent to the whole process group) ends it as Ctrl-C
+    does, quietly; torch's own handler kills it and the main process then raises a traceback of its own."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=None):
     """Train AutoencoderKL(**model_config) (from the weights `init`, when given) with THE OBJECTIVE and the recipe cfg
     on `data`, a Dataset of uint8 images (3, r, r), in one process or one per device (torchrun). Rank 0 alone logs,
@@ -624,7 +630,8 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
     saved = start if cfg.resume else None  # the step of the last checkpoint
     total = cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
     loader = torch.utils.data.DataLoader(data, batch_sampler=batch_indices(len(data), cfg, start, rank=rank,
-                                         world=world), num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
+                                         world=world), num_workers=cfg.workers or 0, pin_memory=device.type == "cuda",
+                                         worker_init_fn=quiet_on_sigterm)
     # the discriminator stays outside DDP: it also runs, frozen, in the autoencoder's loss (train_step averages it)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_initialized() else model
@@ -842,7 +849,8 @@ def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None, batc
     precision and workers, printed and appended to OUT/metrics.jsonl; and OUT/reconstructions.png, the first 8
     images above their reconstructions (decoded posterior means)."""
     device = next(autoencoder.parameters()).device
-    loader = torch.utils.data.DataLoader(images, batch_size=64, num_workers=cfg.workers or 0)
+    loader = torch.utils.data.DataLoader(images, batch_size=64, num_workers=cfg.workers or 0,
+                                         worker_init_fn=quiet_on_sigterm)
     batches = batches or (to_model_input(batch, device) for batch in loader)
     record = {"kind": "eval", "step": step, **evaluate(autoencoder, batches, cfg.precision, features)}
     print(f"eval on {record['images']:,} held-out images at step {step}: PSNR {record['psnr']:.2f} dB | SSIM "
@@ -1505,7 +1513,8 @@ def eval_command(args):
 def with_progress(images, device, workers):
     """The held-out images as model inputs on the device, in batches of 64, with a progress line for long work."""
     progress = Progress("held-out evaluation", len(images))
-    for batch in torch.utils.data.DataLoader(images, batch_size=64, num_workers=workers):
+    loader = torch.utils.data.DataLoader(images, batch_size=64, num_workers=workers, worker_init_fn=quiet_on_sigterm)
+    for batch in loader:
         yield to_model_input(batch, device)
         progress.update(len(batch))
 
@@ -1813,7 +1822,8 @@ def encode_command(args):
     check_memory(len(images) * c * h * h * 4 * 3, f"encoding {len(images):,} images at {resolution}")
     device, dtype = inference_setup(args, model)
     generator, progress, parts = torch.Generator(device).manual_seed(args.seed), Progress("encoding", len(images)), []
-    for batch in torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers):
+    for batch in torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers,
+                                             worker_init_fn=quiet_on_sigterm):
         posterior = (tiled_encode if use_tiles(args, resolution ** 2) else AutoencoderKL.encode)(
             model, to_model_input(batch, device).to(dtype))
         z = finite(posterior.sample(generator) if args.sample else posterior.mode(), "the latents")

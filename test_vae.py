@@ -2460,19 +2460,31 @@ def test_a_planted_pretrained_network_file_is_refused_and_never_run(command, kl_
 
 # ----------------------------------------------------------------------------- signals, progress, the helpers both files write
 
-def test_sigterm_ends_a_run_like_ctrl_c(data_dir, tmp_path):
-    """A real process, stopped by SIGTERM in its first epochs: one line, exit 130, the last checkpoint kept."""
-    process = subprocess.Popen([sys.executable, "vae.py", "--data-dir", data_dir, "--out", str(tmp_path), "--epochs",
-                                "100000", *TINY], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in process.stdout:  # wait for the first finished epoch
-        if line.startswith("epoch"):
+@pytest.mark.parametrize("program", ["vae", "kl"])
+def test_sigterm_ends_a_run_like_ctrl_c(program, data_dir, tmp_path):
+    """A real process group (kl: with 2 DataLoader workers, which torch's handler killed loudly), stopped by SIGTERM
+    as a job scheduler does, after its first log line: one line, exit 130, the last checkpoint kept, no .tmp."""
+    out, folder = tmp_path / "run", tmp_path / "images"
+    if program == "kl":
+        folder.mkdir()
+        for i, image in enumerate(torch.from_numpy(smooth_images(24, 32)).permute(0, 3, 1, 2)):
+            torchvision.io.write_png(image.contiguous(), str(folder / f"{i}.png"))
+    argv = ["vae.py", "--data-dir", data_dir, "--epochs", "100000", *TINY] if program == "vae" else [
+        "kl_autoencoder.py", "train", "--data", str(folder), "--workers", "2", *KL_TINY, "--val-size", "8",
+        "--disc-weight", "0", "--steps", "100000", "--log-every", "1", "--ckpt-every", "1"]
+    process = subprocess.Popen([sys.executable, *argv, "--out", str(out)], cwd=HERE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               start_new_session=True)
+    for line in process.stdout:  # wait for the first finished epoch, or the second step (the first is saved)
+        if line.startswith(("epoch", "step      2")):
             break
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and err.strip().splitlines() == [
-        "vae.py: interrupted; the checkpoint of the last finished epoch is kept"]
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] >= 1
+        "vae.py: interrupted; the checkpoint of the last finished epoch is kept" if program == "vae" else
+        "kl_autoencoder.py: interrupted; the last checkpoint is kept"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt.get("epoch", ckpt.get("step")) >= 1 and not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("program", ["vae", "kl"])
