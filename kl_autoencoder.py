@@ -626,8 +626,7 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
     final = model.autoencoder if ema is None else ema  # what is evaluated, and returned
     parts = {"model": model.autoencoder, "disc": disc, "opt": opt, "opt_d": opt_d, "ema": ema}  # the checkpoint's
     ckpt_path, log_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
-    start = start_or_resume(cfg, model, parts, rank)  # 0, or the resumed checkpoint's step
-    saved = start if cfg.resume else None  # the step of the last checkpoint
+    start, saved = start_or_resume(cfg, model, parts, rank)  # the first step, the last checkpoint's (or None)
     total = cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
     loader = torch.utils.data.DataLoader(data, batch_sampler=batch_indices(len(data), cfg, start, rank=rank,
                                          world=world), num_workers=cfg.workers or 0, pin_memory=device.type == "cuda",
@@ -667,16 +666,16 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
 
 
 def start_or_resume(cfg, model, parts, rank):
-    """The step a run begins at: 0 for a new one, whose log starts empty in a new cfg.out; or a resumed one's, its
-    checkpoint's states loaded into its parts (an EMA that the checkpointed run did not keep starts at its
-    weights) and what it logged after that checkpoint, and its evaluations at that step, forgotten (it will log them
-    again: the log ends as an uninterrupted run's)."""
+    """(The step a run begins at, its checkpoint's step): (0, None) for a new one, whose log starts empty in a new
+    cfg.out; or a resumed one's (twice), its checkpoint's states loaded into its parts (an EMA that the checkpointed
+    run did not keep starts at its weights) and what it logged after that checkpoint, and its evaluations at that
+    step, forgotten (it will log them again: the log ends as an uninterrupted run's)."""
     log = os.path.join(cfg.out, "metrics.jsonl")
     if not cfg.resume:
         if rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
             open(log, "w").close()
-        return 0
+        return 0, None
     ckpt = torch.load(os.path.join(cfg.out, "ckpt.pt"), map_location="cpu", weights_only=True)
     for name, part in parts.items():
         if part is not None:
@@ -689,7 +688,7 @@ def start_or_resume(cfg, model, parts, rank):
         records = [json.loads(line) for line in pathlib.Path(log).read_text().splitlines() if line.strip()]
         kept = [r for r in records if r["step"] < ckpt["step"] or r["step"] == ckpt["step"] and r["kind"] == "train"]
         write_atomically(log, "".join(json.dumps(r) + "\n" for r in kept).encode())
-    return ckpt["step"]
+    return ckpt["step"], ckpt["step"]
 
 
 def finite_means(t, step, last_good):
@@ -884,6 +883,9 @@ def decode_image(path, channels=3):
     turned as its EXIF orientation says (as a photo is shown), an animation's first frame."""
     with open(path, "rb") as f:
         data = bytearray(f.read())
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:  # a PNG's size is in its header: say so before decoding
+        w, h = struct.unpack(">II", data[16:24])
+        check_memory(8 * w * h, f"{path} ({h}x{w} pixels) decoded")
     mode = torchvision.io.ImageReadMode.RGB if channels == 3 else torchvision.io.ImageReadMode.GRAY
     try:
         image = torchvision.io.decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode,
@@ -978,13 +980,14 @@ def torchvision_dataset(name, root):
                         f"where torchvision.datasets.{cls.__name__}(root={root!r}) looks for them, or pass --data-root")
 
 
-def check_memory(needed, what, have=None):
-    """A one-line error instead of an allocation that runs until the machine gives up: work that certainly needs
-    more bytes than the machine has (`have`, or its RAM)."""
-    have = have or (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf)
-    if needed > have:
-        raise UserError(f"{what} needs at least {needed / 2 ** 30:,.1f} GiB, more than this machine's "
-                        f"{have / 2 ** 30:,.1f} GiB")
+
+def check_parameters(config, what):
+    """check_memory for the float32 weights of AutoencoderKL(**config), counted without memory (on the meta device);
+    returns their number."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoencoderKL(**config).parameters())
+    check_memory(4 * n, f"{what}: a model of {n:,} parameters")
+    return n
 
 
 def split(n, val_size, labels=None, seed=0):
@@ -1246,6 +1249,7 @@ def parse_args(argv=None):
     d.add_argument("--latents", required=True, help="a .safetensors file with a 'latents' tensor (N, C, h, w)")
     d.add_argument("--out", required=True, help="a folder for the images (PNG)")
     d.add_argument("--batch-size", type=positive_int, default=1)
+    c.add_argument("--device", default="auto", choices=DEVICES, help="as every command takes it (convert: the CPU)")
     for q in (r, n, d):
         q.add_argument("--device", default="auto", choices=DEVICES)
         q.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
@@ -1257,8 +1261,7 @@ def parse_args(argv=None):
     t.set_defaults(steps=None)  # settle: 10,000 unless --epochs
     add_config_options(e.add_argument_group("data and run (default: the checkpoint's)"),
                        names=(*DATA_OPTIONS, "precision", "device"), blank=True)
-    e.add_argument("--out", default=None,
-                   help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
+    e.add_argument("--out", help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
     for q in (c, t, e):
         q.add_argument("--export", default=None, required=q is c, metavar="FILE",
                        help="the .safetensors file" if q is c else "also write the weights as a .safetensors file")
@@ -1353,6 +1356,7 @@ def settle(args):
         raise UserError(f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}: each must be a "
                         f"multiple of {config['norm_num_groups']}, the number of GroupNorm groups")
     check_resolution(args.resolution, config, args.disc_weight)
+    check_parameters(config, f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}")
     check_memory(args.batch_size * config["block_out_channels"][0] * args.resolution ** 2 * 4,
                  f"--resolution {args.resolution} with --batch-size {args.batch_size}: one batch's first activation",
                  torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else None)
@@ -1464,8 +1468,7 @@ def train_command(args):
                         f"each of the {world} processes")
     if rank0:
         backend = (" nccl" if cfg.device == "cuda" else " gloo") if "RANK" in os.environ else ""
-        with torch.device("meta"):  # the count without the memory
-            n_params = sum(p.numel() for p in AutoencoderKL(**config).parameters())
+        n_params = check_parameters(config, "the model")
         print(f"AutoencoderKL {config['block_out_channels']}, {n_params:,} parameters; {len(data):,} training and "
               f"{len(val):,} held-out images at {cfg.resolution}x{cfg.resolution}; {world} process(es) on "
               f"{cfg.device}{backend}; " + (f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.steps:,} steps"))
@@ -1590,8 +1593,10 @@ def read_config(path):
     unknown = sorted(k for k in config if k not in names and not k.startswith("_"))
     if unknown:
         raise UserError(f"--config {path}: unknown AutoencoderKL fields {', '.join(unknown)}")
-    return check_config({k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names},
-                        f"--config {path}")
+    config = check_config({k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names},
+                          f"--config {path}")
+    check_parameters(complete(config), f"--config {path}")
+    return config
 
 
 def check_config(config, source):
@@ -1789,6 +1794,9 @@ def reconstruct(args):
                         f"e.g. {h // f * f}x{w // f * f} or {-(-h // f) * f}x{-(-w // f) * f}: crop or pad it")
     device, dtype = inference_setup(args, model)
     tile = use_tiles(args, h * w)
+    check_memory(0 if tile else 3 * model.config["block_out_channels"][0] * h * w * dtype.itemsize,
+                 f"{args.image} ({h}x{w}) with --tile off: the first level's activations",
+                 torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -1855,8 +1863,9 @@ def decode_command(args):
     names, stems = config.pop("names", None), []
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
         stems = [os.path.normpath(os.path.splitext(n)[0]) for n in names]
-    if not (len(stems) == len(latents) == len({s.lower() for s in stems}) and all(  # one each, inside --out
-            not os.path.isabs(s) and not s.startswith("..") for s in stems)):
+    if not (len(stems) == len(latents) == len({s.lower() for s in stems}) and all(  # one each, inside --out, that
+            not os.path.isabs(s) and not s.startswith("..") and "\0" not in s  # the file system can name
+            and max(len(part.encode()) for part in s.split(os.sep)) < 250 for s in stems)):
         stems = [f"{i:06d}" for i in range(len(latents))]  # (a.png and a.jpg would both become a.png)
     check_writable(args.out)  # and locked: one decode at a time writes there
     paths = [os.path.join(args.out, s + ".png") for s in stems]
@@ -1946,6 +1955,15 @@ def get_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
     return torch.device(name)
+
+
+def check_memory(needed, what, have=None):
+    """A one-line error instead of an allocation that runs until the machine gives up: work that certainly needs
+    more bytes than the machine has (`have`, or its RAM)."""
+    have = have or (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf)
+    if needed > have:
+        raise UserError(f"{what} needs at least {needed / 2 ** 30:,.1f} GiB, more than this machine's "
+                        f"{have / 2 ** 30:,.1f} GiB")
 
 
 def load_pretrained(url, needed_by, otherwise=""):

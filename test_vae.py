@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -2070,7 +2071,8 @@ def test_fp16_is_upcast_where_the_config_says_so(tiny_weights, tmp_path, capsys)
                                              (["a/x.png", "b/x.png"], ["a/x.png", "b/x.png"]),
                                              (["c.png", "c.jpg"], ["000000.png", "000001.png"]),  # not c.png twice
                                              (["c.png", "C.png"], ["000000.png", "000001.png"]),  # (on macOS: one file)
-                                             (["c.png"], ["000000.png", "000001.png"])])  # not one per image
+                                             (["c.png"], ["000000.png", "000001.png"]),  # not one per image
+                                             (["a\0b.png", "x" * 300 + ".png"], ["000000.png", "000001.png"])])
 def test_decode_writes_one_image_per_latent_and_only_inside_its_out_folder(names, written, tiny_weights, tmp_path):
     path = str(tmp_path / "lat.safetensors")
     kl.save_safetensors({"latents": torch.zeros(max(2, len(names)), 4, 4, 4)}, path, metadata={"names": json.dumps(names)})
@@ -2095,7 +2097,8 @@ def test_train_from_ldm_weights_and_eval_weights_files(kl_data, tmp_path, capsys
              "--export-format", "ldm"])
     assert "decoder.up.0.block.0.conv1.weight" in kl.load_safetensors(str(tmp_path / "ev" / "ldm.safetensors"))
     # convert: the LDM .ckpt to diffusers' format, which holds the same weights
-    kl.main(["convert", "--weights", ldm, "--preset", "tiny", "--export", str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")])
+    kl.main(["convert", "--weights", ldm, "--preset", "tiny", "--device", "cpu",  # as every other command takes it
+             "--export", str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")])
     converted = kl.load_safetensors(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
     assert converted.keys() == start.keys() and all(torch.equal(converted[k], v) for k, v in start.items())
     assert kl.read_config(str(tmp_path / "vae"))["block_out_channels"] == (32, 64)
@@ -2171,6 +2174,9 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
                          np.zeros((8, 2), int)), "labelstr": dict(images=images, labels=np.array(["cat"] * 8)),
                          "empty": dict(images=images[:0]), "zerosize": dict(images=images[:, :0])}.items():
         np.savez(d / f"{name}.npz", **arrays)
+    bomb = bytearray((d / "in32.png").read_bytes())
+    bomb[16:24] = struct.pack(">II", 10 ** 6, 10 ** 6)  # a PNG that says it is 10^6 x 10^6 pixels (8 TB decoded)
+    (d / "bomb.png").write_bytes(bytes(bomb))
     (d / "bmps").mkdir()
     (d / "bmps" / "a.bmp").write_bytes(b"BM" + bytes(60))
     (d / "locked").mkdir()
@@ -2185,7 +2191,8 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
 BAD_CONFIGS = {"str": {"latent_channels": "4"}, "zero": {"latent_channels": 0}, "groups7": {"norm_num_groups": 7},
                "empty": {"block_out_channels": []}, "nullblock": {"down_block_types": None}, "actlist": {"act_fn": ["silu"]},
                "scale0": {"scaling_factor": 0}, "scalenan": {"scaling_factor": float("nan")}, "flag": {"use_quant_conv": 1},
-               "mean3": {"latents_mean": [1, 2, 3], "latents_std": [1, 1, 1, 1]}, "deep": "[" * 100_000 + "]" * 100_000}
+               "mean3": {"latents_mean": [1, 2, 3], "latents_std": [1, 1, 1, 1]}, "deep": "[" * 100_000 + "]" * 100_000,
+               "huge": {"block_out_channels": [65536] * 4}}
 VAE = "--data-dir {mnist} --device cpu --out {new} "  # the start of every vae.py command below
 R = "reconstruct --device cpu --out {new}.png --image {d}/in32.png "  # and of reconstruct's
 W = "--weights {d}/tiny.safetensors --preset tiny --device cpu "  # the tiny model, for encode, decode, convert, eval
@@ -2302,7 +2309,12 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
                           "empty": ["block_out_channels []"], "nullblock": ["down_block_types"],
                           "actlist": ["act_fn", "one of silu"], "scale0": ["scaling_factor 0", "> 0"],
                           "scalenan": ["scaling_factor NaN"], "flag": ["use_quant_conv 1", "true or false"],
-                          "mean3": ["latents_mean", "4 finite numbers"], "deep": ["nested too deeply"]}.items()],
+                          "mean3": ["latents_mean", "4 finite numbers"], "deep": ["nested too deeply"],
+                          "huge": ["parameters", "GiB"]}.items()],
+    # sizes that cannot be allocated: one line that says how much memory, before the allocation
+    ("vae", VAE + "--hidden 1000000 1000000", ["--hidden 1000000 1000000", "parameters", "GiB"]),
+    ("kl", T + "--block-out-channels 65536 65536 65536", ["--block-out-channels 65536", "parameters", "GiB"]),
+    ("kl", R.replace("in32.png", "bomb.png") + W, ["bomb.png", "1000000x1000000", "GiB"]),
     ("kl", "decode " + W + "--latents {d}/latnan.safetensors --out {new}", ["latnan.safetensors", "NaN or infinite"]),
     ("kl", "decode " + W + "--latents {d}/latscale0.safetensors --out {new}", ["metadata", "scaling_factor 0"]),
     ("kl", "decode " + W + "--latents {d}/latlist.safetensors --out {new}", ["metadata", "not a JSON object"]),

@@ -544,7 +544,12 @@ def run(cfg):
     x_test, metrics = prepare_test_set(x_test_grey, cfg.likelihood), os.path.join(cfg.out, "metrics.jsonl")
     torch.manual_seed(cfg.seed)
     try:  # the model of this run, or of the checkpoint (one of another vae.py: one line, not a traceback)
-        model = VAE(**{key: (ckpt["config"] if ckpt else vars(cfg))[key] for key in MODEL_KEYS}).to(device)
+        sizes = {key: (ckpt["config"] if ckpt else vars(cfg))[key] for key in MODEL_KEYS}
+        with torch.device("meta"):  # counted without the memory: weights, gradients and Adam's two moments
+            n = sum(p.numel() for p in VAE(**sizes).parameters())
+        check_memory(16 * n, f"--hidden {' '.join(map(str, sizes['hidden']))}: a model of {n:,} parameters",
+                     torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+        model = VAE(**sizes).to(device)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as e:
@@ -776,6 +781,15 @@ def get_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
     return torch.device(name)
+
+
+def check_memory(needed, what, have=None):
+    """A one-line error instead of an allocation that runs until the machine gives up: work that certainly needs
+    more bytes than the machine has (`have`, or its RAM)."""
+    have = have or (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf)
+    if needed > have:
+        raise UserError(f"{what} needs at least {needed / 2 ** 30:,.1f} GiB, more than this machine's "
+                        f"{have / 2 ** 30:,.1f} GiB")
 
 
 def load_pretrained(url, needed_by, otherwise=""):
