@@ -382,10 +382,29 @@ def test_every_variant_trains(data_dir, tmp_path, flags):
     assert math.isfinite(record["test_nll"]) and record["test_nll"] < record["test_nelbo"]
 
 
+def test_adam_on_the_batch_mean_with_eps_over_b_steps_as_adam_on_the_sum_with_eps():
+    """Why the IWAE preset's eps is 1e-4 / 20: Burda et al.'s Adam (eps 1e-4) steps on the gradient of the batch
+    sum; ours on that of the mean, B = 20 times smaller. Adam's step m / (sqrt(v) + eps) is unchanged when the
+    gradient and eps are scaled alike, so the two runs take the same steps (float64; to rounding)."""
+    torch.manual_seed(0)
+    start, data = torch.randn(5, dtype=torch.float64), torch.randn(20, 5, dtype=torch.float64) * 1e-3  # small: eps counts
+    paths = []
+    for reduce, eps in ((torch.sum, 1e-4), (torch.mean, 1e-4 / 20)):
+        w = start.clone().requires_grad_()
+        opt = torch.optim.Adam([w], lr=1e-3, eps=eps)
+        for _ in range(5):
+            opt.zero_grad()
+            reduce(((data - w) ** 2).sum(1) * 1e-3).backward()
+            opt.step()
+        paths.append(w.detach())
+    assert torch.allclose(paths[0], paths[1], rtol=0, atol=1e-12) and not torch.allclose(paths[0], start, atol=1e-6)
+    assert vae.parse_args(["--preset", "iwae"]).adam_eps == 1e-4 / 20
+
+
 def test_preset_iwae_and_its_schedule():
     cfg = vae.parse_args(["--preset", "iwae"])
     assert (cfg.hidden, cfg.latent_dim, cfg.activation, cfg.batch_size, cfg.epochs, cfg.adam_eps, cfg.eval_samples) \
-        == ([200, 200], 50, "tanh", 20, 3280, 1e-4, 5000)  # and Burda et al.'s K = 5000 for the test NLL
+        == ([200, 200], 50, "tanh", 20, 3280, 1e-4 / 20, 5000)  # and Burda et al.'s K = 5000 for the test NLL
     assert vae.parse_args(["--preset", "iwae", "--epochs", "3"]).epochs == 3  # explicit flags win
     lrs = [vae.lr_at(e, cfg) for e in range(cfg.epochs)]
     stages = [lrs.count(lr) for lr in sorted(set(lrs), reverse=True)]
