@@ -1157,10 +1157,12 @@ def read_weights(path):
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
-def fit_weights(state, config, source="the state dict", which=None):
-    """A state dict in diffusers', LDM's or an older naming (diffusers_names) as AutoencoderKL(**config) names it,
-    checked: no key missing or unexpected, every shape as the model's, every value finite; else a one-line error."""
-    state, fits = diffusers_names(state, config), f"{source} does not fit this model{f' ({which})' if which else ''}"
+def fit_weights(state, config, source="the state dict", which=None, ema=False):
+    """A state dict in diffusers', LDM's or an older naming (diffusers_names; the VAE's part, vae_part) as
+    AutoencoderKL(**config) names it, checked: no key missing or unexpected, every shape as the model's, every value
+    finite; else a one-line error."""
+    state = diffusers_names(vae_part(state, config, source, ema), config)
+    fits = f"{source} does not fit this model{f' ({which})' if which else ''}"
     with torch.device("meta"):  # the names and shapes, without the memory
         expected = AutoencoderKL(**config).state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
@@ -1177,9 +1179,9 @@ def fit_weights(state, config, source="the state dict", which=None):
     return state
 
 
-def load_weights(model, state, source="the state dict", which=None):
+def load_weights(model, state, source="the state dict", which=None, ema=False):
     """fit_weights, loaded into the model (returned)."""
-    model.load_state_dict(fit_weights(state, model.config, source, which))
+    model.load_state_dict(fit_weights(state, model.config, source, which, ema))
     return model
 
 
@@ -1280,7 +1282,8 @@ def add_model_options(q, source=True):
         s.add_argument("--weights", help="a .safetensors, .ckpt or .pt file in diffusers' or LDM's names (a whole "
                                          "Stable Diffusion checkpoint too), or a diffusers folder with config.json")
         s.add_argument("--ckpt", help="a checkpoint written by train (its model's config is in it)")
-        g.add_argument("--ema", action="store_true", help="with --ckpt: its EMA weights")
+        g.add_argument("--ema", action="store_true", help="the EMA weights: a --ckpt's, or a --weights file's "
+                                                           "model_ema.* (LDM's training checkpoints)")
     else:
         g.add_argument("--weights", help="start from these weights (fine-tuning; any file reconstruct reads)")
         for name in ("--block-out-channels", "--layers-per-block", "--latent-channels"):
@@ -1327,8 +1330,6 @@ def settle(args):
         raise UserError("--config and --preset both describe the model: pass one of them")
     if not train and args.ckpt and (args.config or args.preset):
         raise UserError("--ckpt holds its model's config: leave out --preset and --config")
-    if not train and args.ema and not args.ckpt:
-        raise UserError("--ema needs --ckpt: a weights file holds one set of weights")
     if args.command == "reconstruct":
         check_output(args.out, "--out", inputs, (".png", ".jpg", ".jpeg"), overwrite=args.overwrite)
     if args.command == "encode":
@@ -1428,7 +1429,8 @@ def pretrained(args):
     from `architecture` and loaded with the --weights."""
     if args.weights:
         config, which = architecture(args)
-        return load_weights(AutoencoderKL(**config), read_weights(args.weights), args.weights, which).eval(), None
+        model = load_weights(AutoencoderKL(**config), read_weights(args.weights), args.weights, which, args.ema)
+        return model.eval(), None
     ckpt = load_checkpoint(args.ckpt)
     if args.ema and not ckpt.get("ema"):
         raise UserError(f"{args.ckpt} has no EMA weights (train with --ema DECAY)")
@@ -1671,6 +1673,32 @@ def to_ldm(state, config):
     """A diffusers-format state dict in LDM names and shapes (what ComfyUI and A1111-style tools load)."""
     return {ldm: state[name][:, :, None, None] if is_attention_matrix(name) else state[name]
             for name, ldm in ldm_names(config).items()}
+
+
+TRAINING_LEFTOVERS = ("loss.", "model_ema.decay", "model_ema.num_updates")  # what LDM's training leaves in a file
+
+
+def vae_part(state, config, source, ema=False):
+    """The VAE's weights in a file: the part under first_stage_model. or vae. of a whole SD checkpoint; without what
+    LDM's training left in community VAE files and LDM's own (its loss's networks, loss.*, and the EMA's counters),
+    which are ignored as A1111 does, with a line that says so; with ema, the EMA's copies of the weights instead
+    (model_ema.*, LDM's names without their dots), else without them. Other keys stay, to be refused as unexpected."""
+    prefix = next((p for p in LDM_PREFIXES if any(k.startswith(p) for k in state)), "")
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    ignored = [k for k in state if k.startswith(TRAINING_LEFTOVERS)]
+    copies = [k for k in state if k.startswith("model_ema.") and k not in ignored]
+    if ema and not copies:
+        raise UserError(f"{source} holds no EMA weights (model_ema.*): leave out --ema")
+    if ema:  # the EMA's name of each weight: LitEma's, model_ema. and the LDM name without its dots
+        ldm = {"model_ema." + name.replace(".", ""): name for name in ldm_names(config).values()}
+        state = {ldm.get(k, k): v for k, v in state.items() if k in copies}
+    if ignored or copies:
+        kinds = ", ".join(sorted({".".join(k.split(".")[:2]) for k in ignored}))
+        print(f"{source}: " + (f"ignored {len(ignored)} tensors of its training ({kinds}); " if ignored else "")
+              + f"loaded its {'EMA weights' if ema else 'weights'}"
+              + (f", not the EMA's ({len(copies)} tensors; --ema loads them)" if copies and not ema else ""),
+              file=sys.stderr)
+    return {k: v for k, v in state.items() if k not in ignored and (ema or k not in copies)}
 
 
 def diffusers_names(state, config):

@@ -1839,6 +1839,34 @@ def assert_same_model(ours, ref, size=32, tolerance=1e-12):
         assert relative_error(ours(x), ref(x).sample) <= tolerance
 
 
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_community_vae_files_with_their_trainings_leftovers_and_ema_copies_load(fmt, tmp_path, capsys):
+    """A VAE file as LDM's first-stage training writes it (and community files such as vae-ft-mse-840000-ema keep):
+    LDM names, the loss's networks (loss.*), LitEma's counters and its copies of every weight (model_ema. + the name
+    without dots). The leftovers are ignored with one line, the weights load, --ema loads the copies instead; an
+    unknown key is still refused."""
+    torch.manual_seed(0)
+    weights, copies = kl.build("tiny"), kl.build("tiny")
+    state = {**kl.to_ldm(weights.state_dict(), weights.config), "loss.logvar": torch.zeros(()),
+             "loss.discriminator.main.0.weight": torch.zeros(64, 3, 4, 4),
+             "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1),
+             "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(840000, dtype=torch.int32),
+             **{"model_ema." + k.replace(".", ""): v for k, v in kl.to_ldm(copies.state_dict(), copies.config).items()}}
+    path = str(tmp_path / f"vae.{fmt}")
+    torch.save({"state_dict": state}, path) if fmt == "ckpt" else kl.save_safetensors(state, path)
+    for ema, expected in ((False, weights), (True, copies)):
+        model = kl.load_weights(kl.build("tiny"), kl.read_weights(path), path, ema=ema)
+        assert all(torch.equal(v, expected.state_dict()[k]) for k, v in model.state_dict().items())
+        note = capsys.readouterr().err
+        assert "ignored 5 tensors of its training (loss.discriminator, loss.logvar, loss.perceptual_loss, " \
+               "model_ema.decay, model_ema.num_updates)" in note
+        assert ("loaded its EMA weights" if ema else "not the EMA's (124 tensors; --ema loads them)") in note
+    with pytest.raises(kl.UserError, match="1 unexpected, e.g. lossy.weight"):
+        kl.fit_weights({**state, "lossy.weight": torch.zeros(1)}, kl.build("tiny").config, path)
+    with pytest.raises(kl.UserError, match="no EMA weights"):
+        kl.fit_weights(kl.to_ldm(weights.state_dict(), weights.config), weights.config, path, ema=True)
+
+
 @pytest.mark.parametrize("name", ["sd-like", "flux-like"])
 def test_ldm_files_load_with_and_without_prefix_from_safetensors_and_ckpt(tmp_path, name):
     ref, config = diffusers_reference(name)
@@ -2259,7 +2287,7 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", R + W.replace("tiny.safetensors", "weightless"), ["without diffusion_pytorch_model.safetensors"]),
     ("kl", R + W + "--config c.json", ["--config and --preset"]),
     ("kl", R + "--ckpt x.pt --preset tiny", ["--ckpt holds its model's config"]),
-    ("kl", R + W + "--ema", ["--ema needs --ckpt"]),
+    ("kl", R + W + "--ema", ["tiny.safetensors holds no EMA weights", "leave out --ema"]),
     ("kl", R + "--weights {d}/tiny.safetensors --config missing.json", ["No such file", "missing.json"]),
     ("kl", R + W + "--out {d}/tiny.safetensors", ["also an input"]),
     ("kl", R + W + "--out {d}/in32.png", ["also an input"]),
