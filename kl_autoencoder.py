@@ -980,7 +980,6 @@ def torchvision_dataset(name, root):
                         f"where torchvision.datasets.{cls.__name__}(root={root!r}) looks for them, or pass --data-root")
 
 
-
 def check_parameters(config, what):
     """check_memory for the float32 weights of AutoencoderKL(**config), counted without memory (on the meta device);
     returns their number."""
@@ -1353,11 +1352,12 @@ def settle(args):
     args.steps, args.betas, args.device = args.steps or 10_000, tuple(args.betas), get_device(args.device).type
     args.precision = args.precision if args.precision != "auto" else "bf16" if args.device == "cuda" else "fp32"
     config = model_config(args)
+    widths = f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}"
     if any(c % config["norm_num_groups"] for c in config["block_out_channels"]):
-        raise UserError(f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}: each must be a "
-                        f"multiple of {config['norm_num_groups']}, the number of GroupNorm groups")
+        raise UserError(f"{widths}: each must be a multiple of {config['norm_num_groups']}, the number of GroupNorm "
+                        f"groups")
     check_resolution(args.resolution, config, args.disc_weight)
-    check_parameters(config, f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}")
+    check_parameters(config, widths)
     check_memory(args.batch_size * config["block_out_channels"][0] * args.resolution ** 2 * 4,
                  f"--resolution {args.resolution} with --batch-size {args.batch_size}: one batch's first activation",
                  torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else None)
