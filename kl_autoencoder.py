@@ -1455,6 +1455,10 @@ def train_command(args):
             raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: pass its sizes, or "
                             f"another --out")
         print(f"resuming {ckpt_path} at step {ckpt['step']}")
+        changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (was {ckpt['config'].get(k)})"
+                   for k in ("lr", "betas", "weight_decay") if ckpt["config"].get(k) != getattr(cfg, k)]
+        if changed:
+            print(f"the optimizers continue with this run's {', '.join(changed)}", file=sys.stderr)
     if rank0:
         check_writable(cfg.out)
     init = None if not args.weights else fit_weights(read_weights(args.weights), config, args.weights,
@@ -1675,7 +1679,8 @@ def to_ldm(state, config):
             for name, ldm in ldm_names(config).items()}
 
 
-TRAINING_LEFTOVERS = ("loss.", "model_ema.decay", "model_ema.num_updates")  # what LDM's training leaves in a file
+TRAINING_LEFTOVERS = ("loss.", "model_ema.loss", "model_ema.decay", "model_ema.num_updates")  # LDM's EMA copies the
+# loss's parameters too
 
 
 def vae_part(state, config, source, ema=False):
@@ -1893,7 +1898,7 @@ def decode_command(args):
         stems = [os.path.normpath(os.path.splitext(n)[0]) for n in names]
     if not (len(stems) == len(latents) == len({s.lower() for s in stems}) and all(  # one each, inside --out, that
             not os.path.isabs(s) and not s.startswith("..") and "\0" not in s  # the file system can name
-            and max(len(part.encode()) for part in s.split(os.sep)) < 250 for s in stems)):
+            and max(len(os.fsencode(part)) for part in s.split(os.sep)) < 250 for s in stems)):
         stems = [f"{i:06d}" for i in range(len(latents))]  # (a.png and a.jpg would both become a.png)
     check_writable(args.out)  # and locked: one decode at a time writes there
     paths = [os.path.join(args.out, s + ".png") for s in stems]
@@ -2062,9 +2067,10 @@ def check_writable(folder):
         LOCKED[key] = os.open(folder, os.O_RDONLY)
         try:
             fcntl.flock(LOCKED[key], fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:  # BlockingIOError: held; others (Lustre, some NFS mounts): no locks there, run without
             os.close(LOCKED.pop(key))
-            raise UserError(f"{folder} is in use by another run right now: wait for it to end, or write elsewhere")
+            if isinstance(e, BlockingIOError):
+                raise UserError(f"{folder} is in use by another run right now: wait for it to end, or write elsewhere")
 
 
 class Progress:

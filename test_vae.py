@@ -8,6 +8,7 @@ Nothing here touches the network: the tests write their own small data. The form
 import ast
 import builtins
 import copy
+import errno
 import dataclasses
 import gzip
 import hashlib
@@ -1283,12 +1284,14 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(fr
     assert len(kl_records(two, "train")) == 4 and len(kl_records(two, "eval")) == 2  # rank 0 alone wrote them
 
 
-def test_a_resumed_run_takes_its_optimizer_settings_from_its_options(kl_data, tmp_path):
+def test_a_resumed_run_takes_its_optimizer_settings_from_its_options(kl_data, tmp_path, capsys):
     """--resume continues the optimizers' moments, with this run's lr, betas and weight decay: a lower --lr, as the
     message of a diverged run advises, is honoured (not the saved one)."""
     args = ["train", "--data", kl_data, *KL_TINY, "--disc-weight", "0", "--out", str(tmp_path / "run")]
     kl.main([*args, "--steps", "1"])
     kl.main([*args, "--steps", "2", "--resume", "--lr", "1e-5", "--betas", "0.9", "0.99", "--weight-decay", "0.5"])
+    assert "the optimizers continue with this run's --lr 1e-05 (was 0.001), --betas (0.9, 0.99) (was (0.5, 0.9)), " \
+           "--weight-decay 0.5 (was 0.0)" in capsys.readouterr().err
     ckpt = torch.load(str(tmp_path / "run" / "ckpt.pt"), weights_only=True)
     group, group_d = ckpt["opt"]["param_groups"][0], ckpt["opt_d"]["param_groups"][0]
     assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-5, (0.9, 0.99), 0.5)
@@ -1851,15 +1854,16 @@ def test_community_vae_files_with_their_trainings_leftovers_and_ema_copies_load(
              "loss.discriminator.main.0.weight": torch.zeros(64, 3, 4, 4),
              "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1),
              "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(840000, dtype=torch.int32),
-             **{"model_ema." + k.replace(".", ""): v for k, v in kl.to_ldm(copies.state_dict(), copies.config).items()}}
+             **{"model_ema." + k.replace(".", ""): v for k, v in kl.to_ldm(copies.state_dict(), copies.config).items()},
+             "model_ema.losslogvar": torch.zeros(())}  # LitEma copies every parameter of LDM's model, the loss's too
     path = str(tmp_path / f"vae.{fmt}")
     torch.save({"state_dict": state}, path) if fmt == "ckpt" else kl.save_safetensors(state, path)
     for ema, expected in ((False, weights), (True, copies)):
         model = kl.load_weights(kl.build("tiny"), kl.read_weights(path), path, ema=ema)
         assert all(torch.equal(v, expected.state_dict()[k]) for k, v in model.state_dict().items())
         note = capsys.readouterr().err
-        assert "ignored 5 tensors of its training (loss.discriminator, loss.logvar, loss.perceptual_loss, " \
-               "model_ema.decay, model_ema.num_updates)" in note
+        assert "ignored 6 tensors of its training (loss.discriminator, loss.logvar, loss.perceptual_loss, " \
+               "model_ema.decay, model_ema.losslogvar, model_ema.num_updates)" in note
         assert ("loaded its EMA weights" if ema else "not the EMA's (124 tensors; --ema loads them)") in note
     with pytest.raises(kl.UserError, match="1 unexpected, e.g. lossy.weight"):
         kl.fit_weights({**state, "lossy.weight": torch.zeros(1)}, kl.build("tiny").config, path)
@@ -2119,7 +2123,8 @@ def test_fp16_is_upcast_where_the_config_says_so(tiny_weights, tmp_path, capsys)
                                              (["c.png", "c.jpg"], ["000000.png", "000001.png"]),  # not c.png twice
                                              (["c.png", "C.png"], ["000000.png", "000001.png"]),  # (on macOS: one file)
                                              (["c.png"], ["000000.png", "000001.png"]),  # not one per image
-                                             (["a\0b.png", "x" * 300 + ".png"], ["000000.png", "000001.png"])])
+                                             (["a\0b.png", "x" * 300 + ".png"], ["000000.png", "000001.png"]),
+                                             (["\udcff.png", "b.png"], ["b.png", "\udcff.png"])])  # not UTF-8
 def test_decode_writes_one_image_per_latent_and_only_inside_its_out_folder(names, written, tiny_weights, tmp_path):
     path = str(tmp_path / "lat.safetensors")
     kl.save_safetensors({"latents": torch.zeros(max(2, len(names)), 4, 4, 4)}, path, metadata={"names": json.dumps(names)})
@@ -2212,7 +2217,8 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
         (d / f"c_{name}.json").write_text(change if isinstance(change, str) else json.dumps({**config, **change}))
     overflow = {**state, "encoder.conv_in.weight": state["encoder.conv_in.weight"] * 1e38}  # finite, and so large
     kl.save_safetensors(overflow, str(d / "overflow.safetensors"))  # that the activations are not
-    for name, latents, meta in (("latnan", torch.full((1, 4, 4, 4), float("nan")), {}),
+    one_nan = torch.zeros(1, 4, 4, 4).index_put_((torch.tensor(0),) * 4, torch.tensor(float("nan")))  # one is enough
+    for name, latents, meta in (("latnan", one_nan, {}),
                                 ("latscale0", torch.zeros(1, 4, 4, 4), {"config": json.dumps({"scaling_factor": 0})}),
                                 ("latlist", torch.zeros(1, 4, 4, 4), {"config": "[1, 2]"})):
         kl.save_safetensors({"latents": latents}, str(d / f"{name}.safetensors"), metadata=meta)
@@ -2435,6 +2441,17 @@ def test_a_full_disk_is_one_line_and_exit_2_and_no_part_of_a_file(program, comma
     assert e.value.code == 2
     (one_line_error if program == "vae" else kl_error)(capsys, "No space left on device", path)
     assert open(path, "rb").read() == b"an earlier file" and not os.path.lexists(path + ".tmp")
+
+
+@pytest.mark.parametrize("program", [vae, kl])
+def test_a_folder_on_a_file_system_without_locks_is_used_unlocked(program, tmp_path, monkeypatch):
+    """flock fails with ENOSYS on Lustre's default mount (ENOLCK on some NFS): a run goes on there, unlocked; a lock
+    another process holds (BlockingIOError) is still refused."""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(program.fcntl, "flock", no_locks)
+    program.check_writable(str(tmp_path / "run"))
+    assert str(tmp_path / "run") not in program.LOCKED and os.path.isdir(tmp_path / "run")
 
 
 def test_a_run_may_keep_its_checkpoint_elsewhere(data_dir, tmp_path, capsys):

@@ -864,9 +864,10 @@ def check_writable(folder):
         LOCKED[key] = os.open(folder, os.O_RDONLY)
         try:
             fcntl.flock(LOCKED[key], fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:  # BlockingIOError: held; others (Lustre, some NFS mounts): no locks there, run without
             os.close(LOCKED.pop(key))
-            raise UserError(f"{folder} is in use by another run right now: wait for it to end, or write elsewhere")
+            if isinstance(e, BlockingIOError):
+                raise UserError(f"{folder} is in use by another run right now: wait for it to end, or write elsewhere")
 
 
 class Progress:
