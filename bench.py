@@ -11,9 +11,10 @@ vae: both train the same model, pytorch/examples' 784-400-20 ReLU VAE, with batc
 the real MNIST training set (60,000 images in --data-dir, as for vae.py). The classic loop is
 written the way pytorch/examples `vae/main.py` feeds it: a DataLoader over torchvision's MNIST with
 a per-image ToTensor() transform (num_workers 1 and pinned memory on CUDA), a copy to the device
-per batch, BCE on grey levels, and `loss.item()` after every step. vae.py's loop is
-`vae.train_epoch`: the data on the device once, one permutation per epoch, batches by slicing,
-dynamic binarization on the device, one host sync per epoch.
+per batch, BCE on grey levels, `loss.item()` after every step, and torch.optim.Adam's default
+implementation. vae.py's loop is `vae.train_epoch`: the data on the device once, one permutation per
+epoch, batches by slicing, dynamic binarization on the device, one host sync per epoch, and the fused
+Adam that `vae.train` builds (one kernel for all parameters, on the CPU too).
 
 kl: one training step (forward, backward, Adam) of kl_autoencoder.py's AutoencoderKL against
 diffusers' AutoencoderKL (which must be installed) at the same config, batch and resolution, with
@@ -28,8 +29,8 @@ peak resident set (ru_maxrss), shown with what it was before decoding (Python, t
 it is torch.cuda.max_memory_allocated.
 
 Each side runs --warmup epochs (or steps) first, then --repeats timed ones; the median is reported.
-The kl steps are interleaved (one side, then the other, alternating which goes first), so that the
-drifts in speed of a shared machine affect both sides alike.
+The timed epochs and steps are interleaved (one side, then the other, alternating which goes first), so
+that the drifts in speed of a shared machine affect both sides alike.
 """
 
 import argparse
@@ -92,29 +93,41 @@ def bench_vae(args, device):
     except vae.UserError as e:
         raise SystemExit(f"bench.py: error: {e}")
 
-    def fresh():
+    def fresh(fused):
         torch.manual_seed(0)
         model = vae.VAE(hidden=[400], latent_dim=20, activation="relu").to(device)
-        return model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
 
     dataset = torchvision.datasets.MNIST(args.data_dir, train=True, transform=torchvision.transforms.ToTensor())
     loader_kwargs = {"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}
     loader = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=True, **loader_kwargs)
-    model, opt = fresh()
-    classic = timed(lambda: classic_epoch(model, opt, loader, device), device, args.warmup, args.repeats)
-
-    model, opt = fresh()
+    classic_model, classic_opt = fresh(fused=None)  # pytorch/examples: torch.optim.Adam's default implementation
+    model, opt = fresh(fused=device.type in ("cuda", "cpu"))  # as vae.train builds it
     terms_fn = torch.compile(vae.train_terms) if args.compile else vae.train_terms
-    ours = timed(lambda: vae.train_epoch(model, opt, x_train, cfg, epoch=0, terms_fn=terms_fn), device, args.warmup,
-                 args.repeats)
+    sides = {"classic": lambda: classic_epoch(classic_model, classic_opt, loader, device),
+             "ours": lambda: vae.train_epoch(model, opt, x_train, cfg, epoch=0, terms_fn=terms_fn)}
+    seconds = interleaved(sides, device, args.warmup, args.repeats)
 
     n = len(dataset)
-    print(f"{describe(device)}; median of {args.repeats} epochs after {args.warmup} warm-up")
+    print(f"{describe(device)}; median of {args.repeats} interleaved epochs after {args.warmup} warm-up each")
     suffix = " (compiled)" * args.compile + " (bf16)" * args.amp
-    for label, seconds, images in [("DataLoader + ToTensor loop (pytorch/examples)", classic, n),
-                                   ("vae.py loop" + suffix, ours, len(x_train) // 128 * 128)]:
-        print(f"{label:<48} {seconds:7.3f} s/epoch {images / seconds:10,.0f} img/s")
-    print(f"speed-up: {classic / ours:.1f}x")
+    for label, name, images in [("DataLoader + ToTensor loop (pytorch/examples)", "classic", n),
+                                ("vae.py loop" + suffix, "ours", len(x_train) // 128 * 128)]:
+        print(f"{label:<48} {seconds[name]:7.3f} s/epoch {images / seconds[name]:10,.0f} img/s")
+    print(f"speed-up: {seconds['classic'] / seconds['ours']:.1f}x")
+
+
+def interleaved(sides, device, warmup, repeats):
+    """The median time of each side's function, run in turns (one side, then the other, alternating which goes
+    first) after `warmup` runs each, so that the drifts in speed of a shared machine affect both sides alike."""
+    for fn in sides.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in sides}
+    for r in range(repeats):
+        for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            times[name].append(timed(sides[name], device, 0, 1))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def kl_step(encode, decode, opt, x):
@@ -170,11 +183,7 @@ def bench_kl(args, device):
             tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
             tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
             peak[name] = (sum(t.numel() * t.element_size() for t in tensors) + torch.cuda.max_memory_allocated(device) - before) / 2 ** 30
-    times = {name: [] for name in sides}
-    for r in range(args.repeats):  # interleaved, first one side then the other, so that drifts of the machine hit both
-        for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-            times[name].append(timed(sides[name][2], device, 0, 1))
-    seconds = {name: statistics.median(t) for name, t in times.items()}
+    seconds = interleaved({name: step for name, (_, _, step) in sides.items()}, device, 0, args.repeats)
     label = f"{args.preset}, batch {args.batch_size}, {args.resolution}x{args.resolution}"
     print(f"{describe(device)}; {label}; median of {args.repeats} interleaved steps after {args.warmup} warm-up each")
     ours_label = "kl_autoencoder.py" + " bf16" * args.amp + " channels_last" * args.channels_last

@@ -414,7 +414,7 @@ def test_preset_iwae_and_its_schedule():
 
 
 def test_vae_options_reach_the_optimizer_the_schedule_and_the_evaluation(data_dir, tmp_path, monkeypatch):
-    """Adam gets --adam-eps and, per epoch, the cosine schedule's lr; --batch-size sets the steps per epoch; --compile
+    """Adam (fused) gets --adam-eps and, per epoch, the cosine schedule's lr; --batch-size sets the steps per epoch; --compile
     compiles the training step's terms; the test NLL draws --eval-samples importance samples per image; FID's network
     gets --fid-samples decoded prior samples and as many grey-level test images (not binarized) as 299 x 299 RGB,
     normalised with ImageNet's mean and std."""
@@ -433,6 +433,7 @@ def test_vae_options_reach_the_optimizer_the_schedule_and_the_evaluation(data_di
                        "--adam-eps", "1e-5", "--compile", "--eval-samples", "24", "--fid", "--fid-samples", "40"])
     assert [s["lr"] for s in spy.steps] == pytest.approx([2e-3] * 4 + [1.5e-3] * 4 + [0.5e-3] * 4, rel=1e-12)
     assert all(s["eps"] == 1e-5 and tuple(s["betas"]) == (0.9, 0.999) for s in spy.steps)
+    assert all(s["fused"] for s in spy.steps)  # one kernel for all parameters on the CPU too (bench.py: ~4x foreach)
     assert len(compiled) == 1 and sum(draws) == 24 * 64 and record["eval_samples"] == 24
     seen = torch.cat(recorder.inputs) * IMAGENET_STD + IMAGENET_MEAN
     assert seen.shape == (80, 3, 299, 299) and record["fid_samples"] == 40
@@ -526,6 +527,74 @@ def test_aggregate_posterior_with_varying_variances():
     assert torch.allclose(mean, mu.mean(0)) and torch.allclose(std, var.sqrt(), rtol=1e-12)
 
 
+def test_the_kl_per_dimension_is_each_dimensions_closed_form_and_sums_to_the_kl():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(300, 5, dtype=torch.float64), torch.randn(300, 5, dtype=torch.float64)
+    per_dim = vae.kl_per_dimension(mu, logvar)
+    assert per_dim.shape == (5,)
+    assert torch.allclose(per_dim, (0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)).mean(0), rtol=1e-12)
+    assert per_dim.sum().item() == pytest.approx(vae.gaussian_kl(mu, logvar).mean().item(), rel=1e-12)
+
+
+def test_mutual_information_is_zero_for_an_encoder_that_ignores_x_and_log_2_for_a_gaussian_channel():
+    """An encoder that gives every x the same posterior: log q(z|x) = log q(z) for every z, so I = 0 exactly.
+    x ~ N(0, I_2), q(z|x) = N(x, I): z = x + eps is jointly Gaussian with x, I(x; z) = 2 * 1/2 log(1 + 1/1) = log 2.
+    The estimate differs from log 2 by the Monte Carlo error of its N terms, whose standard error the test computes
+    from the same draws with the closed-form densities (log q(z) = log N(z; 0, 2 I)); from that same-draw mean it
+    differs only through the finite mixture of N = 4,000 posteriors standing in for q(z) (measured: about 0.001)."""
+    torch.manual_seed(0)
+    same = torch.randn(1, 3, dtype=torch.float64).expand(500, 3)
+    assert abs(vae.mutual_information(same, same.clone() - 1)) < 1e-12
+    n = 4000
+    x = torch.randn(n, 2, dtype=torch.float64)
+    logvar = torch.zeros(n, 2, dtype=torch.float64)
+    torch.manual_seed(1)
+    estimate = vae.mutual_information(x, logvar, rows=2 ** 16)  # many chunks: they must join up exactly
+    torch.manual_seed(1)
+    z = vae.reparameterize(x, logvar)  # the estimator's draws
+    terms = vae.log_normal(z, x, logvar) - vae.log_normal(z, torch.zeros(()), torch.tensor(math.log(2.0)))
+    assert abs(estimate - math.log(2)) < 4 * terms.std().item() / math.sqrt(n)
+    assert estimate == pytest.approx(terms.mean().item(), abs=5e-3)
+
+
+def test_qq_points_of_an_aggregate_posterior_that_is_exactly_the_prior_lie_on_the_line():
+    """mu(x) = sqrt(0.7) x, variance 0.3, x ~ N(0, 1): z = sqrt(0.7) x + sqrt(0.3) eps ~ N(0, 1) exactly. Each of the
+    N sorted samples is within 5 standard errors, sqrt(p(1-p) / N) / phi(q_p) (an order statistic's), of the normal
+    quantile q_p at p = (i + 1/2) / N, for p in [0.01, 0.99]; a dimension with std 1.1 is not."""
+    torch.manual_seed(0)
+    n = 10_000
+    mu = math.sqrt(0.7) * torch.randn(n, 3, dtype=torch.float64)
+    z = vae.reparameterize(mu, torch.full_like(mu, math.log(0.3)))
+    q, sorted_z = vae.normal_qq(z)
+    p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    assert torch.allclose(torch.special.ndtr(q), p, atol=1e-12) and torch.equal(sorted_z, z.sort(0).values)
+    central = (p >= 0.01) & (p <= 0.99)
+    se = (p * (1 - p) / n).sqrt() / torch.exp(-q ** 2 / 2) * math.sqrt(2 * math.pi)
+    assert ((sorted_z - q[:, None]).abs()[central] < 5 * se[central, None]).all()
+    _, wide = vae.normal_qq(1.1 * z)
+    assert not ((wide - q[:, None]).abs()[central] < 5 * se[central, None]).all()
+
+
+def test_latent_qq_png_draws_each_dimension_against_the_diagonal(tmp_path):
+    """Panel 0 holds N(0, 1) samples: its black pixels lie on the grey diagonal (within a pixel where |q| < 2.5);
+    panel 1 holds N(1.5, 1): its points are 1.5 * 63 / 8 = 12 pixels above it; 70 columns: only 64 panels."""
+    torch.manual_seed(0)
+    z = torch.randn(5000, 70)
+    z[:, 1] += 1.5
+    vae.save_qq(z, str(tmp_path / "q.png"))
+    grid = torchvision.io.read_image(str(tmp_path / "q.png"))[0].int()
+    assert grid.shape == (8 * 66 + 2, 8 * 66 + 2)  # 8 x 8 panels of 64 pixels, 2-pixel borders
+
+    def offsets(c):  # for the columns of the panel's middle (|q| < 2.5), diagonal row minus the black pixels' rows
+        panel = grid_tile(grid[None], 0, c, 64)[0]
+        cols = [j for j in range(64) if abs((j / 63 * 8) - 4) < 2.5]
+        return [63 - j - i for j in cols for i in (panel[:, j] == 0).nonzero()[:, 0].tolist()]
+    assert offsets(0) and max(map(abs, offsets(0))) <= 1
+    assert offsets(1) and all(10 <= d <= 14 for d in offsets(1))
+    grey = (grid_tile(grid[None], 0, 0, 64)[0] == 153).nonzero()  # the line y = x (0.6) where no point covers it
+    assert len(grey) and (grey.sum(1) == 63).all()  # row 63 - column: y = x, up to the right
+
+
 def test_vae_fid_is_the_frechet_distance_of_prior_samples_and_test_images():
     torch.manual_seed(0)
     model = vae.VAE(hidden=[16], latent_dim=3)
@@ -567,7 +636,7 @@ def test_load_mnist_unpacks_gzipped_files(tmp_path):
 
 def test_every_output_is_written(trained):
     out, record = trained
-    for name in ["ckpt.pt", "metrics.jsonl", "samples.png", "reconstructions.png", "interpolations.png"]:
+    for name in ["ckpt.pt", "metrics.jsonl", "samples.png", "reconstructions.png", "interpolations.png", "latent_qq.png"]:
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert not os.path.exists(os.path.join(out, "manifold.png"))  # only for 2 latents
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
@@ -577,6 +646,10 @@ def test_every_output_is_written(trained):
     assert final == record
     for key in ["test_nelbo", "test_nll", "eval_samples", "active_units", "posterior_mean", "posterior_std"]:
         assert key in final
+    assert sum(final["kl_per_dim"]) == pytest.approx(final["test_kl"], rel=1e-5)  # float32 sums in other orders
+    assert 0 <= final["mutual_information"] <= math.log(64) + 1e-6  # 64 test images: I(x; z) <= log N
+    qq = torchvision.io.read_image(os.path.join(out, "latent_qq.png"))
+    assert qq.shape == (1, 66 + 2, 4 * 66 + 2)  # one row of 4 panels (4 latents)
     assert final["eval_samples"] == 16 and 0 <= final["active_units"] <= 4
     assert len(final["posterior_mean"]) == len(final["posterior_std"]) == 4
     # the importance-sampled NLL is a tighter bound than the ELBO (K = 16 vs 1, 64 images)
@@ -588,7 +661,8 @@ def test_pictures_show_what_their_docstrings_say(data_dir, tmp_path):
     reconstructions.png has test images 0-15 above the decoder means at their posterior means, then 16-31 likewise;
     interpolations.png row i goes in 10 equal steps from the posterior mean of test image i to that of 8 + i;
     samples.png decodes 64 draws of N(0, I) seeded with TEST_SEED; manifold.png is Kingma & Welling's figure 4: z1 at
-    the 5%..95% normal quantiles from left to right, z2 from top (high) to bottom. --eval-only draws them again."""
+    the 5%..95% normal quantiles from left to right, z2 from top (high) to bottom; latent_qq.png, drawn next, plots one
+    draw of q(z|x) per test image. --eval-only draws them again."""
     vae.main(["--data-dir", data_dir, "--out", str(tmp_path / "run"), "--epochs", "1", *TINY, "--latent-dim", "2",
               "--hidden", "48", "32", "--activation", "tanh"])
     model = vae.VAE("mlp", [48, 32], 2, "tanh", "bernoulli")
@@ -617,6 +691,8 @@ def test_pictures_show_what_their_docstrings_say(data_dir, tmp_path):
         q = torch.special.ndtri(torch.linspace(0.05, 0.95, 20))
         manifold = picture("manifold.png", 20, 20)
         assert all(close(manifold[i][j], model.mean(torch.stack([q[j], q[19 - i]]))) for i in range(20) for j in range(20))
+        vae.save_qq(vae.reparameterize(*model.encode(x)), str(tmp_path / "qq.png"))  # a sample of q(z|x) per test image
+        assert (tmp_path / "qq.png").read_bytes() == (tmp_path / "run" / "latent_qq.png").read_bytes()
     vae.main(["--eval-only", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--data-dir", data_dir, "--device", "cpu",
               "--eval-samples", "16", "--out", str(tmp_path / "again")])
     for name in vae.PICTURES:
