@@ -6,6 +6,8 @@ Side-by-side timings of our two programs against the code they replace, in one r
     python bench.py kl --device cpu --preset tiny --batch-size 8 --resolution 64
     python bench.py kl --device cuda --preset sd --batch-size 8 --resolution 256 --amp --channels-last
     python bench.py tiles --device cpu --preset sd --resolution 1024
+    python bench.py campaign --device cuda --data-dir data --out runs/campaign   # all of it, on a GPU (issue 17)
+    python bench.py campaign --device cpu --data-dir data --out runs/dry --dry-run   # every step tiny, on a CPU
 
 vae: both train the same model, pytorch/examples' 784-400-20 ReLU VAE, with batch 128 and Adam 1e-3 on
 the real MNIST training set (60,000 images in --data-dir, as for vae.py). The classic loop is
@@ -28,6 +30,11 @@ random weights: memory and time do not depend on the values) by kl_autoencoder.p
 peak resident set (ru_maxrss), shown with what it was before decoding (Python, torch, the weights); on CUDA
 it is torch.cuda.max_memory_allocated.
 
+campaign: the measurements a GPU is wanted for, in order of value, each a command of its own run with a time limit,
+its output, time, exit code, the GPU's name and torch's version appended to OUT/report.json and OUT/report.md as it
+ends. A step that succeeded is not run again, so the campaign continues where the last call stopped (calls to a
+lent GPU are limited to 10 minutes: pass --minutes, and call it again). --dry-run runs every step at tiny sizes.
+
 Each side runs --warmup epochs (or steps) first, then --repeats timed ones; the median is reported.
 The timed epochs and steps are interleaved (one side, then the other, alternating which goes first), so
 that the drifts in speed of a shared machine affect both sides alike.
@@ -35,6 +42,8 @@ that the drifts in speed of a shared machine affect both sides alike.
 
 import argparse
 import json
+import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -227,10 +236,61 @@ def bench_tiles(args, device):
         print(f"--tile {tile:<3}  {where}: {r['peak'] / 2 ** 30:6.2f} GiB  {r['seconds']:7.1f} s")
 
 
+KL_SD = ["bench.py", "kl", "--preset", "sd", "--batch-size", "8", "--resolution", "256", "--repeats", "10"]
+CAMPAIGN = [  # (step, its command after `python`, the command's tiny version for --dry-run, minutes it may take)
+    ("pytest -m cuda", ["-m", "pytest", "-m", "cuda", "-q"], ["-m", "pytest", "-m", "cuda", "-q"], 8),
+    ("vae epoch, eager, vs the DataLoader loop", ["bench.py", "vae", "--repeats", "5"], ["bench.py", "vae"], 3),
+    ("vae epoch, compiled", ["bench.py", "vae", "--compile", "--repeats", "5"], ["bench.py", "vae", "--compile"], 4),
+    ("kl step, sd, 256 x 256, fp32 vs diffusers fp32", KL_SD, ["bench.py", "kl"], 3),
+    ("kl step, bf16", KL_SD + ["--amp"], ["bench.py", "kl", "--amp"], 3),
+    ("kl step, bf16 + channels_last", KL_SD + ["--amp", "--channels-last"], ["bench.py", "kl", "--channels-last"], 3),
+    ("tiled decode, sd, 2048 x 2048", ["bench.py", "tiles", "--preset", "sd", "--resolution", "2048"],
+     ["bench.py", "tiles", "--resolution", "128"], 3),
+    ("vae.py default run (100 epochs)", ["vae.py", "--out", "{out}/vae", "--overwrite"],
+     ["vae.py", "--out", "{out}/vae", "--overwrite", "--epochs", "1", "--hidden", "16", "--eval-samples", "2"], 8),
+]
+
+
+def campaign(args):
+    """Run CAMPAIGN's steps that have not yet succeeded, while --minutes allow; report each as it ends."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "report.json")
+    report = json.loads(open(path).read()) if os.path.exists(path) else {"steps": {}}
+    start = time.time()
+    for step, command, tiny, minutes in CAMPAIGN:
+        done = report["steps"].get(step, {})
+        if done.get("rc") == 0 and done.get("dry_run") == args.dry_run:
+            continue
+        if (time.time() - start) / 60 + minutes > args.minutes:
+            print(f"campaign: stopped before {step!r} (up to {minutes} min; --minutes {args.minutes}): call it again")
+            break
+        argv = [sys.executable, *[a.format(out=args.out) for a in (tiny if args.dry_run else command)]]
+        if argv[1] != "-m":  # (pytest finds the GPU itself)
+            argv += ["--device", args.device] + ["--data-dir", args.data_dir] * ("vae" in (argv[1], argv[2]) or
+                                                                                  argv[1] == "vae.py")
+        print(f"campaign: {step}: {' '.join(argv[1:])}", flush=True)
+        t0 = time.time()
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=minutes * 60)
+            rc, output = done.returncode, done.stdout + done.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, output = "timeout", f"{(e.stdout or b'').decode(errors='replace')}\nstopped after {minutes} min"
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else f"none ({platform.processor() or 'cpu'})"
+        report["steps"][step] = {"command": "python " + " ".join(argv[1:]), "rc": rc, "gpu": gpu,
+                                 "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+                                 "dry_run": args.dry_run, "output": output[-3000:]}
+        vae.write_atomically(path, json.dumps(report, indent=1).encode())
+        vae.write_atomically(os.path.join(args.out, "report.md"), "".join(
+            f"## {name}\n`{r['command']}`: exit {r['rc']}, {r['seconds']} s, {r['gpu']}, torch {r['torch']}"
+            f"{' (dry run)' if r['dry_run'] else ''}\n```\n{r['output'].strip()}\n```\n\n"
+            for name, r in report["steps"].items()).encode())
+        print(f"campaign: {step}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description="Side-by-side timings; see the top of bench.py.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", nargs="?", default="vae", choices=["vae", "kl", "tiles"])
+    p.add_argument("what", nargs="?", default="vae", choices=["vae", "kl", "tiles", "campaign"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -244,7 +304,13 @@ def main():
     g.add_argument("--resolution", type=int, default=64)
     g.add_argument("--channels-last", action="store_true", help="channels_last memory for our side")
     g.add_argument("--tile", default=None, choices=["off", "on"], help=argparse.SUPPRESS)  # tiles: the child's side
+    g = p.add_argument_group("campaign")
+    g.add_argument("--out", default="runs/campaign", help="report.json, report.md and the runs' folders")
+    g.add_argument("--minutes", type=float, default=9.0, help="start no step that might end after this")
+    g.add_argument("--dry-run", action="store_true", help="every step at tiny sizes (on a CPU: to try the code)")
     args = p.parse_args()
+    if args.what == "campaign":
+        return campaign(args)
     try:
         device = vae.get_device(args.device)
     except vae.UserError as e:

@@ -138,11 +138,14 @@ class Attention(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution of the encoder or decoder: residual blocks, then an optional resampler
-    (diffusers' DownEncoderBlock2D / UpDecoderBlock2D; the key is downsamplers.0 or upsamplers.0)."""
+    """One resolution of the encoder or decoder: residual blocks, each followed by attention when `attention`, then an
+    optional resampler (diffusers' DownEncoderBlock2D / UpDecoderBlock2D, with attention their Attn... versions; the
+    key is downsamplers.0 or upsamplers.0)."""
 
-    def __init__(self, in_channels, out_channels, n_blocks, groups, act_fn, resample=None):
+    def __init__(self, in_channels, out_channels, n_blocks, groups, act_fn, resample=None, attention=False):
         super().__init__()
+        if attention:  # registered first, as in diffusers: the state dict lists them first
+            self.attentions = nn.ModuleList([Attention(out_channels, groups) for _ in range(n_blocks)])
         self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
                                       for i in range(n_blocks)])
         if resample == "down":
@@ -151,8 +154,10 @@ class Level(nn.Module):
             self.upsamplers = nn.ModuleList([Resample(out_channels, up=True)])
 
     def forward(self, x):
-        for resnet in self.resnets:
+        for i, resnet in enumerate(self.resnets):
             x = resnet(x)
+            if hasattr(self, "attentions"):
+                x = self.attentions[i](x)
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)
         if hasattr(self, "upsamplers"):
@@ -178,17 +183,18 @@ class MidBlock(nn.Module):
 
 class Encoder(nn.Module):
     """x (B, in, H, W) -> (B, 2 * latent, H/f, W/f): conv_in, levels of `layers_per_block` residual
-    blocks with a downsampler on all but the last, mid block, GroupNorm, SiLU, conv_out."""
+    blocks (with attention where `attention[i]`) and a downsampler on all but the last, mid block, GroupNorm, SiLU,
+    conv_out."""
 
     def __init__(self, in_channels, latent_channels, block_out_channels, layers_per_block, groups, act_fn="silu",
-                 mid_attention=True):
+                 mid_attention=True, attention=None):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
         channels = [block_out_channels[0], *block_out_channels]
         last = len(block_out_channels) - 1
         self.down_blocks = nn.ModuleList([
             Level(channels[i], channels[i + 1], layers_per_block, groups=groups, act_fn=act_fn,
-                  resample=None if i == last else "down")
+                  resample=None if i == last else "down", attention=bool(attention and attention[i]))
             for i in range(len(block_out_channels))])
         self.mid_block = MidBlock(block_out_channels[-1], groups, act_fn, mid_attention)
         self.conv_norm_out = group_norm(block_out_channels[-1], groups)
@@ -202,18 +208,19 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (B, latent, h, w) -> (B, out, f h, f w): conv_in, mid block, levels in reverse with
-    `layers_per_block + 1` residual blocks and an upsampler on all but the last, GroupNorm, SiLU, conv_out."""
+    """z (B, latent, h, w) -> (B, out, f h, f w): conv_in, mid block, levels in reverse with `layers_per_block + 1`
+    residual blocks (with attention where `attention[i]`, i counted in this order) and an upsampler on all but the
+    last, GroupNorm, SiLU, conv_out."""
 
     def __init__(self, latent_channels, out_channels, block_out_channels, layers_per_block, groups, act_fn="silu",
-                 mid_attention=True):
+                 mid_attention=True, attention=None):
         super().__init__()
         rev = list(reversed(block_out_channels))
         self.conv_in = nn.Conv2d(latent_channels, rev[0], 3, padding=1)
         last = len(rev) - 1  # up_blocks before mid_block: diffusers' state dict lists them first
         self.up_blocks = nn.ModuleList([
             Level(rev[max(i - 1, 0)], rev[i], layers_per_block + 1, groups=groups, act_fn=act_fn,
-                  resample=None if i == last else "up")
+                  resample=None if i == last else "up", attention=bool(attention and attention[i]))
             for i in range(len(rev))])
         self.mid_block = MidBlock(rev[0], groups, act_fn, mid_attention)
         self.conv_norm_out = group_norm(block_out_channels[0], groups)
@@ -266,21 +273,25 @@ class DiagonalGaussianDistribution:
 
 class AutoencoderKL(nn.Module):
     """Encoder -> quant_conv -> q(z|x);  z -> post_quant_conv -> Decoder. Keyword names and defaults as in
-    diffusers' config.json (except the SD-sized defaults). The last six keywords describe how the model is
-    used, not the model: sample_size is the tile size of tiled encoding; scaling_factor, shift_factor,
+    diffusers' config.json, except the SD-sized defaults and the block types: None is diffusers' usual
+    DownEncoderBlock2D / UpDecoderBlock2D at every level, else one name per level, Attn... for attention after each
+    residual block (LDM's kl-f32, VA-VAE). Six keywords describe how the model is used, not the model: sample_size
+    is the tile size of tiled encoding; scaling_factor, shift_factor,
     latents_mean, latents_std the latent convention of diffusion models (to_diffusion_latents, Part III);
     force_upcast says that float16 overflows in this model. They are kept, and exported, never applied here."""
 
     def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                  latent_channels=4, norm_num_groups=32, act_fn="silu", mid_block_add_attention=True,
                  use_quant_conv=True, use_post_quant_conv=True, sample_size=512, scaling_factor=0.18215,
-                 shift_factor=None, latents_mean=None, latents_std=None, force_upcast=True):
+                 shift_factor=None, latents_mean=None, latents_std=None, force_upcast=True, down_block_types=None,
+                 up_block_types=None):
         super().__init__()
         self.config = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in locals().items()
                        if k not in ("self", "__class__")}  # every keyword, as diffusers' config.json holds it
         levels = (block_out_channels, layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
-        self.encoder = Encoder(in_channels, latent_channels, *levels)
-        self.decoder = Decoder(latent_channels, out_channels, *levels)
+        attention = [[t.startswith("Attn") for t in types or ()] for types in (down_block_types, up_block_types)]
+        self.encoder = Encoder(in_channels, latent_channels, *levels, attention[0])
+        self.decoder = Decoder(latent_channels, out_channels, *levels, attention[1])
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
@@ -1187,8 +1198,8 @@ def load_weights(model, state, source="the state dict", which=None, ema=False):
 def diffusers_config(config):
     """Our config as diffusers' config.json holds it (every field, the latent convention too; lists for tuples)."""
     n = len(config["block_out_channels"])
-    return {"_class_name": "AutoencoderKL", "down_block_types": ["DownEncoderBlock2D"] * n,
-            "up_block_types": ["UpDecoderBlock2D"] * n, **with_lists(config)}
+    return {"_class_name": "AutoencoderKL", **with_lists(config),
+            **{key: list(config.get(key) or [plain] * n) for key, plain in BLOCK_TYPES.items()}}
 
 
 def with_lists(d):
@@ -1356,6 +1367,7 @@ def settle(args):
     if any(c % config["norm_num_groups"] for c in config["block_out_channels"]):
         raise UserError(f"{widths}: each must be a multiple of {config['norm_num_groups']}, the number of GroupNorm "
                         f"groups")
+    check_config(config, widths)  # also: one block type per level
     check_resolution(args.resolution, config, args.disc_weight)
     check_parameters(config, widths)
     check_memory(args.batch_size * config["block_out_channels"][0] * args.resolution ** 2 * 4,
@@ -1591,10 +1603,11 @@ def read_config(path):
     if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise UserError(f"--config {path} is not an AutoencoderKL config, but {config.get('_class_name', config)!r}"
                         if isinstance(config, dict) else f"--config {path}: not a JSON object")
-    for key, block in {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}.items():
-        types = config.pop(key, [])
-        if not isinstance(types, list) or any(t != block for t in types):
-            raise UserError(f"--config {path}: {key} other than {block} are not AutoencoderKL's")
+    for key, plain in BLOCK_TYPES.items():  # one name per level; all without attention: None, as in the presets
+        if not isinstance(config.get(key, []), list):
+            raise UserError(f"--config {path}: {key} must be a list of block names, one per level")
+        if all(t == plain for t in config.get(key, [])):
+            config.pop(key, None)
     names = inspect.signature(AutoencoderKL).parameters
     unknown = sorted(k for k in config if k not in names and not k.startswith("_"))
     if unknown:
@@ -1603,6 +1616,9 @@ def read_config(path):
                           f"--config {path}")
     check_parameters(complete(config), f"--config {path}")
     return config
+
+
+BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}  # without attention
 
 
 def check_config(config, source):
@@ -1629,7 +1645,10 @@ def check_config(config, source):
              "latents_mean": (lambda v: v is None or isinstance(v, tuple) and len(v) == channels and all(
                  map(number, v)), f"null or {channels} finite numbers, one per latent channel"),
              "latents_std": (lambda v: v is None or isinstance(v, tuple) and len(v) == channels and all(
-                 number(s) and s > 0 for s in v), f"null or {channels} finite numbers > 0, one per latent channel")}
+                 number(s) and s > 0 for s in v), f"null or {channels} finite numbers > 0, one per latent channel"),
+             **{key: (lambda v, names=(plain, "Attn" + plain): v is None or isinstance(v, tuple) and len(v) == len(
+                 full["block_out_channels"]) and all(t in names for t in v), f"one of {plain}, Attn{plain} per level")
+                for key, plain in BLOCK_TYPES.items()}}
     for key, (ok, what) in rules.items():
         if not ok(full[key]):
             raise UserError(f"{source}: {key} {json.dumps(full[key])[:60]} must be {what}")
@@ -1645,10 +1664,13 @@ LDM_RULES = [
     (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
     (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block."),
     (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample."),
+    (r"^encoder\.down_blocks\.(\d+)\.attentions\.", r"encoder.down.\1.attn."),
+    (r"^decoder\.up_blocks\.(\d+)\.attentions\.", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.attn."),
     (r"\.mid_block\.resnets\.(\d)\.", lambda m, n: f".mid.block_{int(m[1]) + 1}."),
-    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
-    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1."),
-    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+    (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
+    (r"\.(attn\.\d+|attn_1)\.group_norm\.", r".\1.norm."),
+    (r"\.(attn\.\d+|attn_1)\.to_([qkv])\.", r".\1.\2."),
+    (r"\.(attn\.\d+|attn_1)\.to_out\.0\.", r".\1.proj_out."),
     (r"\.conv_shortcut\.", ".nin_shortcut."),
     (r"\.conv_norm_out\.", ".norm_out."),
 ]
@@ -1799,15 +1821,32 @@ def tiled_decode(model, z):
 
 
 def inference_setup(args, model):
-    """(device, dtype) for reconstruct/encode/decode, with the model moved there. float16 is
-    replaced by float32 where the config says force_upcast (float16 overflows in that model: SDXL's)."""
+    """(device, dtype) for reconstruct/encode/decode, with the model moved there. float16 is replaced by float32 where
+    the config says force_upcast (float16 overflows in that model: SDXL's); else the float32 weights are kept in
+    model.float32_weights, for float32_if_it_overflows (weights beyond float16's range are infinite in float16)."""
     device, dtype = get_device(args.device), DTYPES[args.dtype]
     if dtype == torch.float16 and model.config["force_upcast"]:
         print("--dtype fp16: this model's config says force_upcast (float16 overflows in it); running in fp32",
               file=sys.stderr)
         dtype = torch.float32
+    model.float32_weights = model.state_dict() if dtype == torch.float16 else None  # the tensors .to() replaces
     model.to(device=device, dtype=dtype)
     return device, dtype
+
+
+def float32_if_it_overflows(model, run, what):
+    """run(dtype) with the model in its dtype; where float16 gave NaN or infinite values, the model is moved to float32
+    for the rest of the command and run repeated, with a line that says so, whatever force_upcast says (SDXL-like
+    VAEs overflow in float16: the black images). run takes the dtype to cast its input to."""
+    dtype = next(model.parameters()).dtype
+    out = run(dtype)
+    if dtype == torch.float16 and not torch.isfinite(out.mean if isinstance(out, DiagonalGaussianDistribution) else
+                                                      out).all():
+        print(f"--dtype fp16: {what} overflowed in float16 (NaN or infinite values); running in fp32 from here",
+              file=sys.stderr)
+        model.float().load_state_dict(model.float32_weights)
+        out = run(torch.float32)
+    return out
 
 
 def use_tiles(args, pixels):
@@ -1833,8 +1872,10 @@ def reconstruct(args):
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    posterior = (tiled_encode if tile else AutoencoderKL.encode)(model, x.to(device=device, dtype=dtype))
-    out = finite((tiled_decode if tile else AutoencoderKL.decode)(model, posterior.mode()), "the reconstructed pixels")
+    posterior = float32_if_it_overflows(model, lambda d: (tiled_encode if tile else AutoencoderKL.encode)(
+        model, x.to(device=device, dtype=d)), "the encoder")
+    out = finite(float32_if_it_overflows(model, lambda d: (tiled_decode if tile else AutoencoderKL.decode)(
+        model, posterior.mode().to(d)), "the decoder"), "the reconstructed pixels")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -1842,7 +1883,7 @@ def reconstruct(args):
     quality = psnr((to_uint8(out).float() / 255).cpu(), to_uint8(x).float() / 255).item()
     tiles = ", tiled" if tile and max(h, w) > model.config["sample_size"] else ""  # encode() tiles larger images only
     print(f"latent {list(posterior.mean.shape)} (B, C, H/{f}, W/{f}) | PSNR {quality:.2f} dB | {seconds:.3f} s on "
-          f"{device} ({str(dtype).split('.')[1]}{tiles}) | wrote {args.out}")
+          f"{device} ({str(next(model.parameters()).dtype).split('.')[1]}{tiles}) | wrote {args.out}")
     return quality
 
 
@@ -1861,12 +1902,13 @@ def encode_command(args):
     images, labels = load_images(args.data, resolution, args.data_root)
     c, h = model.config["latent_channels"], resolution // model.downsampling_factor
     check_memory(len(images) * c * h * h * 4 * 3, f"encoding {len(images):,} images at {resolution}")
-    device, dtype = inference_setup(args, model)
+    device, _ = inference_setup(args, model)
     generator, progress, parts = torch.Generator(device).manual_seed(args.seed), Progress("encoding", len(images)), []
     for batch in torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers,
                                              worker_init_fn=quiet_on_sigterm):
-        posterior = (tiled_encode if use_tiles(args, resolution ** 2) else AutoencoderKL.encode)(
-            model, to_model_input(batch, device).to(dtype))
+        posterior = float32_if_it_overflows(model, lambda d: (
+            tiled_encode if use_tiles(args, resolution ** 2) else AutoencoderKL.encode)(
+            model, to_model_input(batch, device).to(d)), "the encoder")
         z = finite(posterior.sample(generator) if args.sample else posterior.mode(), "the latents")
         parts.append([t.float().cpu() for t in (to_diffusion_latents(z.float(), model.config), posterior.mean,
                                                 posterior.logvar)])
@@ -1905,13 +1947,13 @@ def decode_command(args):
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists ({len(existing)} of the images): pass --overwrite, or another --out")
-    device, dtype = inference_setup(args, model)
+    device, _ = inference_setup(args, model)
     z = from_diffusion_latents(latents, check_config({**model.config, **config}, f"{args.latents}'s metadata"))
     tile = use_tiles(args, z.shape[2] * z.shape[3] * model.downsampling_factor ** 2)
     progress = Progress("decoding", len(z))
     for i in range(0, len(z), args.batch_size):
-        x = finite((tiled_decode if tile else AutoencoderKL.decode)(model, z[i:i + args.batch_size].to(device, dtype)),
-                   "the decoded images").float()
+        x = finite(float32_if_it_overflows(model, lambda d: (tiled_decode if tile else AutoencoderKL.decode)(
+            model, z[i:i + args.batch_size].to(device, d)), "the decoder"), "the decoded images").float()
         for image, path in zip(x, paths[i:i + args.batch_size]):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_image(image, path)

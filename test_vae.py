@@ -1869,6 +1869,10 @@ SD_CONFIGS = {  # a diffusers config each (what a vae/config.json holds), small 
     "sdxl-like": dict(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, act_fn="gelu", norm_num_groups=16,
                       scaling_factor=0.13025, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0],
                       force_upcast=False),
+    # attention after each residual block of some levels (LDM's kl-f32, VA-VAE), unlike on the two sides
+    "attention-levels": dict(block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4,
+                             down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                             up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]),
 }
 
 
@@ -1896,7 +1900,11 @@ def ldm_state_dict(state, levels):
         p = name.split(".")
         if p[1] in ("down_blocks", "up_blocks"):
             level = p[2] if p[1] == "down_blocks" else str(levels - 1 - int(p[2]))
-            kind = {"resnets": ["block", p[4]], "downsamplers": ["downsample"], "upsamplers": ["upsample"]}[p[3]]
+            kind = {"resnets": ["block", p[4]], "downsamplers": ["downsample"], "upsamplers": ["upsample"],
+                    "attentions": ["attn", p[4]]}[p[3]]
+            if p[3] == "attentions":  # LDM's AttnBlock: norm, q, k, v, proj_out, the matrices as 1x1 convolutions
+                tensor = tensor if p[5] == "group_norm" or p[-1] == "bias" else tensor[:, :, None, None]
+                p = p[:5] + [attention[p[5]], p[-1]]
             p = [p[0], "down" if p[1] == "down_blocks" else "up", level, *kind, *p[5:]]
         elif p[1] == "mid_block" and p[2] == "resnets":
             p = [p[0], "mid", f"block_{int(p[3]) + 1}", *p[4:]]
@@ -1984,6 +1992,21 @@ def test_ldm_names_cover_every_weight_and_name_it_as_diffusers_converter_expects
     assert exported["decoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
 
 
+def test_attention_levels_have_ldms_names_and_load_from_an_ldm_file(tmp_path):
+    """LDM's kl-f32-style levels: encoder.down.{i}.attn.{j} and decoder.up.{levels - 1 - i}.attn.{j} (norm, q, k, v,
+    proj_out; the matrices [C, C, 1, 1]), as LDM's model.py names them (diffusers' own converter skips them)."""
+    ref, config = diffusers_reference("attention-levels")
+    ldm = ldm_state_dict(ref.state_dict(), 3)
+    assert "encoder.down.2.attn.0.q.weight" in ldm and "decoder.up.2.attn.1.proj_out.weight" in ldm
+    assert not any(k.startswith(("encoder.down.0.attn", "decoder.up.0.attn")) for k in ldm)
+    ours = kl.AutoencoderKL(**kl.read_config(write_json(tmp_path / "config.json", config))).double()
+    exported = kl.to_ldm(ours.state_dict(), ours.config)
+    assert exported.keys() == ldm.keys() and all(exported[k].shape == v.shape for k, v in ldm.items())
+    kl.save_safetensors({"first_stage_model." + k: v for k, v in ldm.items()}, str(tmp_path / "vae.safetensors"))
+    kl.load_weights(ours, kl.read_weights(str(tmp_path / "vae.safetensors")))
+    assert_same_model(ours, ref)
+
+
 def test_ldm_export_loads_in_diffusers_from_single_file_and_back_here(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     ref, config = diffusers_reference("flux-like")
@@ -2011,7 +2034,9 @@ def test_optional_quant_convs_and_read_config(tmp_path):
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(config).encode())  # as some Windows editors save
     assert kl.read_config(str(tmp_path / "bom.json")) == kl.read_config(str(tmp_path))
     for bad, words in [({"act_fn": "tanh"}, "act_fn"), ({"attention_head_dim": 8}, "unknown AutoencoderKL fields attention_head_dim"),
-                       ({"down_block_types": ["DownBlock2D"] * 2}, "down_block_types"), ({"_class_name": "UNet2DModel"}, "UNet2DModel")]:
+                       ({"down_block_types": ["DownBlock2D"] * 2}, "down_block_types"), ({"_class_name": "UNet2DModel"}, "UNet2DModel"),
+                       ({"up_block_types": ["AttnUpDecoderBlock2D"]}, "up_block_types .* per level"),  # 1 name, 2 levels
+                       ({"down_block_types": ["AttnDownEncoderBlock2D"] * 3}, "down_block_types .* per level")]:
         (tmp_path / "bad.json").write_text(json.dumps({**config, **bad}))
         with pytest.raises(kl.UserError, match=words):
             kl.read_config(str(tmp_path / "bad.json"))
@@ -2028,8 +2053,9 @@ def test_any_diffusers_config_builds_the_same_model_and_survives_export(tmp_path
     kl.export(ours.float(), str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
     reloaded = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "out"))
     for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "mid_block_add_attention",
-                "act_fn", "norm_num_groups", "use_quant_conv", "use_post_quant_conv", "sample_size"):
-        assert reloaded.config[key] == ref.config[key], key
+                "act_fn", "norm_num_groups", "use_quant_conv", "use_post_quant_conv", "sample_size", "down_block_types",
+                "up_block_types"):
+        assert reloaded.config[key] == ref.config[key] or list(reloaded.config[key]) == list(ref.config[key]), key
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in ours.state_dict().items())
 
 
@@ -2194,6 +2220,33 @@ def test_fp16_is_upcast_where_the_config_says_so(tiny_weights, tmp_path, capsys)
     assert "float16" in capsys.readouterr().out
 
 
+def test_a_float16_run_that_overflows_runs_again_in_float32(tiny_weights, tmp_path, capsys):
+    """conv_in's weights x 1e6 in the encoder and the decoder: activations finite in float32 and beyond float16's
+    65,504 (the GroupNorms after them take them back). With force_upcast false, --dtype fp16 in reconstruct, encode
+    and decode says so in one line and writes what --dtype fp32 writes, not black images or NaN latents."""
+    state = kl.load_safetensors(tiny_weights)
+    for key in ("encoder.conv_in.weight", "decoder.conv_in.weight"):
+        state[key] = state[key] * 1e6
+    kl.save_safetensors(state, str(tmp_path / "big.safetensors"))
+    (tmp_path / "imgs").mkdir()
+    write_test_image(tmp_path / "imgs" / "in.png", 16, 16)
+    plain = write_json(tmp_path / "plain" / "config.json", {**kl.PRESETS["tiny"], "force_upcast": False})
+    common = ["--weights", str(tmp_path / "big.safetensors"), "--config", plain, "--device", "cpu"]
+    for dtype in ("fp32", "fp16"):
+        kl.main(["reconstruct", *common, "--image", str(tmp_path / "imgs" / "in.png"), "--dtype", dtype,
+                 "--out", str(tmp_path / f"rec_{dtype}.png")])
+        kl.main(["encode", *common, "--data", str(tmp_path / "imgs"), "--resolution", "16", "--dtype", dtype,
+                 "--out", str(tmp_path / f"lat_{dtype}.safetensors")])
+        kl.main(["decode", *common, "--latents", str(tmp_path / "lat_fp32.safetensors"), "--dtype", dtype,
+                 "--out", str(tmp_path / f"dec_{dtype}")])
+        notes = capsys.readouterr().err
+        assert notes.count("overflowed in float16") == (3 if dtype == "fp16" else 0), notes
+    assert (tmp_path / "rec_fp16.png").read_bytes() == (tmp_path / "rec_fp32.png").read_bytes()
+    assert (tmp_path / "dec_fp16" / "in.png").read_bytes() == (tmp_path / "dec_fp32" / "in.png").read_bytes()
+    latents = [kl.load_safetensors(str(tmp_path / f"lat_{d}.safetensors"))["latents"] for d in ("fp16", "fp32")]
+    assert torch.equal(*latents) and torch.isfinite(latents[0]).all()
+
+
 @pytest.mark.parametrize("names, written", [(["../escaped.png", "a.png"], ["000000.png", "000001.png"]),  # not outside
                                              (["a/x.png", "b/x.png"], ["a/x.png", "b/x.png"]),
                                              (["c.png", "c.jpg"], ["000000.png", "000001.png"]),  # not c.png twice
@@ -2291,6 +2344,8 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     config = kl.read_config(str(d / "wfolder"))
     for name, change in BAD_CONFIGS.items():
         (d / f"c_{name}.json").write_text(change if isinstance(change, str) else json.dumps({**config, **change}))
+    attention = ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"]  # a good config with attention in the first level
+    (d / "c_attn.json").write_text(json.dumps({**config, "down_block_types": attention}))
     overflow = {**state, "encoder.conv_in.weight": state["encoder.conv_in.weight"] * 1e38}  # finite, and so large
     kl.save_safetensors(overflow, str(d / "overflow.safetensors"))  # that the activations are not
     one_nan = torch.zeros(1, 4, 4, 4).index_put_((torch.tensor(0),) * 4, torch.tensor(float("nan")))  # one is enough
@@ -2321,7 +2376,8 @@ BAD_CONFIGS = {"str": {"latent_channels": "4"}, "zero": {"latent_channels": 0}, 
                "empty": {"block_out_channels": []}, "nullblock": {"down_block_types": None}, "actlist": {"act_fn": ["silu"]},
                "scale0": {"scaling_factor": 0}, "scalenan": {"scaling_factor": float("nan")}, "flag": {"use_quant_conv": 1},
                "mean3": {"latents_mean": [1, 2, 3], "latents_std": [1, 1, 1, 1]}, "deep": "[" * 100_000 + "]" * 100_000,
-               "huge": {"block_out_channels": [65536] * 4}}
+               "huge": {"block_out_channels": [65536] * 4}, "blockname": {"up_block_types": ["UpBlock2D"] * 2},
+               "blocks1": {"down_block_types": ["AttnDownEncoderBlock2D"]}}
 VAE = "--data-dir {mnist} --device cpu --out {new} "  # the start of every vae.py command below
 R = "reconstruct --device cpu --out {new}.png --image {d}/in32.png "  # and of reconstruct's
 W = "--weights {d}/tiny.safetensors --preset tiny --device cpu "  # the tiny model, for encode, decode, convert, eval
@@ -2439,7 +2495,10 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
                           "actlist": ["act_fn", "one of silu"], "scale0": ["scaling_factor 0", "> 0"],
                           "scalenan": ["scaling_factor NaN"], "flag": ["use_quant_conv 1", "true or false"],
                           "mean3": ["latents_mean", "4 finite numbers"], "deep": ["nested too deeply"],
-                          "huge": ["parameters", "GiB"]}.items()],
+                          "huge": ["parameters", "GiB"], "blockname": ["up_block_types", "AttnUpDecoderBlock2D per level"],
+                          "blocks1": ["down_block_types", "per level"]}.items()],
+    ("kl", T.replace("--preset tiny ", "") + "--steps 1 --config {d}/c_attn.json --block-out-channels 32 64 64",
+     ["--block-out-channels 32 64 64", "down_block_types", "per level"]),  # 3 levels, 2 block types
     # sizes that cannot be allocated: one line that says how much memory, before the allocation
     ("vae", VAE + "--hidden 1000000 1000000", ["--hidden 1000000 1000000", "parameters", "GiB"]),
     ("kl", T + "--block-out-channels 65536 65536 65536", ["--block-out-channels 65536", "parameters", "GiB"]),
