@@ -237,13 +237,14 @@ def bench_tiles(args, device):
 
 
 KL_SD = ["bench.py", "kl", "--preset", "sd", "--batch-size", "8", "--resolution", "256", "--repeats", "10"]
+ONCE = ["--warmup", "0", "--repeats", "1"]  # --dry-run
 CAMPAIGN = [  # (step, its command after `python`, the command's tiny version for --dry-run, minutes it may take)
     ("pytest -m cuda", ["-m", "pytest", "-m", "cuda", "-q"], ["-m", "pytest", "-m", "cuda", "-q"], 8),
-    ("vae epoch, eager, vs the DataLoader loop", ["bench.py", "vae", "--repeats", "5"], ["bench.py", "vae"], 3),
-    ("vae epoch, compiled", ["bench.py", "vae", "--compile", "--repeats", "5"], ["bench.py", "vae", "--compile"], 4),
-    ("kl step, sd, 256 x 256, fp32 vs diffusers fp32", KL_SD, ["bench.py", "kl"], 3),
-    ("kl step, bf16", KL_SD + ["--amp"], ["bench.py", "kl", "--amp"], 3),
-    ("kl step, bf16 + channels_last", KL_SD + ["--amp", "--channels-last"], ["bench.py", "kl", "--channels-last"], 3),
+    ("vae epoch, eager, vs the DataLoader loop", ["bench.py", "vae", "--repeats", "5"], ["bench.py", "vae", *ONCE], 3),
+    ("vae epoch, compiled", ["bench.py", "vae", "--compile", "--repeats", "5"], ["bench.py", "vae", "--compile", *ONCE], 4),
+    ("kl step, sd, 256 x 256, fp32 vs diffusers fp32", KL_SD, ["bench.py", "kl", *ONCE], 3),
+    ("kl step, bf16", KL_SD + ["--amp"], ["bench.py", "kl", "--amp", *ONCE], 3),
+    ("kl step, bf16 + channels_last", KL_SD + ["--amp", "--channels-last"], ["bench.py", "kl", "--channels-last", *ONCE], 3),
     ("tiled decode, sd, 2048 x 2048", ["bench.py", "tiles", "--preset", "sd", "--resolution", "2048"],
      ["bench.py", "tiles", "--resolution", "128"], 3),
     ("vae.py default run (100 epochs)", ["vae.py", "--out", "{out}/vae", "--overwrite"],

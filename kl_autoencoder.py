@@ -276,9 +276,9 @@ class AutoencoderKL(nn.Module):
     diffusers' config.json, except the SD-sized defaults and the block types: None is diffusers' usual
     DownEncoderBlock2D / UpDecoderBlock2D at every level, else one name per level, Attn... for attention after each
     residual block (LDM's kl-f32, VA-VAE). Six keywords describe how the model is used, not the model: sample_size
-    is the tile size of tiled encoding; scaling_factor, shift_factor,
-    latents_mean, latents_std the latent convention of diffusion models (to_diffusion_latents, Part III);
-    force_upcast says that float16 overflows in this model. They are kept, and exported, never applied here."""
+    is the tile size of tiled encoding; scaling_factor, shift_factor, latents_mean, latents_std the latent convention
+    of diffusion models (to_diffusion_latents, Part III); force_upcast says that float16 overflows in this model.
+    They are kept, and exported, never applied here."""
 
     def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                  latent_channels=4, norm_num_groups=32, act_fn="silu", mid_block_add_attention=True,
@@ -1840,8 +1840,8 @@ def float32_if_it_overflows(model, run, what):
     VAEs overflow in float16: the black images). run takes the dtype to cast its input to."""
     dtype = next(model.parameters()).dtype
     out = run(dtype)
-    if dtype == torch.float16 and not torch.isfinite(out.mean if isinstance(out, DiagonalGaussianDistribution) else
-                                                      out).all():
+    values = out.parameters if isinstance(out, DiagonalGaussianDistribution) else out  # (a posterior: its moments)
+    if dtype == torch.float16 and not torch.isfinite(values).all():
         print(f"--dtype fp16: {what} overflowed in float16 (NaN or infinite values); running in fp32 from here",
               file=sys.stderr)
         model.float().load_state_dict(model.float32_weights)
