@@ -1266,6 +1266,8 @@ def parse_args(argv=None):
         q.add_argument("--device", default="auto", choices=DEVICES)
         q.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                        help="bf16 is for GPUs; fp16 runs in fp32 where the config says force_upcast (it overflows)")
+        q.add_argument("--compile", action="store_true", help="torch.compile the encoder and the decoder themselves "
+                                                                 "(encode and decode call them, not forward)")
         q.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
                        help=f"encode and decode in tiles of the config's sample_size, as diffusers' enable_tiling "
                             f"(auto: for images of more than {AUTO_TILE_PIXELS:,} pixels, 1024 x 1024)")
@@ -1821,9 +1823,10 @@ def tiled_decode(model, z):
 
 
 def inference_setup(args, model):
-    """(device, dtype) for reconstruct/encode/decode, with the model moved there. float16 is replaced by float32 where
-    the config says force_upcast (float16 overflows in that model: SDXL's); else the float32 weights are kept in
-    model.float32_weights, for float32_if_it_overflows (weights beyond float16's range are infinite in float16)."""
+    """(device, dtype) for reconstruct/encode/decode, with the model moved there (and compiled with --compile). float16
+    is replaced by float32 where the config says force_upcast (float16 overflows in that model: SDXL's); else the
+    float32 weights are kept in model.float32_weights, for float32_if_it_overflows (weights beyond float16's range
+    are infinite in float16)."""
     device, dtype = get_device(args.device), DTYPES[args.dtype]
     if dtype == torch.float16 and model.config["force_upcast"]:
         print("--dtype fp16: this model's config says force_upcast (float16 overflows in it); running in fp32",
@@ -1831,6 +1834,9 @@ def inference_setup(args, model):
         dtype = torch.float32
     model.float32_weights = model.state_dict() if dtype == torch.float16 else None  # the tensors .to() replaces
     model.to(device=device, dtype=dtype)
+    if args.compile:  # compiled on their first call, again for each new input shape and dtype
+        model.encoder.compile()
+        model.decoder.compile()
     return device, dtype
 
 

@@ -868,7 +868,7 @@ def diffusers_autoencoder(config, seed=0):
     return ref.eval()
 
 
-@pytest.mark.parametrize("name, size", [("tiny", 32), ("three-levels", 32), ("sd", 64)])
+@pytest.mark.parametrize("name, size", [("tiny", 32), ("three-levels", 32), ("sd", 32)])
 def test_parity_with_diffusers(name, size):
     ref = diffusers_autoencoder(KL_CONFIGS[name])
     ours = kl.AutoencoderKL(latent_channels=4, **KL_CONFIGS[name]).eval()
@@ -2218,6 +2218,25 @@ def test_fp16_is_upcast_where_the_config_says_so(tiny_weights, tmp_path, capsys)
     plain = write_json(tmp_path / "plain" / "config.json", {**kl.PRESETS["tiny"], "force_upcast": False})
     kl.main([*args, "--config", plain, "--dtype", "fp16", "--out", str(tmp_path / "c.png")])
     assert "float16" in capsys.readouterr().out
+
+
+def test_compile_compiles_the_encoder_and_the_decoder_themselves(tiny_weights, tmp_path, monkeypatch):
+    """--compile in reconstruct, encode and decode compiles model.encoder and model.decoder, which encode() and decode()
+    call (compiling forward would leave them eager), and nothing without it. (A real compile on this CPU takes 27 s
+    for the tiny model; measured once: outputs within 7.7e-6 of eager, of values up to 1.8.)"""
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    (tmp_path / "imgs").mkdir()
+    write_test_image(tmp_path / "imgs" / "in.png", 16, 16)
+    common = ["--weights", tiny_weights, "--preset", "tiny", "--device", "cpu"]
+    lat = str(tmp_path / "lat.safetensors")
+    for flags in ([], ["--compile"]):
+        kl.main(["reconstruct", *common, "--image", str(tmp_path / "imgs" / "in.png"), "--out", str(tmp_path / "r.png"),
+                 "--overwrite", *flags])
+        kl.main(["encode", *common, "--data", str(tmp_path / "imgs"), "--resolution", "16", "--out", lat, "--overwrite",
+                 *flags])
+        kl.main(["decode", *common, "--latents", lat, "--out", str(tmp_path / "d"), "--overwrite", *flags])
+        assert compiled == ["Encoder", "Decoder"] * 3 * bool(flags), compiled
 
 
 def test_a_float16_run_that_overflows_runs_again_in_float32(tiny_weights, tmp_path, capsys):
