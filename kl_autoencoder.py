@@ -696,7 +696,9 @@ def start_or_resume(cfg, model, parts, rank):
                 group.update(ours)  # this run's lr, betas and weight decay, not the saved ones: --lr is honoured
     model.logvar.data.copy_(ckpt["logvar"])
     if rank == 0 and os.path.exists(log):
-        records = [json.loads(line) for line in pathlib.Path(log).read_text().splitlines() if line.strip()]
+        text = pathlib.Path(log).read_text()
+        lines = text[:text.rfind("\n") + 1].splitlines()  # not an unfinished last line (a full disk, kill -9 mid-write)
+        records = [json.loads(line) for line in lines if line.strip()]
         kept = [r for r in records if r["step"] < ckpt["step"] or r["step"] == ckpt["step"] and r["kind"] == "train"]
         write_atomically(log, "".join(json.dumps(r) + "\n" for r in kept).encode())
     return ckpt["step"], ckpt["step"]

@@ -720,7 +720,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_resume_equals_uninterrupted_run(where, data_dir, tmp_path, monkeypatch):
     """Interrupted (as by kill -9: nothing after it runs) after epoch 3 was logged, before its checkpoint (ckpt.pt
     holds epoch 2), or after the final evaluation was logged, and resumed: the log of a run that went straight
-    through, every line once."""
+    through, every line once (an unfinished last line, as a full disk leaves it, dropped too)."""
     args = ["--data-dir", data_dir, "--epochs", "4", *TINY]
     vae.main([*args, "--out", str(tmp_path / "straight")])
     real = getattr(vae, where)
@@ -731,6 +731,8 @@ def test_resume_equals_uninterrupted_run(where, data_dir, tmp_path, monkeypatch)
         real(*a, **kw)
     monkeypatch.setattr(vae, where, interrupted)
     assert run_main([*args, "--out", str(tmp_path / "resumed")]) == 130
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "epoch", "ep')  # and a last line that a full disk cut short
     monkeypatch.setattr(vae, where, real)
     vae.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
 
@@ -1247,6 +1249,8 @@ def test_kl_resume_equals_uninterrupted_run(where, step, saved, kl_straight, tmp
     with pytest.raises(SystemExit) as e:
         kl.main([*args, "--out", str(tmp_path / "resumed")])
     assert e.value.code == 130 and torch.load(str(tmp_path / "resumed" / "ckpt.pt"), weights_only=True)["step"] == saved
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # and a last line that a full disk cut short: dropped too
     monkeypatch.setattr(kl, real.__name__, real)
     kl.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
     a, b = (torch.load(str(folder / "ckpt.pt"), weights_only=True) for folder in (straight, tmp_path / "resumed"))

@@ -656,8 +656,9 @@ def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if x_train.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        records = [json.loads(line) for line in pathlib.Path(metrics).read_text().splitlines() if line.strip()] \
-            if os.path.exists(metrics) else []
+        text = pathlib.Path(metrics).read_text() if os.path.exists(metrics) else ""
+        lines = text[:text.rfind("\n") + 1].splitlines()  # not an unfinished last line (a full disk, kill -9 mid-write)
+        records = [json.loads(line) for line in lines if line.strip()]
         kept = [r for r in records if r["epoch"] < epoch or r["epoch"] == epoch and r["kind"] == "epoch"]
         write_atomically(metrics, "".join(json.dumps(r) + "\n" for r in kept).encode())  # the rest is made again
         print(f"resuming {cfg.ckpt} after epoch {epoch}")
