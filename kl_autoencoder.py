@@ -1235,8 +1235,7 @@ PROGRAM, CHECKPOINT_KEYS = "kl_autoencoder.py", {"model", "config", "step"}  # w
 
 
 def parse_args(argv=None):
-    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct, encode and decode images, convert "
-                           "weights files, train, evaluate.")
+    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct, encode, decode, convert, train, eval.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     r, n, d, c, t, e = (sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
                         for name, text in (("reconstruct", "encode and decode one image"),
@@ -1268,8 +1267,7 @@ def parse_args(argv=None):
         q.add_argument("--device", default="auto", choices=DEVICES)
         q.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                        help="bf16 is for GPUs; fp16 runs in fp32 where the config says force_upcast (it overflows)")
-        q.add_argument("--compile", action="store_true", help="torch.compile the encoder and the decoder themselves "
-                                                                 "(encode and decode call them, not forward)")
+        q.add_argument("--compile", action="store_true", help="torch.compile the encoder and the decoder themselves")
         q.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
                        help=f"encode and decode in tiles of the config's sample_size, as diffusers' enable_tiling "
                             f"(auto: for images of more than {AUTO_TILE_PIXELS:,} pixels, 1024 x 1024)")
