@@ -244,7 +244,7 @@ CAMPAIGN = [  # (step, its command after `python`, the command's tiny version fo
     ("vae epoch, compiled", ["bench.py", "vae", "--compile", "--repeats", "5"], ["bench.py", "vae", "--compile", *ONCE], 4),
     ("kl step, sd, 256 x 256, fp32 vs diffusers fp32", KL_SD, ["bench.py", "kl", *ONCE], 3),
     ("kl step, bf16", KL_SD + ["--amp"], ["bench.py", "kl", "--amp", *ONCE], 3),
-    ("kl step, bf16 + channels_last", KL_SD + ["--amp", "--channels-last"], ["bench.py", "kl", "--channels-last", *ONCE], 3),
+    ("kl step, bf16 + channels_last", KL_SD + ["--amp", "--channels-last"], ["bench.py", "kl", "--amp", "--channels-last", *ONCE], 3),
     ("tiled decode, sd, 2048 x 2048", ["bench.py", "tiles", "--preset", "sd", "--resolution", "2048"],
      ["bench.py", "tiles", "--resolution", "128"], 3),
     ("vae.py default run (100 epochs)", ["vae.py", "--out", "{out}/vae", "--overwrite"],
@@ -253,7 +253,9 @@ CAMPAIGN = [  # (step, its command after `python`, the command's tiny version fo
 
 
 def campaign(args):
-    """Run CAMPAIGN's steps that have not yet succeeded, while --minutes allow; report each as it ends."""
+    """Run CAMPAIGN's steps that have not yet succeeded, while --minutes allow; report each as it ends (a dry run
+    into OUT/dry-run, apart from real results)."""
+    args.out = os.path.abspath(os.path.join(args.out, "dry-run") if args.dry_run else args.out)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "report.json")
     report = json.loads(open(path).read()) if os.path.exists(path) else {"steps": {}}
@@ -267,15 +269,18 @@ def campaign(args):
             break
         argv = [sys.executable, *[a.format(out=args.out) for a in (tiny if args.dry_run else command)]]
         if argv[1] != "-m":  # (pytest finds the GPU itself)
-            argv += ["--device", args.device] + ["--data-dir", args.data_dir] * ("vae" in (argv[1], argv[2]) or
-                                                                                  argv[1] == "vae.py")
+            mnist = "vae" in argv[1:3] or argv[1] == "vae.py"
+            argv += ["--device", args.device] + ["--data-dir", os.path.abspath(args.data_dir)] * mnist
         print(f"campaign: {step}: {' '.join(argv[1:])}", flush=True)
         t0 = time.time()
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=minutes * 60)
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=minutes * 60,
+                                  cwd=os.path.dirname(os.path.abspath(__file__)))  # where bench.py and vae.py are
             rc, output = done.returncode, done.stdout + done.stderr
         except subprocess.TimeoutExpired as e:
-            rc, output = "timeout", f"{(e.stdout or b'').decode(errors='replace')}\nstopped after {minutes} min"
+            output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                             for part in (e.stdout, e.stderr))
+            rc, output = "timeout", f"{output}\nstopped after {minutes} min"
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else f"none ({platform.processor() or 'cpu'})"
         report["steps"][step] = {"command": "python " + " ".join(argv[1:]), "rc": rc, "gpu": gpu,
                                  "seconds": round(time.time() - t0, 1), "torch": torch.__version__,

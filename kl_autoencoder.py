@@ -1211,7 +1211,8 @@ def with_lists(d):
 def export(autoencoder, path, overwrite=False, fmt="diffusers"):
     """The weights as FILE.safetensors: with diffusers' config.json beside it (diffusers format: AutoencoderKL.
     from_pretrained(its folder) loads it when FILE is diffusion_pytorch_model), or in LDM's names with the config in
-    its metadata (ldm: what ComfyUI, A1111-style tools and diffusers' from_single_file load)."""
+    its metadata (ldm: what ComfyUI, A1111-style tools and diffusers' from_single_file load; diffusers' converter
+    maps the plain levels only, not Attn... levels' attention)."""
     config, folder = diffusers_config(autoencoder.config), os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     if fmt == "ldm":
@@ -1605,10 +1606,12 @@ def read_config(path):
     if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise UserError(f"--config {path} is not an AutoencoderKL config, but {config.get('_class_name', config)!r}"
                         if isinstance(config, dict) else f"--config {path}: not a JSON object")
+    widths = config.get("block_out_channels", complete({})["block_out_channels"])
+    levels = len(widths) if isinstance(widths, (list, tuple)) else 0  # (check_config names a bad one)
     for key, plain in BLOCK_TYPES.items():  # one name per level; all without attention: None, as in the presets
         if not isinstance(config.get(key, []), list):
             raise UserError(f"--config {path}: {key} must be a list of block names, one per level")
-        if all(t == plain for t in config.get(key, [])):
+        if config.get(key) in ([plain] * levels, None):
             config.pop(key, None)
     names = inspect.signature(AutoencoderKL).parameters
     unknown = sorted(k for k in config if k not in names and not k.startswith("_"))

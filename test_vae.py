@@ -2040,7 +2040,8 @@ def test_optional_quant_convs_and_read_config(tmp_path):
     for bad, words in [({"act_fn": "tanh"}, "act_fn"), ({"attention_head_dim": 8}, "unknown AutoencoderKL fields attention_head_dim"),
                        ({"down_block_types": ["DownBlock2D"] * 2}, "down_block_types"), ({"_class_name": "UNet2DModel"}, "UNet2DModel"),
                        ({"up_block_types": ["AttnUpDecoderBlock2D"]}, "up_block_types .* per level"),  # 1 name, 2 levels
-                       ({"down_block_types": ["AttnDownEncoderBlock2D"] * 3}, "down_block_types .* per level")]:
+                       ({"down_block_types": ["AttnDownEncoderBlock2D"] * 3}, "down_block_types .* per level"),
+                       ({"down_block_types": ["DownEncoderBlock2D"]}, "down_block_types .* per level")]:  # plain too
         (tmp_path / "bad.json").write_text(json.dumps({**config, **bad}))
         with pytest.raises(kl.UserError, match=words):
             kl.read_config(str(tmp_path / "bad.json"))
