@@ -756,8 +756,14 @@ def save_checkpoint(path, state):
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
 def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSON line at the end of path, after cutting off an unfinished last line (a full disk, kill -9 mid-write)."""
+    with open(path, "a+b") as f:  # (writes go to the end, wherever it reads)
+        end = f.seek(0, os.SEEK_END)
+        f.seek(max(0, end - 1))
+        if end and f.read(1) != b"\n":  # rare: read it all to find the last whole line
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
+        f.write((json.dumps(record) + "\n").encode())
 
 # -----------------------------------------------------------------------------
 # evaluation: PSNR, SSIM, the Frechet distance (rFID), and the record of a held-out evaluation

@@ -2603,6 +2603,24 @@ def test_a_full_disk_is_one_line_and_exit_2_and_no_part_of_a_file(program, comma
 
 
 @pytest.mark.parametrize("program", [vae, kl])
+def test_a_log_line_cut_short_is_replaced_by_the_next_record(program, tmp_path):
+    """An append that a full disk or kill -9 cut short leaves a last line without its newline; the next record (an
+    --eval-only's, a resumed run's) goes in its place, so that every line of the log stays JSON."""
+    path = str(tmp_path / "metrics.jsonl")
+    program.append_jsonl(path, {"epoch": 1})
+    with open(path, "a") as f:
+        f.write('{"epoch": 2, "lo')
+    program.append_jsonl(path, {"epoch": 2})
+    program.append_jsonl(path, {"epoch": 3})
+    assert read_metrics(str(tmp_path)) == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+    os.remove(path)
+    with open(path, "w") as f:
+        f.write('{"epo')  # cut short in the first line
+    program.append_jsonl(path, {"epoch": 1})
+    assert read_metrics(str(tmp_path)) == [{"epoch": 1}]
+
+
+@pytest.mark.parametrize("program", [vae, kl])
 def test_a_folder_on_a_file_system_without_locks_is_used_unlocked(program, tmp_path, monkeypatch):
     """flock fails with ENOSYS on Lustre's default mount (ENOLCK on some NFS): a run goes on there, unlocked; a lock
     another process holds (BlockingIOError) is still refused."""

@@ -678,8 +678,14 @@ def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
 
 # A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
 def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSON line at the end of path, after cutting off an unfinished last line (a full disk, kill -9 mid-write)."""
+    with open(path, "a+b") as f:  # (writes go to the end, wherever it reads)
+        end = f.seek(0, os.SEEK_END)
+        f.seek(max(0, end - 1))
+        if end and f.read(1) != b"\n":  # rare: read it all to find the last whole line
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
+        f.write((json.dumps(record) + "\n").encode())
 
 
 def report(record, cfg):
