@@ -41,6 +41,7 @@ that the drifts in speed of a shared machine affect both sides alike.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -258,11 +259,12 @@ def campaign(args):
     args.out = os.path.abspath(os.path.join(args.out, "dry-run") if args.dry_run else args.out)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "report.json")
-    report = json.loads(open(path).read()) if os.path.exists(path) else {"steps": {}}
+    with open(path) if os.path.exists(path) else contextlib.nullcontext() as f:
+        report = json.load(f) if f else {"steps": {}}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else f"none ({platform.processor() or 'cpu'})"
     start = time.time()
     for step, command, tiny, minutes in CAMPAIGN:
-        done = report["steps"].get(step, {})
-        if done.get("rc") == 0 and done.get("dry_run") == args.dry_run:
+        if report["steps"].get(step, {}).get("rc") == 0:  # done in an earlier call
             continue
         if (time.time() - start) / 60 + minutes > args.minutes:
             print(f"campaign: stopped before {step!r} (up to {minutes} min; --minutes {args.minutes}): call it again")
@@ -274,14 +276,13 @@ def campaign(args):
         print(f"campaign: {step}: {' '.join(argv[1:])}", flush=True)
         t0 = time.time()
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=minutes * 60,
-                                  cwd=os.path.dirname(os.path.abspath(__file__)))  # where bench.py and vae.py are
-            rc, output = done.returncode, done.stdout + done.stderr
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=minutes * 60,
+                                    cwd=os.path.dirname(os.path.abspath(__file__)))  # where bench.py and vae.py are
+            rc, output = result.returncode, result.stdout + result.stderr
         except subprocess.TimeoutExpired as e:
             output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part or ""
                              for part in (e.stdout, e.stderr))
             rc, output = "timeout", f"{output}\nstopped after {minutes} min"
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else f"none ({platform.processor() or 'cpu'})"
         report["steps"][step] = {"command": "python " + " ".join(argv[1:]), "rc": rc, "gpu": gpu,
                                  "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
                                  "dry_run": args.dry_run, "output": output[-3000:]}
