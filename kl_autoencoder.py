@@ -2,7 +2,8 @@
 The KL autoencoder of Stable Diffusion (Rombach et al. 2022, "kl-f8"), in one file, to be read top
 to bottom. The architecture is that of diffusers' AutoencoderKL, and the weights are interchangeable:
 a diffusers state dict loads here with strict=True, key for key; so do the CompVis/LDM-named files of
-the Stable Diffusion world (a whole SD checkpoint too), and any diffusers AutoencoderKL config.json.
+the Stable Diffusion world (a whole SD checkpoint too), and any diffusers AutoencoderKL config.json (FLUX.2's
+AutoencoderKLFlux2 too).
 
     python kl_autoencoder.py train --data images/ --preset sd --resolution 256 --out runs/kl
     torchrun --nproc_per_node 8 kl_autoencoder.py train --data images/ ...    # one process per GPU
@@ -278,22 +279,29 @@ class AutoencoderKL(nn.Module):
     residual block (LDM's kl-f32, VA-VAE). Six keywords describe how the model is used, not the model: sample_size
     is the tile size of tiled encoding; scaling_factor, shift_factor, latents_mean, latents_std the latent convention
     of diffusion models (to_diffusion_latents, Part III); force_upcast says that float16 overflows in this model.
-    They are kept, and exported, never applied here."""
+    They are kept, and exported, never applied here. FLUX.2's VAE (diffusers' AutoencoderKLFlux2) is this model with
+    batch_norm_eps given: `bn` then holds the statistics of its latents patchified patch_size, for the convention of
+    its diffusion model (to_diffusion_latents; not applied here either); decoder_block_out_channels, when given, are
+    the decoder's widths (a narrower "small decoder")."""
 
     def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                  latent_channels=4, norm_num_groups=32, act_fn="silu", mid_block_add_attention=True,
                  use_quant_conv=True, use_post_quant_conv=True, sample_size=512, scaling_factor=0.18215,
                  shift_factor=None, latents_mean=None, latents_std=None, force_upcast=True, down_block_types=None,
-                 up_block_types=None):
+                 up_block_types=None, decoder_block_out_channels=None, batch_norm_eps=None, batch_norm_momentum=0.1,
+                 patch_size=(2, 2)):
         super().__init__()
         self.config = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in locals().items()
                        if k not in ("self", "__class__")}  # every keyword, as diffusers' config.json holds it
-        levels = (block_out_channels, layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
+        levels = (layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
         attention = [[t.startswith("Attn") for t in types or ()] for types in (down_block_types, up_block_types)]
-        self.encoder = Encoder(in_channels, latent_channels, *levels, attention[0])
-        self.decoder = Decoder(latent_channels, out_channels, *levels, attention[1])
+        self.encoder = Encoder(in_channels, latent_channels, block_out_channels, *levels, attention[0])
+        self.decoder = Decoder(latent_channels, out_channels, decoder_block_out_channels or block_out_channels, *levels,
+                               attention[1])
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        self.bn = None if batch_norm_eps is None else nn.BatchNorm2d(
+            math.prod(patch_size) * latent_channels, batch_norm_eps, batch_norm_momentum, affine=False)
 
     @property
     def downsampling_factor(self):
@@ -1204,9 +1212,11 @@ def load_weights(model, state, source="the state dict", which=None, ema=False):
 
 
 def diffusers_config(config):
-    """Our config as diffusers' config.json holds it (every field, the latent convention too; lists for tuples)."""
-    n = len(config["block_out_channels"])
-    return {"_class_name": "AutoencoderKL", **with_lists(config),
+    """Our config as diffusers' config.json holds it (every field of its class, AutoencoderKL or, with batch_norm_eps,
+    AutoencoderKLFlux2; the latent convention too; lists for tuples)."""
+    n, flux2 = len(config["block_out_channels"]), config.get("batch_norm_eps") is not None
+    return {"_class_name": "AutoencoderKLFlux2" if flux2 else "AutoencoderKL",
+            **{k: v for k, v in with_lists(config).items() if k not in (SD_KEYS if flux2 else FLUX2_KEYS)},
             **{key: list(config.get(key) or [plain] * n) for key, plain in BLOCK_TYPES.items()}}
 
 
@@ -1409,12 +1419,16 @@ def check_output(path, flag, inputs, extensions, *, overwrite, make_folder=False
         raise UserError(f"{flag} {path} {problem}")
 
 
-def check_resolution(resolution, config, disc_weight=0, evaluated=True):
-    f = 2 ** (len(config["block_out_channels"]) - 1)
-    if evaluated and resolution < 11:
+def check_resolution(resolution, config, disc_weight=0, latents=False):
+    """A side length the model can take (with latents, encode's: latents for diffusion, patchified for FLUX.2, and no
+    SSIM), and train's discriminator too."""
+    patch = max(config["patch_size"]) if latents and config["batch_norm_eps"] is not None else 1
+    f = 2 ** (len(config["block_out_channels"]) - 1) * patch
+    if not latents and resolution < 11:
         raise UserError(f"--resolution {resolution}: SSIM, in every evaluation, needs images of at least 11 x 11")
     if resolution % f:
-        raise UserError(f"--resolution {resolution} is not a multiple of {f}, this model's downsampling factor: "
+        raise UserError(f"--resolution {resolution} is not a multiple of {f}, this model's downsampling factor"
+                        f"{f' times its latents patch size {patch}' if patch > 1 else ''}: "
                         f"use {max(f, resolution // f * f)} or {-(-resolution // f) * f}")
     if disc_weight > 0 and resolution < 24:
         raise UserError(f"--resolution {resolution}: the PatchGAN discriminator needs at least 24; use "
@@ -1588,6 +1602,10 @@ PRESETS = {  # the published VAE families; numbers from each model's vae/config.
     # FLUX.1 (black-forest-labs/FLUX.1-dev): the SD3 shapes, (z - 0.1159) * 0.3611.
     "flux": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+    # FLUX.2 (black-forest-labs/FLUX.2-dev; diffusers' AutoencoderKLFlux2, whose defaults these are): 32 latent
+    # channels, quant convs on; its diffusion latents: the mode patchified 2x2 and standardised by bn's statistics.
+    "flux2": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32, sample_size=1024,
+                  batch_norm_eps=1e-4),
     # small ones for CPUs and tests
     "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, latent_channels=4, sample_size=256),
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=256),
@@ -1609,9 +1627,11 @@ def read_config(path):
         except (ValueError, RecursionError) as e:
             raise UserError(f"--config {path}: not a JSON config "
                             f"({'nested too deeply' if isinstance(e, RecursionError) else e})")
-    if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+    kind = config.get("_class_name", "AutoencoderKL") if isinstance(config, dict) else None
+    if kind not in ("AutoencoderKL", "AutoencoderKLFlux2"):
         raise UserError(f"--config {path} is not an AutoencoderKL config, but {config.get('_class_name', config)!r}"
                         if isinstance(config, dict) else f"--config {path}: not a JSON object")
+    config = {**PRESETS["flux2"], **config} if kind == "AutoencoderKLFlux2" else config  # (its class's defaults)
     widths = config.get("block_out_channels", complete({})["block_out_channels"])
     levels = len(widths) if isinstance(widths, (list, tuple)) else 0  # (check_config names a bad one)
     for key, plain in BLOCK_TYPES.items():  # one name per level; all without attention: None, as in the presets
@@ -1619,10 +1639,10 @@ def read_config(path):
             raise UserError(f"--config {path}: {key} must be a list of block names, one per level")
         if config.get(key) in ([plain] * levels, None):
             config.pop(key, None)
-    names = inspect.signature(AutoencoderKL).parameters
+    names = [k for k in inspect.signature(AutoencoderKL).parameters if kind != "AutoencoderKL" or k not in FLUX2_KEYS]
     unknown = sorted(k for k in config if k not in names and not k.startswith("_"))
     if unknown:
-        raise UserError(f"--config {path}: unknown AutoencoderKL fields {', '.join(unknown)}")
+        raise UserError(f"--config {path}: unknown {kind} fields {', '.join(unknown)}")
     config = check_config({k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names},
                           f"--config {path}")
     check_parameters(complete(config), f"--config {path}")
@@ -1630,6 +1650,8 @@ def read_config(path):
 
 
 BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}  # without attention
+FLUX2_KEYS = ("decoder_block_out_channels", "batch_norm_eps", "batch_norm_momentum", "patch_size")  # its own fields
+SD_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast")  # AutoencoderKL's only
 
 
 def check_config(config, source):
@@ -1648,6 +1670,12 @@ def check_config(config, source):
              "block_out_channels": (lambda v: isinstance(v, tuple) and v and all(count(w) and w % groups == 0
                                                                                  for w in v),
                                     f"a list of positive multiples of norm_num_groups ({groups})"),
+             "decoder_block_out_channels": (lambda v: v is None or isinstance(v, tuple) and len(v) == len(
+                 full["block_out_channels"]) and all(count(w) and w % groups == 0 for w in v),
+                 f"null or one multiple of norm_num_groups ({groups}) per level"),
+             "batch_norm_eps": (lambda v: v is None or number(v) and v > 0, "a finite number > 0 or null"),
+             "batch_norm_momentum": (lambda v: number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+             "patch_size": (lambda v: isinstance(v, tuple) and len(v) == 2 and all(map(count, v)), "two counts"),
              "act_fn": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}"),
              **dict.fromkeys(("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv", "force_upcast"),
                              (lambda v: isinstance(v, bool), "true or false")),
@@ -1761,25 +1789,46 @@ def diffusers_names(state, config):
 # latents for diffusion models, and large images in tiles
 
 
-def to_diffusion_latents(z, config):
+def to_diffusion_latents(z, config, bn=None):
     """The latents a diffusion model works on: z_model = (z - shift_factor) * scaling_factor, or, where the config
     has per-channel latents_mean and latents_std, (z - latents_mean) * scaling_factor / latents_std (the
-    conventions of diffusers' SD3/Flux and SDXL pipelines)."""
-    mean, std = latent_statistics(z, config)
-    return (z - mean) * config["scaling_factor"] / std
+    conventions of diffusers' SD3/Flux and SDXL pipelines); for FLUX.2, given its model's bn, z patchified and
+    standardised: (patchify(z) - bn.running_mean) / sqrt(bn.running_var + bn.eps) (diffusers' Flux2Pipeline)."""
+    z = z if bn is None else patchify(z, config["patch_size"])
+    mean, std, scale = latent_statistics(z, config, bn)
+    return (z - mean) * scale / std
 
 
-def from_diffusion_latents(z_model, config):
-    """The inverse of to_diffusion_latents: z = z_model * std / scaling_factor + mean, what the decoder takes."""
-    mean, std = latent_statistics(z_model, config)
-    return z_model * std / config["scaling_factor"] + mean
+def from_diffusion_latents(z_model, config, bn=None):
+    """The inverse of to_diffusion_latents: z = z_model * std / scaling_factor + mean (then unpatchified, for FLUX.2),
+    what the decoder takes."""
+    mean, std, scale = latent_statistics(z_model, config, bn)
+    z = z_model * std / scale + mean
+    return z if bn is None else unpatchify(z, config["patch_size"])
 
 
-def latent_statistics(z, config):
+def latent_statistics(z, config, bn=None):
+    """(mean, std, scale) of the latent convention, as tensors on z's device and dtype where they are per channel."""
+    if bn is not None:
+        mean, var = (t.to(z).view(1, -1, 1, 1) for t in (bn.running_mean, bn.running_var))
+        return mean, torch.sqrt(var + bn.eps), 1.0
     if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-        return (torch.tensor(config[k], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-                for k in ("latents_mean", "latents_std"))
-    return config.get("shift_factor") or 0.0, 1.0
+        return (*(torch.tensor(config[k], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+                  for k in ("latents_mean", "latents_std")), config["scaling_factor"])
+    return config.get("shift_factor") or 0.0, 1.0, config["scaling_factor"]
+
+
+def patchify(z, patch):
+    """(B, C, h, w) -> (B, C ph pw, h / ph, w / pw): each ph x pw patch of a channel becomes ph pw channels (FLUX.2)."""
+    (b, c, h, w), (ph, pw) = z.shape, patch
+    return z.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 1, 3, 5, 2, 4).reshape(b, c * ph * pw, h // ph, w // pw)
+
+
+def unpatchify(z, patch):
+    """The inverse of patchify."""
+    (b, c, h, w), (ph, pw) = z.shape, patch
+    return z.reshape(b, c // (ph * pw), ph, pw, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // (ph * pw), h * ph,
+                                                                                           w * pw)
 
 
 TILE_OVERLAP = 0.25  # diffusers' tile_overlap_factor
@@ -1913,10 +1962,11 @@ def encode_command(args):
     if model.config["in_channels"] != 3:
         raise UserError(f"encode reads RGB images; this model takes {model.config['in_channels']} channels")
     resolution = args.resolution or model.config["sample_size"]
-    check_resolution(resolution, model.config, evaluated=False)
+    check_resolution(resolution, model.config, latents=True)
     images, labels = load_images(args.data, resolution, args.data_root)
     c, h = model.config["latent_channels"], resolution // model.downsampling_factor
     check_memory(len(images) * c * h * h * 4 * 3, f"encoding {len(images):,} images at {resolution}")
+    bn = copy.deepcopy(model.bn)  # FLUX.2's statistics, kept in float32
     device, _ = inference_setup(args, model)
     generator, progress, parts = torch.Generator(device).manual_seed(args.seed), Progress("encoding", len(images)), []
     for batch in torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers,
@@ -1925,7 +1975,7 @@ def encode_command(args):
             tiled_encode if use_tiles(args, resolution ** 2) else AutoencoderKL.encode)(
             model, to_model_input(batch, device).to(d)), "the encoder")
         z = finite(posterior.sample(generator) if args.sample else posterior.mode(), "the latents")
-        parts.append([t.float().cpu() for t in (to_diffusion_latents(z.float(), model.config), posterior.mean,
+        parts.append([t.float().cpu() for t in (to_diffusion_latents(z.float(), model.config, bn), posterior.mean,
                                                 posterior.logvar)])
         progress.update(len(batch))
     tensors = {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(("latents", "mean", "logvar"))}
@@ -1947,9 +1997,10 @@ def decode_command(args):
     when the names are missing, leave OUT, or are not one per image)."""
     latents, config = read_latents(args.latents)
     model, _ = pretrained(args)
-    if latents.shape[1] != model.config["latent_channels"]:
-        raise UserError(f"{args.latents}: latents have {latents.shape[1]} channels, this model "
-                        f"{model.config['latent_channels']}")
+    bn, channels = copy.deepcopy(model.bn), model.config["latent_channels"]  # FLUX.2's: patchified, in float32
+    channels *= 1 if bn is None else math.prod(model.config["patch_size"])
+    if latents.shape[1] != channels:
+        raise UserError(f"{args.latents}: latents have {latents.shape[1]} channels, this model's {channels}")
     names, stems = config.pop("names", None), []
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
         stems = [os.path.normpath(os.path.splitext(n)[0]) for n in names]
@@ -1963,7 +2014,7 @@ def decode_command(args):
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists ({len(existing)} of the images): pass --overwrite, or another --out")
     device, _ = inference_setup(args, model)
-    z = from_diffusion_latents(latents, check_config({**model.config, **config}, f"{args.latents}'s metadata"))
+    z = from_diffusion_latents(latents, check_config({**model.config, **config}, f"{args.latents}'s metadata"), bn)
     tile = use_tiles(args, z.shape[2] * z.shape[3] * model.downsampling_factor ** 2)
     progress = Progress("decoding", len(z))
     for i in range(0, len(z), args.batch_size):

@@ -2118,6 +2118,119 @@ def test_diffusion_latents_follow_diffusers_pipelines(name):
     assert torch.allclose(kl.from_diffusion_latents(model_z, config), z, rtol=1e-13, atol=1e-14)
 
 
+FLUX2_CONFIG = {"_class_name": "AutoencoderKLFlux2", "block_out_channels": [32, 64], "decoder_block_out_channels": [32, 32],
+                "layers_per_block": 1, "latent_channels": 8, "sample_size": 32, "down_block_types": ["DownEncoderBlock2D"] * 2,
+                "up_block_types": ["UpDecoderBlock2D"] * 2}  # a FLUX.2-like VAE with a small decoder, small enough for the CPU
+
+
+def flux2_reference():
+    """diffusers' AutoencoderKLFlux2 of FLUX2_CONFIG in float64, its 1-d parameters and bn's statistics drawn."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKLFlux2.from_config(FLUX2_CONFIG).double().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+        ref.bn.running_mean.normal_()
+        ref.bn.running_var.uniform_(0.2, 3.0)
+    return ref
+
+
+def test_flux2_configs_build_diffusers_model_key_for_key_and_survive_export(tmp_path):
+    """An AutoencoderKLFlux2 config.json builds diffusers' model: the same state dict (bn's statistics, the narrower
+    decoder), the same posterior and decoding in float64; exported, diffusers loads it as AutoencoderKLFlux2 and we read
+    the same config back. An AutoencoderKL config that names FLUX.2's fields is refused, as are bad values of them."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = flux2_reference()
+    ours = kl.AutoencoderKL(**kl.read_config(write_json(tmp_path / "in" / "config.json", FLUX2_CONFIG))).double()
+    assert list(ours.state_dict()) == list(ref.state_dict()) and ours.decoder.conv_out.weight.shape[1] == 32
+    kl.load_weights(ours, ref.state_dict())
+    assert_same_model(ours, ref)
+    kl.export(ours.float(), str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
+    reloaded = diffusers.AutoencoderKLFlux2.from_pretrained(str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["_class_name"] == "AutoencoderKLFlux2"
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+    assert kl.complete(kl.read_config(str(tmp_path / "out"))) == ours.config
+    ldm = kl.to_ldm(ours.state_dict(), ours.config)  # LDM's names: bn's keep theirs
+    assert {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked", "decoder.up.1.block.0.conv1.weight"} <= ldm.keys()
+    assert all(torch.equal(t, ours.state_dict()[k]) for k, t in kl.fit_weights(ldm, ours.config).items())
+    for bad, words in [({"_class_name": "AutoencoderKL"}, "unknown AutoencoderKL fields batch_norm_eps, decoder_block_out"),
+                       ({"decoder_block_out_channels": [32]}, "decoder_block_out_channels .* per level"),
+                       ({"decoder_block_out_channels": [32, 48]}, "decoder_block_out_channels .* multiple"),
+                       ({"batch_norm_eps": 0}, "batch_norm_eps"), ({"patch_size": [2]}, "patch_size")]:
+        with pytest.raises(kl.UserError, match=words):
+            kl.read_config(write_json(tmp_path / "bad.json", {**FLUX2_CONFIG, "batch_norm_eps": 1e-4, **bad}))
+
+
+def test_the_flux2_preset_is_autoencoderklflux2s_published_config():
+    """FLUX.2's config is diffusers' AutoencoderKLFlux2 defaults (32 latent channels, quant convs, bn over 128)."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        theirs, ours = diffusers.AutoencoderKLFlux2(), kl.build("flux2")
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in theirs.state_dict().items()]
+    assert {k: v for k, v in kl.diffusers_config(ours.config).items() if k != "_class_name"} == \
+        {k: list(v) if isinstance(v, tuple) else v for k, v in theirs.config.items() if not k.startswith("_")}
+    assert ours.bn.eps == 1e-4 and ours.bn.num_features == 128 and ours.quant_conv is not None
+
+
+def test_flux2_latents_follow_diffusers_flux2_pipeline():
+    """FLUX.2's diffusion latents as diffusers' Flux2Pipeline makes them (_encode_vae_image: the mode patchified 2x2,
+    then standardised by bn's running statistics) and takes them back (before vae.decode), exactly in float64."""
+    diffusers = pytest.importorskip("diffusers")
+    # the pipeline's lines, written out here (importing it needs transformers); the file is checked to hold them
+    with open(os.path.join(os.path.dirname(diffusers.__file__), "pipelines", "flux2", "pipeline_flux2.py")) as f:
+        source = f.read()
+    for line in ("latents.view(batch_size, num_channels_latents, height // 2, 2, width // 2, 2)",
+                 "latents.permute(0, 1, 3, 5, 2, 4)", "latents.permute(0, 1, 4, 2, 5, 3)",
+                 "image_latents = (image_latents - latents_bn_mean) / latents_bn_std",
+                 "latents = latents * latents_bn_std + latents_bn_mean",
+                 "torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps)"):
+        assert line in source, line
+    bn = flux2_reference().bn
+    z = torch.randn(3, 8, 6, 10, dtype=torch.float64)
+    b, c, h, w = z.shape
+    mean, std = bn.running_mean.view(1, -1, 1, 1), torch.sqrt(bn.running_var.view(1, -1, 1, 1) + 1e-4)
+    expected = (z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2) - mean) / std
+    model_z = kl.to_diffusion_latents(z, kl.complete(kl.PRESETS["flux2"]), bn)
+    assert model_z.shape == (3, 32, 3, 5) and torch.equal(model_z, expected)
+    back = kl.from_diffusion_latents(model_z, kl.complete(kl.PRESETS["flux2"]), bn)
+    theirs = (model_z * std + mean).reshape(b, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)
+    assert torch.equal(back, theirs) and torch.allclose(back, z, rtol=0, atol=1e-14)
+
+
+def test_flux2_encode_and_decode_commands_round_trip(tiny_weights, tmp_path, capsys):
+    """encode writes FLUX.2's diffusion latents (patchified: 4 C channels at half the latent size); decode takes them
+    back to the images reconstruct makes; an image side that the patches do not divide, and FLUX.2 latents given to
+    another model, are one line each."""
+    torch.manual_seed(0)
+    model = kl.AutoencoderKL(**kl.read_config(write_json(tmp_path / "c.json", {**FLUX2_CONFIG, "batch_norm_eps": 1e-4})))
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.2, 3.0)
+    kl.export(model, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "images").mkdir()
+    write_test_image(tmp_path / "images" / "a.png", 32, 32)
+    common = ["--weights", str(tmp_path / "vae"), "--device", "cpu"]
+    kl.main(["encode", *common, "--data", str(tmp_path / "images"), "--out", str(tmp_path / "lat.safetensors")])
+    saved = kl.load_safetensors(str(tmp_path / "lat.safetensors"))
+    assert saved["latents"].shape == (1, 32, 8, 8) and saved["mean"].shape == (1, 8, 16, 16)
+    assert torch.allclose(saved["latents"], kl.to_diffusion_latents(saved["mean"], model.config, model.bn), atol=1e-6)
+    kl.main(["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "dec")])
+    kl.main(["reconstruct", *common, "--image", str(tmp_path / "images" / "a.png"), "--out", str(tmp_path / "rec.png")])
+    decoded = torchvision.io.read_image(str(tmp_path / "dec" / "a.png")).int()
+    assert (decoded - torchvision.io.read_image(str(tmp_path / "rec.png")).int()).abs().max() <= 1
+    with pytest.raises(SystemExit) as e:
+        kl.main(["encode", *common, "--data", str(tmp_path / "images"), "--resolution", "30", "--out", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2
+    kl_error(capsys, "--resolution 30", "multiple of 4", "patch size 2")
+    with pytest.raises(SystemExit) as e:
+        kl.main(["decode", "--weights", tiny_weights, "--preset", "tiny", "--device", "cpu", "--latents",
+                 str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "sd")])
+    assert e.value.code == 2
+    kl_error(capsys, "latents have 32 channels", "this model's 4")
+
+
 @pytest.mark.parametrize("h, w", [(80, 56), (96, 96), (40, 40), (32, 24)])
 def test_tiled_encode_and_decode_equal_diffusers_tiling(h, w):
     ref, _ = diffusers_reference("sd-like", sample_size=32)
