@@ -2,7 +2,7 @@
 Side-by-side timings of our two programs against the code they replace, in one run each.
 
     python bench.py --device cpu                      # vae.py's epoch against the classic DataLoader loop
-    python bench.py --device cuda [--compile] [--amp]
+    python bench.py --device cuda [--compile [--compile-mode reduce-overhead]] [--amp] [--graph]
     python bench.py kl --device cpu --preset tiny --batch-size 8 --resolution 64
     python bench.py kl --device cuda --preset sd --batch-size 8 --resolution 256 --amp --channels-last
     python bench.py tiles --device cpu --preset sd --resolution 1024
@@ -16,7 +16,9 @@ a per-image ToTensor() transform (num_workers 1 and pinned memory on CUDA), a co
 per batch, BCE on grey levels, `loss.item()` after every step, and torch.optim.Adam's default
 implementation. vae.py's loop is `vae.train_epoch`: the data on the device once, one permutation per
 epoch, batches by slicing, dynamic binarization on the device, one host sync per epoch, and the fused
-Adam that `vae.train` builds (one kernel for all parameters, on the CPU too).
+Adam that `vae.train` builds (one kernel for all parameters, on the CPU too). With --graph a third side replays
+vae.py's whole step (forward, backward, a capturable fused Adam) from one CUDA graph, to be measured before vae.py
+takes it on; --compile-mode reduce-overhead is torch.compile's own way to CUDA graphs.
 
 kl: one training step (forward, backward, Adam) of kl_autoencoder.py's AutoencoderKL against
 diffusers' AutoencoderKL (which must be installed) at the same config, batch and resolution, with
@@ -113,18 +115,61 @@ def bench_vae(args, device):
     loader = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=True, **loader_kwargs)
     classic_model, classic_opt = fresh(fused=None)  # pytorch/examples: torch.optim.Adam's default implementation
     model, opt = fresh(fused=device.type in ("cuda", "cpu"))  # as vae.train builds it
-    terms_fn = torch.compile(vae.train_terms) if args.compile else vae.train_terms
+    terms_fn = torch.compile(vae.train_terms, mode=args.compile_mode) if args.compile else vae.train_terms
     sides = {"classic": lambda: classic_epoch(classic_model, classic_opt, loader, device),
              "ours": lambda: vae.train_epoch(model, opt, x_train, cfg, epoch=0, terms_fn=terms_fn)}
+    if args.graph:
+        graphed_model, _ = fresh(fused=True)
+        sides["graphed"] = graphed_epoch(graphed_model, x_train, cfg)
     seconds = interleaved(sides, device, args.warmup, args.repeats)
 
     n = len(dataset)
     print(f"{describe(device)}; median of {args.repeats} interleaved epochs after {args.warmup} warm-up each")
-    suffix = " (compiled)" * args.compile + " (bf16)" * args.amp
+    suffix = f" (compiled, {args.compile_mode})" * args.compile + " (bf16)" * args.amp
     for label, name, images in [("DataLoader + ToTensor loop (pytorch/examples)", "classic", n),
-                                ("vae.py loop" + suffix, "ours", len(x_train) // 128 * 128)]:
+                                ("vae.py loop" + suffix, "ours", len(x_train) // 128 * 128),
+                                ("vae.py's step in one CUDA graph", "graphed", len(x_train) // 128 * 128)][:2 + args.graph]:
         print(f"{label:<48} {seconds[name]:7.3f} s/epoch {images / seconds[name]:10,.0f} img/s")
-    print(f"speed-up: {seconds['classic'] / seconds['ours']:.1f}x")
+    print(f"speed-up: {seconds['classic'] / seconds['ours']:.1f}x"
+          + (f"; the CUDA graph: {seconds['classic'] / seconds['graphed']:.1f}x" if args.graph else ""))
+
+
+def graphed_epoch(model, x_train, cfg):
+    """A function that runs one epoch of vae.train_epoch's ELBO steps (the same permutation, binarization and batches)
+    with the whole step, forward, backward and a capturable fused Adam, captured once in a CUDA graph (as PyTorch's
+    "whole network capture" recipe: warm-up steps on a side stream, gradients None before the capture) and replayed
+    for each batch after a copy of the batch into its static input. Returns the epoch's mean loss (one host sync)."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=True)
+    bs, steps = cfg.batch_size, len(x_train) // cfg.batch_size
+    static_x, sums = vae.prepare(x_train[:bs], cfg.likelihood), torch.zeros((), device=x_train.device)
+
+    def step():
+        log_px_z, kl = vae.train_terms(model, static_x, 1)
+        loss = (kl - log_px_z).mean()
+        loss.backward()
+        opt.step()
+        sums.add_(loss.detach())
+    model.train()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+
+    def epoch():
+        sums.zero_()
+        x_epoch = vae.prepare(x_train[torch.randperm(len(x_train), device=x_train.device)], cfg.likelihood)
+        for i in range(steps):
+            static_x.copy_(x_epoch[i * bs:(i + 1) * bs])
+            graph.replay()
+        return (sums / steps).item()
+    return epoch
 
 
 def interleaved(sides, device, warmup, repeats):
@@ -242,7 +287,10 @@ ONCE = ["--warmup", "0", "--repeats", "1"]  # --dry-run
 CAMPAIGN = [  # (step, its command after `python`, the command's tiny version for --dry-run, minutes it may take)
     ("pytest -m cuda", ["-m", "pytest", "-m", "cuda", "-q"], ["-m", "pytest", "-m", "cuda", "-q"], 8),
     ("vae epoch, eager, vs the DataLoader loop", ["bench.py", "vae", "--repeats", "5"], ["bench.py", "vae", *ONCE], 3),
+    ("vae epoch, one CUDA graph per step", ["bench.py", "vae", "--graph", "--repeats", "5"], ["bench.py", "vae", *ONCE], 3),
     ("vae epoch, compiled", ["bench.py", "vae", "--compile", "--repeats", "5"], ["bench.py", "vae", "--compile", *ONCE], 4),
+    ("vae epoch, compiled, reduce-overhead", ["bench.py", "vae", "--compile", "--compile-mode", "reduce-overhead",
+                                              "--repeats", "5"], ["bench.py", "vae", "--compile", "--compile-mode", "reduce-overhead", *ONCE], 4),
     ("kl step, sd, 256 x 256, fp32 vs diffusers fp32", KL_SD, ["bench.py", "kl", *ONCE], 3),
     ("kl step, bf16", KL_SD + ["--amp"], ["bench.py", "kl", "--amp", *ONCE], 3),
     ("kl step, bf16 + channels_last", KL_SD + ["--amp", "--channels-last"], ["bench.py", "kl", "--amp", "--channels-last", *ONCE], 3),
@@ -305,6 +353,9 @@ def main():
     g = p.add_argument_group("vae")
     g.add_argument("--data-dir", default="./data")
     g.add_argument("--compile", action="store_true", help="torch.compile vae.py's forward")
+    g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile's mode (reduce-overhead: CUDA graphs of the compiled parts)")
+    g.add_argument("--graph", action="store_true", help="also vae.py's whole step, float32, in one CUDA graph")
     g = p.add_argument_group("kl")
     g.add_argument("--preset", default="tiny", choices=sorted(kl.PRESETS))
     g.add_argument("--batch-size", type=int, default=8)
@@ -322,6 +373,8 @@ def main():
         device = vae.get_device(args.device)
     except vae.UserError as e:
         raise SystemExit(f"bench.py: error: {e}")
+    if args.graph and device.type != "cuda":
+        raise SystemExit("bench.py: error: --graph captures CUDA graphs: it needs --device cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     {"vae": bench_vae, "kl": bench_kl, "tiles": bench_tiles}[args.what](args, device)
