@@ -1576,6 +1576,11 @@ def main(argv=None):
             message = message.splitlines()[-1].split("Error: ", 1)[-1]
         print(f"kl_autoencoder.py: error: {message}", file=sys.stderr)
         sys.exit(2)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile where torch.compile cannot (no C++ compiler, say)
+        inner = getattr(e, "inner_exception", e)
+        print(f"kl_autoencoder.py: error: --compile: torch.compile failed ({type(inner).__name__}: "
+              f"{(str(inner).strip() or '?').splitlines()[0]}); run without --compile", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("kl_autoencoder.py: interrupted; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)

@@ -2357,6 +2357,33 @@ def test_compile_compiles_the_encoder_and_the_decoder_themselves(tiny_weights, t
         assert compiled == ["Encoder", "Decoder"] * 3 * bool(flags), compiled
 
 
+def compile_failure():
+    """What torch.compile raises at the first call where inductor has no working C++ compiler (as measured here with
+    CXX=/nonexistent/g++): BackendCompilerFailed around InvalidCxxCompiler (its constructor's arguments by torch version)."""
+    inner = type("InvalidCxxCompiler", (RuntimeError,), {})("No working C++ compiler found in torch._inductor.config.cpp.cxx")
+    n = len(inspect.signature(torch._dynamo.exc.BackendCompilerFailed.__init__).parameters)
+    return torch._dynamo.exc.BackendCompilerFailed(lambda: None, inner, *[None] * (n - 3))
+
+
+def test_a_compile_that_cannot_work_is_one_line(data_dir, tiny_weights, tmp_path, monkeypatch, capsys):
+    """--compile on a machine where torch.compile cannot work (no C++ compiler) ends with one line that says so and how
+    to go on, exit 2, in both programs: not inductor's traceback."""
+    def failing(*args, **kwargs):
+        raise compile_failure()
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: failing)  # vae.py compiles its step's terms
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: setattr(self, "forward", failing))
+    write_test_image(tmp_path / "in.png", 16, 16)
+    for program, argv in [(vae, ["--data-dir", data_dir, "--out", str(tmp_path / "v"), *TINY, "--epochs", "1", "--compile"]),
+                          (kl, ["reconstruct", "--weights", tiny_weights, "--preset", "tiny", "--device", "cpu", "--image",
+                                str(tmp_path / "in.png"), "--out", str(tmp_path / "r.png"), "--compile"])]:
+        with pytest.raises(SystemExit) as e:
+            program.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "--compile: torch.compile failed (InvalidCxxCompiler: No working C++ compiler" in err, err
+        assert err.endswith("run without --compile"), err
+
+
 def test_a_float16_run_that_overflows_runs_again_in_float32(tiny_weights, tmp_path, capsys):
     """conv_in's weights x 1e6 in the encoder and the decoder: activations finite in float32 and beyond float16's
     65,504 (the GroupNorms after them take them back). With force_upcast false, --dtype fp16 in reconstruct, encode

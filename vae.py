@@ -792,6 +792,11 @@ def main(argv=None):
         print(f"vae.py: error: {f'{e.strerror}: {e.filename}' if isinstance(e, OSError) and e.filename else e}",
               file=sys.stderr)
         sys.exit(2)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile where torch.compile cannot (no C++ compiler, say)
+        inner = getattr(e, "inner_exception", e)
+        print(f"vae.py: error: --compile: torch.compile failed ({type(inner).__name__}: "
+              f"{(str(inner).strip() or '?').splitlines()[0]}); run without --compile", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("vae.py: interrupted; the checkpoint of the last finished epoch is kept", file=sys.stderr)
         sys.exit(130)
