@@ -1202,6 +1202,8 @@ def fit_weights(state, config, source="the state dict", which=None, ema=False):
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"{source}: {name} holds NaN or infinite values; these weights cannot reconstruct anything")
+        if name == "bn.running_var" and (tensor < 0).any():
+            raise UserError(f"{source}: {name} holds negative variances")
     return state
 
 
@@ -1422,7 +1424,7 @@ def check_output(path, flag, inputs, extensions, *, overwrite, make_folder=False
 def check_resolution(resolution, config, disc_weight=0, latents=False):
     """A side length the model can take (with latents, encode's: latents for diffusion, patchified for FLUX.2, and no
     SSIM), and train's discriminator too."""
-    patch = max(config["patch_size"]) if latents and config["batch_norm_eps"] is not None else 1
+    patch = math.lcm(*config["patch_size"]) if latents and config["batch_norm_eps"] is not None else 1
     f = 2 ** (len(config["block_out_channels"]) - 1) * patch
     if not latents and resolution < 11:
         raise UserError(f"--resolution {resolution}: SSIM, in every evaluation, needs images of at least 11 x 11")
@@ -1649,7 +1651,7 @@ def read_config(path):
     if unknown:
         raise UserError(f"--config {path}: unknown {kind} fields {', '.join(unknown)}")
     config = check_config({k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names},
-                          f"--config {path}")
+                          f"--config {path}", flux2=kind == "AutoencoderKLFlux2")
     check_parameters(complete(config), f"--config {path}")
     return config
 
@@ -1659,10 +1661,11 @@ FLUX2_KEYS = ("decoder_block_out_channels", "batch_norm_eps", "batch_norm_moment
 SD_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast")  # AutoencoderKL's only
 
 
-def check_config(config, source):
+def check_config(config, source, flux2=False):
     """AutoencoderKL keywords (some or all) that a model can be built from and used with, else a one-line error that
     names the field: counts are positive integers, widths multiples of norm_num_groups, flags true or false, the
-    scaling and shift finite (the scaling > 0), per-channel statistics one finite number per latent channel."""
+    scaling and shift finite (the scaling > 0), per-channel statistics one finite number per latent channel; FLUX.2's
+    fields (with flux2, those of an AutoencoderKLFlux2 config, which needs batch_norm_eps) in range."""
     def count(v):
         return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2 ** 16
 
@@ -1670,17 +1673,21 @@ def check_config(config, source):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     full = complete(config)
     groups, channels = full["norm_num_groups"], full["latent_channels"]
+    levels = len(full["block_out_channels"]) if isinstance(full["block_out_channels"], tuple) else 0
+
+    def widths(v):
+        return isinstance(v, tuple) and v and all(count(w) and w % groups == 0 for w in v)
     rules = {**dict.fromkeys(("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
                               "sample_size"), (count, "a positive integer")),
-             "block_out_channels": (lambda v: isinstance(v, tuple) and v and all(count(w) and w % groups == 0
-                                                                                 for w in v),
-                                    f"a list of positive multiples of norm_num_groups ({groups})"),
-             "decoder_block_out_channels": (lambda v: v is None or isinstance(v, tuple) and len(v) == len(
-                 full["block_out_channels"]) and all(count(w) and w % groups == 0 for w in v),
-                 f"null or one multiple of norm_num_groups ({groups}) per level"),
-             "batch_norm_eps": (lambda v: v is None or number(v) and v > 0, "a finite number > 0 or null"),
+             "block_out_channels": (widths, f"a list of positive multiples of norm_num_groups ({groups})"),
+             "batch_norm_eps": (lambda v: v is None and not flux2 or number(v) and v > 0,
+                                "a finite number > 0" + " or null" * (not flux2)),
+             "decoder_block_out_channels": (
+                 lambda v: v is None or full["batch_norm_eps"] is not None and widths(v) and len(v) == levels,
+                 f"null, or (FLUX.2's, with batch_norm_eps) one multiple of norm_num_groups ({groups}) per level"),
              "batch_norm_momentum": (lambda v: number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-             "patch_size": (lambda v: isinstance(v, tuple) and len(v) == 2 and all(map(count, v)), "two counts"),
+             "patch_size": (lambda v: isinstance(v, tuple) and len(v) == 2 and all(count(p) and p <= 16 for p in v),
+                            "two positive integers up to 16"),
              "act_fn": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}"),
              **dict.fromkeys(("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv", "force_upcast"),
                              (lambda v: isinstance(v, bool), "true or false")),
@@ -1986,6 +1993,8 @@ def encode_command(args):
     tensors = {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(("latents", "mean", "logvar"))}
     if labels is not None:
         tensors["labels"] = labels
+    if bn is not None:  # the statistics the latents were standardised with (decode takes them back with them)
+        tensors.update({f"bn.{k}": getattr(bn, k).float() for k in ("running_mean", "running_var")})
     names = [os.path.relpath(f, args.data) for f in images.files] if isinstance(images, ImageFiles) else None
     made = f"to_diffusion_latents of the posterior {'sample (seed %d)' % args.seed if args.sample else 'mean'}"
     save_safetensors(tensors, args.out, metadata={"format": "pt", "config": json.dumps(diffusers_config(model.config)),
@@ -2006,7 +2015,10 @@ def decode_command(args):
     channels *= 1 if bn is None else math.prod(model.config["patch_size"])
     if latents.shape[1] != channels:
         raise UserError(f"{args.latents}: latents have {latents.shape[1]} channels, this model's {channels}")
-    names, stems = config.pop("names", None), []
+    names, stems, stats = config.pop("names", None), [], config.pop("bn", None)
+    if bn is not None and stats is not None:  # the file's own statistics, as its scaling factor wins for SD's
+        bn.running_mean.copy_(stats["running_mean"])
+        bn.running_var.copy_(stats["running_var"])
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
         stems = [os.path.normpath(os.path.splitext(n)[0]) for n in names]
     if not (len(stems) == len(latents) == len({s.lower() for s in stems}) and all(  # one each, inside --out, that
@@ -2033,7 +2045,8 @@ def decode_command(args):
 
 
 def read_latents(path):
-    """(latents float32, the latent convention and image names in its metadata) of a latents file."""
+    """(latents float32, the latent convention and image names in its metadata, and FLUX.2's bn statistics when it
+    has them) of a latents file."""
     tensors, meta = load_safetensors(path, metadata=True)
     if "latents" not in tensors or tensors["latents"].ndim != 4:
         raise UserError(f"{path} has no 'latents' tensor of shape (N, C, h, w)")
@@ -2045,7 +2058,13 @@ def read_latents(path):
         raise UserError(f"{path}: its metadata 'config' is not a JSON object")
     keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
     convention = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in keys}
-    return finite(tensors["latents"].float(), f"{path}: its latents"), {**convention, "names": names}
+    stats = {k: tensors[f"bn.{k}"].float() for k in ("running_mean", "running_var") if f"bn.{k}" in tensors}
+    if stats and not (len(stats) == 2 and all(t.shape == tensors["latents"].shape[1:2] and torch.isfinite(t).all()
+                                              for t in stats.values()) and (stats["running_var"] >= 0).all()):
+        raise UserError(f"{path}: bn.running_mean and bn.running_var must be one finite number per latent channel "
+                        f"each (the variances >= 0)")
+    latents = finite(tensors["latents"].float(), f"{path}: its latents")
+    return latents, {**convention, "names": names, "bn": stats or None}
 
 
 def finite(t, what):

@@ -2158,12 +2158,15 @@ def test_flux2_configs_build_diffusers_model_key_for_key_and_survive_export(tmp_
     for bad, words in [({"_class_name": "AutoencoderKL"}, "unknown AutoencoderKL fields batch_norm_eps, decoder_block_out"),
                        ({"decoder_block_out_channels": [32]}, "decoder_block_out_channels .* per level"),
                        ({"decoder_block_out_channels": [32, 48]}, "decoder_block_out_channels .* multiple"),
-                       ({"batch_norm_eps": 0}, "batch_norm_eps"), ({"patch_size": [2]}, "patch_size")]:
+                       ({"batch_norm_eps": 0}, "batch_norm_eps"), ({"batch_norm_eps": None}, "batch_norm_eps .* > 0$"),
+                       ({"patch_size": [2]}, "patch_size"), ({"patch_size": [17, 2]}, "patch_size .* up to 16")]:
         with pytest.raises(kl.UserError, match=words):
             kl.read_config(write_json(tmp_path / "bad.json", {**FLUX2_CONFIG, "batch_norm_eps": 1e-4, **bad}))
+    with pytest.raises(kl.UserError, match="decoder_block_out_channels .* with batch_norm_eps"):  # diffusers' AutoencoderKL
+        kl.check_config({"block_out_channels": (32, 64), "decoder_block_out_channels": (32, 32)}, "keywords")  # has none
 
 
-def test_the_flux2_preset_is_autoencoderklflux2s_published_config():
+def test_the_flux2_preset_is_autoencoderklflux2s_published_config(tmp_path):
     """FLUX.2's config is diffusers' AutoencoderKLFlux2 defaults (32 latent channels, quant convs, bn over 128)."""
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
@@ -2172,6 +2175,12 @@ def test_the_flux2_preset_is_autoencoderklflux2s_published_config():
     assert {k: v for k, v in kl.diffusers_config(ours.config).items() if k != "_class_name"} == \
         {k: list(v) if isinstance(v, tuple) else v for k, v in theirs.config.items() if not k.startswith("_")}
     assert ours.bn.eps == 1e-4 and ours.bn.num_features == 128 and ours.quant_conv is not None
+    # a config.json that names the class and nothing else: AutoencoderKLFlux2's defaults, the preset
+    assert kl.complete(kl.read_config(write_json(tmp_path / "c.json", {"_class_name": "AutoencoderKLFlux2"}))) == ours.config
+    config = {**ours.config, "block_out_channels": (32, 64), "patch_size": (2, 3)}  # f = 2: image sides of 2 lcm(2, 3)
+    kl.check_resolution(24, config, latents=True)
+    with pytest.raises(kl.UserError, match="not a multiple of 12"):
+        kl.check_resolution(18, config, latents=True)
 
 
 def test_flux2_latents_follow_diffusers_flux2_pipeline():
@@ -2216,6 +2225,7 @@ def test_flux2_encode_and_decode_commands_round_trip(tiny_weights, tmp_path, cap
     saved = kl.load_safetensors(str(tmp_path / "lat.safetensors"))
     assert saved["latents"].shape == (1, 32, 8, 8) and saved["mean"].shape == (1, 8, 16, 16)
     assert torch.allclose(saved["latents"], kl.to_diffusion_latents(saved["mean"], model.config, model.bn), atol=1e-6)
+    assert torch.equal(saved["bn.running_var"], model.bn.running_var)  # the statistics it was standardised with
     kl.main(["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "dec")])
     kl.main(["reconstruct", *common, "--image", str(tmp_path / "images" / "a.png"), "--out", str(tmp_path / "rec.png")])
     decoded = torchvision.io.read_image(str(tmp_path / "dec" / "a.png")).int()
@@ -2229,6 +2239,24 @@ def test_flux2_encode_and_decode_commands_round_trip(tiny_weights, tmp_path, cap
                  str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "sd")])
     assert e.value.code == 2
     kl_error(capsys, "latents have 32 channels", "this model's 4")
+    # decoded by a model with other statistics (a fine-tune): the file's statistics take the latents back
+    state = kl.load_safetensors(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    kl.save_safetensors({**state, "bn.running_mean": state["bn.running_mean"] + 1}, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    kl.main(["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "dec2")])
+    assert torch.equal(torchvision.io.read_image(str(tmp_path / "dec2" / "a.png")).int(), decoded)
+    kl.save_safetensors({**state, "bn.running_var": -state["bn.running_var"]}, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    kl.save_safetensors({**saved, "bn.running_var": saved["bn.running_var"][:5]}, str(tmp_path / "bad.safetensors"))
+    kl.save_safetensors({**saved, "bn.running_var": -saved["bn.running_var"]}, str(tmp_path / "neg.safetensors"))
+    for argv, words in [(["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "d3")],
+                         ("bn.running_var", "negative")),
+                        (["decode", *common, "--latents", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "d4")],
+                         ("bad.safetensors", "one finite number per latent channel")),
+                        (["decode", *common, "--latents", str(tmp_path / "neg.safetensors"), "--out", str(tmp_path / "d5")],
+                         ("neg.safetensors", "variances >= 0"))]:
+        with pytest.raises(SystemExit) as e:
+            kl.main(argv)
+        assert e.value.code == 2
+        kl_error(capsys, *words)
 
 
 @pytest.mark.parametrize("h, w", [(80, 56), (96, 96), (40, 40), (32, 24)])
