@@ -1567,6 +1567,7 @@ def with_progress(images, device, workers):
 
 def main(argv=None):
     previous = signal.signal(signal.SIGTERM, interrupt)  # put back on the way out: main() may be called from Python
+    args = None
     try:
         args = parse_args(argv)
         commands = {"reconstruct": reconstruct, "encode": encode_command, "decode": decode_command,
@@ -1584,7 +1585,8 @@ def main(argv=None):
               f"{(str(inner).strip() or '?').splitlines()[0]}); run without --compile", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("kl_autoencoder.py: interrupted; the last checkpoint is kept", file=sys.stderr)
+        print("kl_autoencoder.py: interrupted; " + ("the last checkpoint is kept" if args and args.command == "train" else
+                                                     "no file is left half-written"), file=sys.stderr)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python

@@ -2881,29 +2881,39 @@ def test_a_planted_pretrained_network_file_is_refused_and_never_run(command, kl_
 
 # ----------------------------------------------------------------------------- signals, progress, the helpers both files write
 
-@pytest.mark.parametrize("program", ["vae", "kl"])
-def test_sigterm_ends_a_run_like_ctrl_c(program, data_dir, tmp_path):
+@pytest.mark.parametrize("program", ["vae", "kl", "kl encode"])
+def test_sigterm_ends_a_run_like_ctrl_c(program, data_dir, tiny_weights, tmp_path):
     """A real process group (kl: with 2 DataLoader workers, which torch's handler killed loudly), stopped by SIGTERM
-    as a job scheduler does, after its first log line: one line, exit 130, the last checkpoint kept, no .tmp."""
+    as a job scheduler does, after its first log line: one line, exit 130, the last checkpoint kept, no .tmp; encode
+    (with 2 workers, stopped once its progress shows) leaves no latents file."""
     out, folder = tmp_path / "run", tmp_path / "images"
-    if program == "kl":
+    if program.startswith("kl"):
         folder.mkdir()
-        for i, image in enumerate(torch.from_numpy(smooth_images(24, 32)).permute(0, 3, 1, 2)):
+        for i, image in enumerate(torch.from_numpy(smooth_images(24 if program == "kl" else 400, 32)).permute(0, 3, 1, 2)):
             torchvision.io.write_png(image.contiguous(), str(folder / f"{i}.png"))
     argv = ["vae.py", "--data-dir", data_dir, "--epochs", "100000", *TINY] if program == "vae" else [
         "kl_autoencoder.py", "train", "--data", str(folder), "--workers", "2", *KL_TINY, "--val-size", "8",
-        "--disc-weight", "0", "--steps", "100000", "--log-every", "1", "--ckpt-every", "1"]
+        "--disc-weight", "0", "--steps", "100000", "--log-every", "1", "--ckpt-every", "1"] if program == "kl" else [
+        "kl_autoencoder.py", "encode", "--weights", tiny_weights, "--preset", "tiny", "--data", str(folder), "--workers",
+        "2", "--batch-size", "1", "--resolution", "256", "--device", "cpu"]
+    if program == "kl encode":
+        out.mkdir()
+        out = out / "lat.safetensors"
     process = subprocess.Popen([sys.executable, *argv, "--out", str(out)], cwd=HERE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                start_new_session=True)
-    for line in process.stdout:  # wait for the first finished epoch, or the second step (the first is saved)
-        if line.startswith(("epoch", "step      2")):
+    for line in process.stdout:  # wait for the first finished epoch, the second step (the first is saved), progress
+        if line.startswith(("epoch", "step      2", "encoding: ")):
             break
     os.killpg(process.pid, signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and err.strip().splitlines() == [
         "vae.py: interrupted; the checkpoint of the last finished epoch is kept" if program == "vae" else
-        "kl_autoencoder.py: interrupted; the last checkpoint is kept"]
+        "kl_autoencoder.py: interrupted; the last checkpoint is kept" if program == "kl" else
+        "kl_autoencoder.py: interrupted; no file is left half-written"], err
+    if program == "kl encode":
+        assert os.listdir(out.parent) == [], os.listdir(out.parent)
+        return
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt.get("epoch", ckpt.get("step")) >= 1 and not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
