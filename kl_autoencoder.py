@@ -1585,8 +1585,8 @@ def main(argv=None):
               f"{(str(inner).strip() or '?').splitlines()[0]}); run without --compile", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("kl_autoencoder.py: interrupted; " + ("the last checkpoint is kept" if args and args.command == "train" else
-                                                     "no file is left half-written"), file=sys.stderr)
+        kept = "the last checkpoint is kept" if args and args.command == "train" else "no file is left half-written"
+        print(f"kl_autoencoder.py: interrupted; {kept}", file=sys.stderr)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python
