@@ -626,10 +626,31 @@ def to_model_input(batch, device, flip=False):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+POSIX_SIGNALS = hasattr(signal, "pthread_sigmask")
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers end on SIGTERM (a scheduler's stop, sent to the whole process group) quietly, as on
+    Ctrl-C: torch's own handler kills them, and the main process then raises a traceback of its own. They are forked
+    with the signal held (on POSIX), and let it in once quiet_on_sigterm has set their handler: a stop while they
+    start up is quiet too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=quiet_on_sigterm, **kwargs)
+
+    def __iter__(self):  # (where the workers start)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if POSIX_SIGNALS else None
+        try:
+            return super().__iter__()
+        finally:
+            if POSIX_SIGNALS:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def quiet_on_sigterm(worker_id):
-    """In each DataLoader worker: SIGTERM (a scheduler's stop, sent to the whole process group) ends it as Ctrl-C
-    does, quietly; torch's own handler kills it and the main process then raises a traceback of its own."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if POSIX_SIGNALS:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=None):
@@ -647,9 +668,8 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
     ckpt_path, log_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
     start, saved = start_or_resume(cfg, model, parts, rank)  # the first step, the last checkpoint's (or None)
     total = cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
-    loader = torch.utils.data.DataLoader(data, batch_sampler=batch_indices(len(data), cfg, start, rank=rank,
-                                         world=world), num_workers=cfg.workers or 0, pin_memory=device.type == "cuda",
-                                         worker_init_fn=quiet_on_sigterm)
+    loader = Loader(data, batch_sampler=batch_indices(len(data), cfg, start, rank=rank, world=world),
+                    num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
     # the discriminator stays outside DDP: it also runs, frozen, in the autoencoder's loss (train_step averages it)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_initialized() else model
@@ -875,8 +895,7 @@ def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None, batc
     precision and workers, printed and appended to OUT/metrics.jsonl; and OUT/reconstructions.png, the first 8
     images above their reconstructions (decoded posterior means)."""
     device = next(autoencoder.parameters()).device
-    loader = torch.utils.data.DataLoader(images, batch_size=64, num_workers=cfg.workers or 0,
-                                         worker_init_fn=quiet_on_sigterm)
+    loader = Loader(images, batch_size=64, num_workers=cfg.workers or 0)
     batches = batches or (to_model_input(batch, device) for batch in loader)
     record = {"kind": "eval", "step": step, **evaluate(autoencoder, batches, cfg.precision, features)}
     print(f"eval on {record['images']:,} held-out images at step {step}: PSNR {record['psnr']:.2f} dB | SSIM "
@@ -1559,7 +1578,7 @@ def eval_command(args):
 def with_progress(images, device, workers):
     """The held-out images as model inputs on the device, in batches of 64, with a progress line for long work."""
     progress = Progress("held-out evaluation", len(images))
-    loader = torch.utils.data.DataLoader(images, batch_size=64, num_workers=workers, worker_init_fn=quiet_on_sigterm)
+    loader = Loader(images, batch_size=64, num_workers=workers)
     for batch in loader:
         yield to_model_input(batch, device)
         progress.update(len(batch))
@@ -1983,8 +2002,7 @@ def encode_command(args):
     bn = copy.deepcopy(model.bn)  # FLUX.2's statistics, kept in float32
     device, _ = inference_setup(args, model)
     generator, progress, parts = torch.Generator(device).manual_seed(args.seed), Progress("encoding", len(images)), []
-    for batch in torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers,
-                                             worker_init_fn=quiet_on_sigterm):
+    for batch in Loader(images, batch_size=args.batch_size, num_workers=args.workers):
         posterior = float32_if_it_overflows(model, lambda d: (
             tiled_encode if use_tiles(args, resolution ** 2) else AutoencoderKL.encode)(
             model, to_model_input(batch, device).to(d)), "the encoder")
