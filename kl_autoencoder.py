@@ -1066,9 +1066,10 @@ def datasets(cfg):
 
 def load_vgg16():
     """torchvision's ImageNet VGG16 convolutional layers (downloaded on first use)."""
-    vgg = torchvision.models.vgg16(weights=None)
-    vgg.load_state_dict(load_pretrained(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, "the perceptual loss",
-                                        ", or train without it: --perceptual-weight 0"))
+    state = load_pretrained(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, "the perceptual loss",
+                            ", or train without it: --perceptual-weight 0")  # first: a missing file fails at once
+    vgg = torchvision.models.vgg16(weights=None, init_weights=False)  # (no random weights drawn to be replaced)
+    vgg.load_state_dict(state)
     return vgg.features
 
 

@@ -505,7 +505,7 @@ def test_ssim_of_a_constant_shift_is_the_luminance_term():
 def perceptual():
     torch.manual_seed(0)
     import torchvision
-    return kl.Perceptual(torchvision.models.vgg16(weights=None).features.float()).float()
+    return kl.Perceptual(torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])).float()  # vgg16().features
 
 
 @given(seeds)
@@ -616,7 +616,7 @@ def test_perceptual_distance_agrees_with_the_lpips_package():
     lpips = pytest.importorskip("lpips")
     torch.manual_seed(0)
     ref = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
-    features = torchvision.models.vgg16(weights=None).features
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])  # vgg16().features, built alone
     features.load_state_dict({k.split(".", 1)[1]: v for k, v in ref.net.state_dict().items()})  # slice1.0.w -> 0.w
     ours = kl.Perceptual(features)
     kl.load_lpips_weights(ours, os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth"))
