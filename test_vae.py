@@ -1892,12 +1892,17 @@ def diffusers_reference(name, sample_size=32):
     config = {"_class_name": "AutoencoderKL", "down_block_types": ["DownEncoderBlock2D"] * n,
               "up_block_types": ["UpDecoderBlock2D"] * n, "sample_size": sample_size, **SD_CONFIGS[name]}
     torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL.from_config(config).double().eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return ref, config
+    return with_drawn_vectors(diffusers.AutoencoderKL.from_config(config).double().eval()), config
+
+
+@torch.no_grad()
+def with_drawn_vectors(ref):
+    """ref with 0.1 N(0, 1) added to its 1-d parameters (biases, norms' scales), which start at 0 or 1 (and would hide
+    a swapped scale and shift)."""
+    for p in ref.parameters():
+        if p.ndim == 1:
+            p.add_(0.1 * torch.randn_like(p))
+    return ref
 
 
 def ldm_state_dict(state, levels):
@@ -2132,11 +2137,8 @@ def flux2_reference():
     """diffusers' AutoencoderKLFlux2 of FLUX2_CONFIG in float64, its 1-d parameters and bn's statistics drawn."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    ref = diffusers.AutoencoderKLFlux2.from_config(FLUX2_CONFIG).double().eval()
+    ref = with_drawn_vectors(diffusers.AutoencoderKLFlux2.from_config(FLUX2_CONFIG).double().eval())
     with torch.no_grad():
-        for p in ref.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
         ref.bn.running_mean.normal_()
         ref.bn.running_var.uniform_(0.2, 3.0)
     return ref
