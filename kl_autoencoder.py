@@ -1203,7 +1203,7 @@ def read_weights(path):
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
-def fit_weights(state, config, source="the state dict", which=None, ema=False):
+def fit_weights(state, config, source="the state dict", *, which=None, ema=False):
     """A state dict in diffusers', LDM's or an older naming (diffusers_names; the VAE's part, vae_part) as
     AutoencoderKL(**config) names it, checked: no key missing or unexpected, every shape as the model's, every value
     finite; else a one-line error."""
@@ -1227,9 +1227,9 @@ def fit_weights(state, config, source="the state dict", which=None, ema=False):
     return state
 
 
-def load_weights(model, state, source="the state dict", which=None, ema=False):
+def load_weights(model, state, source="the state dict", *, which=None, ema=False):
     """fit_weights, loaded into the model (returned)."""
-    model.load_state_dict(fit_weights(state, model.config, source, which, ema))
+    model.load_state_dict(fit_weights(state, model.config, source, which=which, ema=ema))
     return model
 
 
@@ -1436,7 +1436,8 @@ def check_output(path, flag, inputs, extensions, *, overwrite, make_folder=False
                    extensions) else
                "exists: pass --overwrite to replace it, or another name" if os.path.exists(path) and not overwrite else
                f"is in a folder that does not exist, {folder}" if not make_folder and not os.path.isdir(folder) else
-               None)
+               f"is in {folder}, which this user may not write to (Permission denied)" if os.path.isdir(folder)
+               and not os.access(folder, os.W_OK) else None)
     if problem:
         raise UserError(f"{flag} {path} {problem}")
 
@@ -1486,7 +1487,8 @@ def pretrained(args):
     from `architecture` and loaded with the --weights."""
     if args.weights:
         config, which = architecture(args)
-        model = load_weights(AutoencoderKL(**config), read_weights(args.weights), args.weights, which, args.ema)
+        model = load_weights(AutoencoderKL(**config), read_weights(args.weights), args.weights, which=which,
+                             ema=args.ema)
         return model.eval(), None
     ckpt = load_checkpoint(args.ckpt)
     if args.ema and not ckpt.get("ema"):
@@ -1519,7 +1521,7 @@ def train_command(args):
     if rank0:
         check_writable(cfg.out)
     init = None if not args.weights else fit_weights(read_weights(args.weights), config, args.weights,
-                                                     architecture(args)[1])  # fine-tuning
+                                                     which=architecture(args)[1])  # fine-tuning
     perceptual = Perceptual(load_vgg16()) if cfg.perceptual_weight > 0 else None  # fails early: a missing file
     if perceptual is not None and args.lpips_weights:
         load_lpips_weights(perceptual, args.lpips_weights)
@@ -2213,8 +2215,11 @@ def check_writable(folder):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
     os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-        pass
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:  # "Permission denied" (a read-only folder): name the folder, not the probe's random name
+        raise OSError(e.errno, e.strerror, folder) from None
     key = os.path.realpath(folder)
     if fcntl is not None and key not in LOCKED:
         LOCKED[key] = os.open(folder, os.O_RDONLY)

@@ -2824,6 +2824,43 @@ def test_vae_unwritable_out_fails_before_any_work(trained, data_dir, tmp_path, c
     one_line_error(capsys, "file")
 
 
+UNWRITABLE = [  # (program, command writing into {ro}, a folder without write permission)
+    ("vae", VAE.replace("{new}", "{ro}") + "--epochs 1 " + " ".join(TINY)),
+    ("kl", T.replace("{new}", "{ro}") + "--steps 1"),
+    ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --out {ro}"),
+    ("kl", "encode " + W + "--data {d}/imgs --out {ro}/lat.safetensors"),
+    ("kl", "decode " + W + "--latents {d}/lat.safetensors --out {ro}"),
+    ("kl", "decode " + W + "--latents {d}/lat.safetensors --out {ro}/new"),
+    ("kl", R.replace("{new}", "{ro}/out") + W),
+    ("kl", "convert " + W + "--export {ro}/vae.safetensors")]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0 and not shutil.which("setpriv"),
+                    reason="needs POSIX permissions, and as root setpriv (util-linux) to give up root's right to write")
+def test_a_folder_without_write_permission_is_one_line_and_exit_2(inputs, tmp_path):
+    """Every command, asked to write into a folder it may not write to (mode 0o500), says "Permission denied" and the
+    folder in one line, exits 2 and writes nothing. Root may write anywhere, so as root the commands run in a child that
+    has given up that right (CAP_DAC_OVERRIDE); all in one child, to import torch once."""
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    commands = [(p, shlex.split(c.format(**inputs, ro=ro))) for p, c in UNWRITABLE]
+    child = ("import contextlib, io, json, sys, vae, kl_autoencoder as kl\nresults = []\n"
+             "for program, argv in json.loads(sys.argv[1]):\n    err = io.StringIO()\n"
+             "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
+             "        try:\n            (vae if program == 'vae' else kl).main(argv)\n            code = 0\n"
+             "        except SystemExit as e:\n            code = e.code\n    results.append([code, err.getvalue()])\n"
+             "print(json.dumps(results))")
+    unroot = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-all"] * (os.geteuid() == 0)
+    done = subprocess.run([*unroot, sys.executable, "-c", child, json.dumps(commands)], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    assert done.returncode == 0, done.stderr
+    for (program, argv), (code, err) in zip(commands, json.loads(done.stdout)):
+        name = "vae.py" if program == "vae" else "kl_autoencoder.py"
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"{name}: error: "), (argv, err)
+        assert "Permission denied" in err and str(ro) in err and "tmp" not in err.replace(str(tmp_path), ""), err
+    assert os.listdir(ro) == []
+
+
 def test_vae_nan_in_the_first_epoch_says_no_checkpoint_was_written(data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(vae, "train_epoch", lambda *args, **kwargs: [float("nan")] * 3)
     assert run_main(["--data-dir", data_dir, "--out", str(tmp_path), *TINY]) == 2

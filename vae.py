@@ -920,8 +920,11 @@ def check_writable(folder):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
     os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-        pass
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:  # "Permission denied" (a read-only folder): name the folder, not the probe's random name
+        raise OSError(e.errno, e.strerror, folder) from None
     key = os.path.realpath(folder)
     if fcntl is not None and key not in LOCKED:
         LOCKED[key] = os.open(folder, os.O_RDONLY)
