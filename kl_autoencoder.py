@@ -929,9 +929,8 @@ def decode_image(path, channels=3):
     turned as its EXIF orientation says (as a photo is shown), an animation's first frame."""
     with open(path, "rb") as f:
         data = bytearray(f.read())
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:  # a PNG's size is in its header: say so before decoding
-        w, h = struct.unpack(">II", data[16:24])
-        check_memory(8 * w * h, f"{path} ({h}x{w} pixels) decoded")
+    h, w = image_size(data) or (0, 0)  # a decompression bomb is refused before decoding
+    check_memory(8 * w * h, f"{path} ({h}x{w} pixels) decoded")
     mode = torchvision.io.ImageReadMode.RGB if channels == 3 else torchvision.io.ImageReadMode.GRAY
     try:
         image = torchvision.io.decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode,
@@ -942,6 +941,23 @@ def decode_image(path, channels=3):
     if 0 in image.shape:
         raise UserError(f"{path} is an image of {image.shape[-2]}x{image.shape[-1]} pixels")
     return image if image.dtype == torch.uint8 else (image.float() / 257).round().to(torch.uint8)  # 16 -> 8 bits
+
+
+JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # SOF0-SOF15
+
+
+def image_size(data):
+    """(height, width) as a PNG, GIF or JPEG file's header states it (None when it states none, or is damaged)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])[::-1]
+    if data[:3] == b"GIF" and len(data) >= 10:  # the logical screen, which every frame is decoded to
+        return struct.unpack("<HH", data[6:10])[::-1]
+    i = 2 if data[:2] == b"\xff\xd8" else len(data)
+    while i + 9 <= len(data) and data[i] == 0xFF:  # a JPEG's segments, up to its frame header
+        if data[i + 1] in JPEG_FRAME_MARKERS:
+            return struct.unpack(">HH", data[i + 5:i + 9])
+        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    return None
 
 
 def write_image(x, path):

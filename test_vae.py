@@ -1507,6 +1507,24 @@ def test_photos_are_read_as_shown_and_animations_by_their_first_frame(tmp_path):
     assert torch.equal(kl.decode_image(str(tmp_path / "moving.gif")), torch.full((3, 8, 8), 40, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("fmt", ["png", "gif", "jpeg"])
+def test_an_image_whose_header_states_a_huge_size_is_refused_before_it_is_decoded(fmt, tmp_path, monkeypatch):
+    """PNG, GIF and JPEG files state their size in their header: image_size reads a real file's, and a file that
+    states 65,000 x 65,000 pixels (34 GB decoded; a bomb of a few hundred bytes) on a machine of 16 GiB is one line
+    that says so, not an allocation of the decoder that runs until the machine gives up."""
+    PIL = pytest.importorskip("PIL.Image")
+    PIL.fromarray(thirds(24, 40, 1)).save(tmp_path / f"a.{fmt}")
+    data = bytearray((tmp_path / f"a.{fmt}").read_bytes())
+    assert kl.image_size(data) == (24, 40) and kl.decode_image(str(tmp_path / f"a.{fmt}")).shape == (3, 24, 40)
+    at = {"png": (16, ">II"), "gif": (6, "<HH"), "jpeg": (data.find(b"\xff\xc0") + 5, ">HH")}[fmt]  # jpeg: h, w
+    data[at[0]:at[0] + struct.calcsize(at[1])] = struct.pack(at[1], 65_000, 65_000)
+    (tmp_path / f"bomb.{fmt}").write_bytes(bytes(data))
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 4 * 2 ** 20}[name])
+    with pytest.raises(kl.UserError, match=f"bomb.{fmt} \\(65000x65000 pixels\\) decoded needs at least 31.5 GiB, "
+                                           "more than this machine's 16.0 GiB"):
+        kl.decode_image(str(tmp_path / f"bomb.{fmt}"))
+
+
 def test_kl_image_pipeline_pictures_and_rfid_inputs(tiny_weights, tmp_path, monkeypatch):
     """Through eval's reconstructions.png (held-out inputs above their reconstructions): images are resized on their
     shorter side and centre-cropped, RGB kept in order, 16-bit levels rounded to 8 bits; the bottom row decodes the
