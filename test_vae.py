@@ -2462,6 +2462,15 @@ def test_a_float16_run_that_overflows_runs_again_in_float32(tiny_weights, tmp_pa
     assert (tmp_path / "dec_fp16" / "in.png").read_bytes() == (tmp_path / "dec_fp32" / "in.png").read_bytes()
     latents = [kl.load_safetensors(str(tmp_path / f"lat_{d}.safetensors"))["latents"] for d in ("fp16", "fp32")]
     assert torch.equal(*latents) and torch.isfinite(latents[0]).all()
+    state = kl.load_safetensors(tiny_weights)  # only the log-variances overflow: the mean (what encode writes) is
+    for key in ("quant_conv.weight", "quant_conv.bias"):  # finite in float16, and so is the clamped logvar
+        state[key][4:] *= 1e6
+    kl.save_safetensors(state, str(tmp_path / "wide.safetensors"))
+    for dtype in ("fp32", "fp16"):
+        kl.main(["encode", *common[2:], "--weights", str(tmp_path / "wide.safetensors"), "--data", str(tmp_path / "imgs"),
+                 "--resolution", "16", "--dtype", dtype, "--out", str(tmp_path / f"wide_{dtype}.safetensors")])
+        assert capsys.readouterr().err.count("overflowed in float16") == (dtype == "fp16")  # the moments are checked
+    assert torch.equal(*[kl.load_safetensors(str(tmp_path / f"wide_{d}.safetensors"))["latents"] for d in ("fp16", "fp32")])
 
 
 @pytest.mark.parametrize("names, written", [(["../escaped.png", "a.png"], ["000000.png", "000001.png"]),  # not outside
