@@ -19,21 +19,25 @@ with `latent_channels` channels and 1/f of the image's height and width (f = 2^(
 SD); decoding z (the posterior mean, or a sample) gives the reconstruction x_rec. Diffusion models
 work on z * scaling_factor, a number chosen so that the scaled latents have unit standard deviation.
 
-THE OBJECTIVE (LDM's; sums over pixels and latent elements, means over the batch), one step:
+THE OBJECTIVE (LDM's; sums over image values (C x H x W) and latent elements, means over the batch), one step:
 
     autoencoder    loss = nll + kl_weight * KL(q(z|x) || N(0, I)) + disc_weight * lambda * g
-                   nll  = sum_pixels (|x - x_rec| + perceptual_weight * LPIPS(x, x_rec)) / exp(s) + s
-                   g    = -mean D(x_rec),   lambda = ||grad_L nll|| / (||grad_L g|| + 1e-4),  L = decoder.conv_out
+                   nll  = sum_{c,h,w} [(|x - x_rec| + perceptual_weight * P(x, x_rec)) / exp(s) + s]
+                   g    = -mean D(x_rec),   lambda = clamp(||grad_L nll|| / (||grad_L g|| + 1e-4), 0, 1e4)
     discriminator  d    = 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))
 
-with x_rec the decoding of a sample z ~ q(z|x), s a scalar log-variance (learned with --learn-logvar,
-the default; LDM's code leaves it at 0), D a PatchGAN discriminator and both adversarial terms off
-before --disc-start. With terms averaged over elements instead of summed, the same balance needs
-kl_weight * N_latent / N_pixels (1e-6 -> about 2.08e-8 at 256 x 256, f = 8, 4 latent channels).
+with x_rec the decoding of a sample z ~ q(z|x), P the LPIPS-style perceptual distance of the image (the same
+for each of its values), s a scalar log-scale (LDM's "logvar": learned with --learn-logvar, the default; LDM's
+code leaves it at 0), L the decoder's last layer (decoder.conv_out), D a PatchGAN discriminator, and both
+adversarial terms off before --disc-start (LDM: step 50,001, beyond a default run's 10,000 steps). A learned s
+divides the reconstruction terms by exp(s), which weights the KL by kl_weight * exp(s) relative to them. With
+terms averaged over elements instead of summed, the same balance needs kl_weight * N_latent / N_values
+(1e-6 -> about 2.08e-8 at 3 x 256 x 256, f = 8, 4 latent channels).
 
 The file:
     Part I, a complete program: the model, the loss, Config (LDM's recipe and the run), train_step, the
-        training loop (one process or many), its checkpoint, evaluate. It uses nothing defined after it.
+        training loop (one process or many), its checkpoint, evaluate; then its plumbing (DataLoader workers that
+        stop quietly, files written whole). It uses nothing defined after it.
     Part II, conveniences: image files and data sets, the pretrained networks, weights files (safetensors,
         checks, export), the command line generated from Config, train and eval, main.
     Part III, an appendix: Stable Diffusion files (the published families, configs, LDM's names, latents
@@ -336,9 +340,9 @@ def reconstruction_loss(x, x_rec, kind="l1"):
 
 
 def nll_loss(rec, logvar):
-    """LDM's negative log-likelihood with one scalar log-variance s (a Laplace or Gaussian scale,
-    up to constants): sum over pixels of rec / exp(s) + s, averaged over the batch. rec: (B, C, H, W)
-    per-element reconstruction (+ perceptual) loss."""
+    """LDM's negative log-likelihood with one scalar log-scale s (of a Laplace or Gaussian, up to constants):
+    sum over the elements of (rec / exp(s) + s), so s is counted once per element, averaged over the batch.
+    rec: (B, C, H, W) per-element reconstruction (+ perceptual) loss."""
     return (rec / torch.exp(logvar) + logvar).sum() / rec.shape[0]
 
 
@@ -435,8 +439,8 @@ def autoencoder_loss(x, x_rec, kl, logvar, rec_loss="l1", perceptual=None, perce
     rec = reconstruction_loss per element; perceptual: one LPIPS distance per image, added to every pixel of
     that image as LDM adds it (off when `perceptual` is None). The adversarial term is on when `disc` is given
     (from --disc-start on): g = generator_loss(D(x_rec)), lambda = adaptive_weight at `last_layer`
-    (decoder.conv_out.weight). Returns (loss, terms): terms holds loss, rec, perceptual, nll, kl, g and lambda
-    (means over the batch, detached, float32: the log's columns)."""
+    (decoder.conv_out.weight). Returns (loss, terms): terms holds loss, rec (a mean per element), perceptual (per
+    image), nll, kl (nats per image), g and lambda, averaged over the batch, detached, float32: the log's columns."""
     rec = reconstruction_loss(x, x_rec.float(), rec_loss)
     p_loss = perceptual(x, x_rec).float() if perceptual is not None else rec.new_zeros(len(x))
     nll = nll_loss(rec + perceptual_weight * p_loss.view(-1, 1, 1, 1), logvar)
@@ -451,7 +455,9 @@ def autoencoder_loss(x, x_rec, kl, logvar, rec_loss="l1", perceptual=None, perce
     return loss, {name: value.detach().float() for name, value in terms.items()}
 
 # -----------------------------------------------------------------------------
-# training: the recipe, one step, the loop
+# training: the recipe, one step, the loop. Part I as one program, for uint8 images x (N, 3, r, r) in a tensor:
+#     autoencoder, record = train(Config(perceptual_weight=0), {"block_out_channels": (64, 128)}, x[:-64], x[-64:])
+# (with the perceptual loss, on by default: perceptual=Perceptual(torchvision.models.vgg16(weights="DEFAULT").features))
 
 
 def option(default, help, **argparse_keywords):
@@ -466,15 +472,17 @@ class Config:
     the data (which the command line reads: train() takes the data sets). Each field is a train option of the same
     name, with this help; "auto" devices and precisions are settled in train()."""
     rec_loss: str = option("l1", "the per-pixel reconstruction loss (LDM: l1)", choices=("l1", "mse"))
-    perceptual_weight: float = option(1.0, "weight of the LPIPS-style VGG16 distance (LDM: 1; 0: off)")
+    perceptual_weight: float = option(1.0, "weight of the LPIPS-style VGG16 distance (LDM: 1, with LPIPS' calibrated "
+                                           "channel weights: --lpips-weights; 0: off)")
     kl_weight: float = option(1e-6, "weight of the KL summed over latent elements (LDM: 1e-6)")
     learn_logvar: bool = option(True, "learn the NLL's scalar log-variance s (LDM's code leaves it at 0)")
     disc_weight: float = option(0.5, "weight of the adversarial term (LDM: 0.5; 0: no discriminator)")
-    disc_start: int = option(50001, "the step from which the discriminator trains and judges (LDM: 50001)")
+    disc_start: int = option(50001, "the step from which the discriminator trains and judges (LDM: 50001; beyond "
+                                    "the default --steps: a default run has no adversarial term)")
     lr: float = option(1e-4, "learning rate of both optimizers (LDM: 4.5e-6 x GPUs x batch size)")
     betas: tuple = option((0.5, 0.9), "Adam's betas, both optimizers (LDM)", metavar=("BETA1", "BETA2"))
-    weight_decay: float = option(0.0, "the autoencoder's AdamW weight decay (LDM: 0, Adam)")
-    grad_clip: float = option(0.0, "max gradient norm of the autoencoder (0: off)")
+    weight_decay: float = option(0.0, "AdamW's weight decay of the autoencoder and s (LDM: 0, Adam)")
+    grad_clip: float = option(0.0, "max gradient norm of the autoencoder and s together (0: off)")
     ema: float = option(0.0, "decay of a moving average of the weights, e.g. 0.999 (0: none)", metavar="DECAY")
     precision: str = option("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)", choices=("auto", "bf16", "fp32"))
     batch_size: int = option(8, "images per step, per process")
@@ -626,33 +634,6 @@ def to_model_input(batch, device, flip=False):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-POSIX_SIGNALS = hasattr(signal, "pthread_sigmask")
-
-
-class Loader(torch.utils.data.DataLoader):
-    """A DataLoader whose workers end on SIGTERM (a scheduler's stop, sent to the whole process group) quietly, as on
-    Ctrl-C: torch's own handler kills them, and the main process then raises a traceback of its own. They are forked
-    with the signal held (on POSIX), and let it in once quiet_on_sigterm has set their handler: a stop while they
-    start up is quiet too."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, worker_init_fn=quiet_on_sigterm, **kwargs)
-
-    def __iter__(self):  # (where the workers start)
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if POSIX_SIGNALS else None
-        try:
-            return super().__iter__()
-        finally:
-            if POSIX_SIGNALS:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def quiet_on_sigterm(worker_id):
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if POSIX_SIGNALS:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-
-
 def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=None):
     """Train AutoencoderKL(**model_config) (from the weights `init`, when given) with THE OBJECTIVE and the recipe cfg
     on `data`, a Dataset of uint8 images (3, r, r), in one process or one per device (torchrun). Rank 0 alone logs,
@@ -668,19 +649,19 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
     ckpt_path, log_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
     start, saved = start_or_resume(cfg, model, parts, rank)  # the first step, the last checkpoint's (or None)
     total = cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
-    loader = Loader(data, batch_sampler=batch_indices(len(data), cfg, start, rank=rank, world=world),
+    loader = QuietLoader(data, batch_sampler=batch_indices(len(data), cfg, start, rank=rank, world=world),
                     num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
-    # the discriminator stays outside DDP: it also runs, frozen, in the autoencoder's loss (train_step averages it)
+    # the discriminator stays outside DDP (it also runs, frozen, in the autoencoder's loss): train_step averages its
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_initialized() else model
     if cfg.compile:
         ddp.compile()
     sums, since, t0 = torch.zeros(len(LOG_COLUMNS), device=device), start, time.time()  # the log line in progress
     for step, batch in zip(range(start, total), loader):
-        if cfg.eval_every and step % cfg.eval_every == 0 and step > 0 and rank == 0:  # evaluate the first `step` steps
+        if cfg.eval_every and step % cfg.eval_every == 0 and step > 0 and rank == 0:  # the weights after `step` steps
             evaluate_and_log(final, val, cfg, step=step, out=cfg.out)
             model.train()
-        torch.manual_seed(hash((cfg.seed, step, rank)))  # all of the step's draws (flips, posterior samples) from it
+        torch.manual_seed(hash((cfg.seed, step, rank)))  # the step's draws from (seed, step, rank) alone: resumable
         x = to_model_input(batch, device, flip=cfg.hflip)
         terms = train_step(ddp, disc, x, step, opt=opt, opt_d=opt_d, cfg=cfg, perceptual=perceptual, ema=ema)
         sums += torch.stack([terms[name] for name in LOG_COLUMNS])  # on the device: no host sync
@@ -757,41 +738,6 @@ def log_line(path, record, device, rank):
     print(f"step {record['step']:6d} | " + " | ".join(f"{k} {record[k]:.4g}" for k in [*LOG_COLUMNS, "logvar"])
           + f" | {record['images_per_s']:.1f} img/s{peak}", flush=True)
 
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def write_atomically(path, data):
-    """bytes -> path, written to path + ".tmp" and renamed: a reader never sees half a file, and a write that fails
-    (a full disk) or is interrupted leaves the previous file as it was and no .tmp. Python's file writer reports every
-    failed write; image encoders and torch.save writing to a path may not (on a full disk they left truncated files
-    and no error), so every file this program writes is made in memory and written here."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)
-    except BaseException as e:
-        if os.path.lexists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        if isinstance(e, OSError) and not e.filename:  # a full disk: say which file could not be written
-            raise OSError(e.errno, e.strerror, path) from None
-        raise
-
-
-def save_checkpoint(path, state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomically(path, buffer.getbuffer())
-
-
-# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def append_jsonl(path, record):
-    """One JSON line at the end of path, after cutting off an unfinished last line (a full disk, kill -9 mid-write)."""
-    with open(path, "a+b") as f:  # (writes go to the end, wherever it reads)
-        end = f.seek(0, os.SEEK_END)
-        f.seek(max(0, end - 1))
-        if end and f.read(1) != b"\n":  # rare: read it all to find the last whole line
-            f.seek(0)
-            f.truncate(f.read().rfind(b"\n") + 1)
-        f.write((json.dumps(record) + "\n").encode())
 
 # -----------------------------------------------------------------------------
 # evaluation: PSNR, SSIM, the Frechet distance (rFID), and the record of a held-out evaluation
@@ -895,7 +841,7 @@ def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None, batc
     precision and workers, printed and appended to OUT/metrics.jsonl; and OUT/reconstructions.png, the first 8
     images above their reconstructions (decoded posterior means)."""
     device = next(autoencoder.parameters()).device
-    loader = Loader(images, batch_size=64, num_workers=cfg.workers or 0)
+    loader = QuietLoader(images, batch_size=64, num_workers=cfg.workers or 0)
     batches = batches or (to_model_input(batch, device) for batch in loader)
     record = {"kind": "eval", "step": step, **evaluate(autoencoder, batches, cfg.precision, features)}
     print(f"eval on {record['images']:,} held-out images at step {step}: PSNR {record['psnr']:.2f} dB | SSIM "
@@ -909,6 +855,72 @@ def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None, batc
     grid = torchvision.utils.make_grid(torch.cat([x, x_rec]), nrow=len(x), padding=2, pad_value=1)
     write_atomically(os.path.join(out, "reconstructions.png"), torchvision.io.encode_png(to_uint8(grid).cpu()).numpy())
     return record
+
+# -----------------------------------------------------------------------------
+# plumbing, to skip on a first reading: DataLoader workers that stop quietly, files written whole or not at all
+
+
+POSIX_SIGNALS = hasattr(signal, "pthread_sigmask")
+
+
+class QuietLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers end on SIGTERM (a scheduler's stop, sent to the whole process group) quietly, as on
+    Ctrl-C: torch's own handler kills them, and the main process then raises a traceback of its own. They are forked
+    with the signal held (on POSIX), and let it in once quiet_on_sigterm has set their handler: a stop while they
+    start up is quiet too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=quiet_on_sigterm, **kwargs)
+
+    def __iter__(self):  # (where the workers start)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if POSIX_SIGNALS else None
+        try:
+            return super().__iter__()
+        finally:
+            if POSIX_SIGNALS:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def quiet_on_sigterm(worker_id):
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if POSIX_SIGNALS:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def write_atomically(path, data):
+    """bytes -> path, written to path + ".tmp" and renamed: a reader never sees half a file, and a write that fails
+    (a full disk) or is interrupted leaves the previous file as it was and no .tmp. Python's file writer reports every
+    failed write; image encoders and torch.save writing to a path may not (on a full disk they left truncated files
+    and no error), so every file this program writes is made in memory and written here."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+    except BaseException as e:
+        if os.path.lexists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if isinstance(e, OSError) and not e.filename:  # a full disk: say which file could not be written
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+
+
+def save_checkpoint(path, state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically(path, buffer.getbuffer())
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def append_jsonl(path, record):
+    """One JSON line at the end of path, after cutting off an unfinished last line (a full disk, kill -9 mid-write)."""
+    with open(path, "a+b") as f:  # (writes go to the end, wherever it reads)
+        end = f.seek(0, os.SEEK_END)
+        f.seek(max(0, end - 1))
+        if end and f.read(1) != b"\n":  # rare: read it all to find the last whole line
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
+        f.write((json.dumps(record) + "\n").encode())
 
 # =============================================================================
 # PART II: conveniences: image files and data sets, pretrained networks, weights files, the command line
@@ -1597,7 +1609,7 @@ def eval_command(args):
 def with_progress(images, device, workers):
     """The held-out images as model inputs on the device, in batches of 64, with a progress line for long work."""
     progress = Progress("held-out evaluation", len(images))
-    loader = Loader(images, batch_size=64, num_workers=workers)
+    loader = QuietLoader(images, batch_size=64, num_workers=workers)
     for batch in loader:
         yield to_model_input(batch, device)
         progress.update(len(batch))
@@ -2021,7 +2033,7 @@ def encode_command(args):
     bn = copy.deepcopy(model.bn)  # FLUX.2's statistics, kept in float32
     device, _ = inference_setup(args, model)
     generator, progress, parts = torch.Generator(device).manual_seed(args.seed), Progress("encoding", len(images)), []
-    for batch in Loader(images, batch_size=args.batch_size, num_workers=args.workers):
+    for batch in QuietLoader(images, batch_size=args.batch_size, num_workers=args.workers):
         posterior = float32_if_it_overflows(model, lambda d: (
             tiled_encode if use_tiles(args, resolution ** 2) else AutoencoderKL.encode)(
             model, to_model_input(batch, device).to(d)), "the encoder")

@@ -294,8 +294,9 @@ def test_elbo(model, x_test, batch_size=2000):
 
 def train(model, x_train, x_test, cfg, first_epoch=0, opt_state=None):
     """Adam (eps cfg.adam_eps), then the epochs first_epoch .. cfg.epochs - 1 (counted from 0), each at the learning
-    rate lr_at gives: one train_epoch and the test -ELBO. Yields each epoch's log record (epochs counted when
-    finished, losses in nats per example) and the optimizer, for the caller to log, checkpoint, or stop on a NaN."""
+    rate lr_at gives: one train_epoch and the test -ELBO. A generator: `for record, opt in train(...)` runs the epochs,
+    yielding each epoch's log record (epochs counted when finished, losses in nats per example) and the optimizer, for
+    the caller to log, checkpoint, or stop on a NaN. cfg: the command line's options, e.g. parse_args([]) (Part II)."""
     fused = x_train.device.type in ("cuda", "cpu")  # one kernel for all parameters; on the CPU about 4x foreach
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=fused)
     if opt_state is not None:
