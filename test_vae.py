@@ -2788,7 +2788,7 @@ FULL_DISK = [  # (program, command with --overwrite, the file it writes that fai
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), a file on a disk that is full")
 @pytest.mark.parametrize("program, command, written", FULL_DISK, ids=[f"{p} {w}" for p, _, w in FULL_DISK])
 def test_a_full_disk_is_one_line_and_exit_2_and_no_part_of_a_file(program, command, written, inputs, tmp_path, capsys):
-    """Every file is written as NAME.tmp and renamed; here NAME.tmp is /dev/full, where every write fails (ENOSPC).
+    """Every file is written as NAME.PID.tmp and renamed; here that is /dev/full, where every write fails (ENOSPC).
     Image encoders and torch.save writing to a path report nothing there (they left truncated files, exit 0): the
     failure must be seen and said in one line, exit 2, the earlier file intact, and no .tmp left."""
     new = str(tmp_path / "new")
@@ -2796,12 +2796,15 @@ def test_a_full_disk_is_one_line_and_exit_2_and_no_part_of_a_file(program, comma
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(b"an earlier file")
-    os.symlink("/dev/full", path + ".tmp")
+    with open(path + ".tmp", "wb") as f:  # a user's file, named as our temporary files once were: kept
+        f.write(b"mine")
+    os.symlink("/dev/full", f"{path}.{os.getpid()}.tmp")  # (main runs in this process)
     with pytest.raises(SystemExit) as e:
         (vae if program == "vae" else kl).main(shlex.split(command.format(**inputs, new=new)))
     assert e.value.code == 2
     (one_line_error if program == "vae" else kl_error)(capsys, "No space left on device", path)
-    assert open(path, "rb").read() == b"an earlier file" and not os.path.lexists(path + ".tmp")
+    assert open(path, "rb").read() == b"an earlier file" and not os.path.lexists(f"{path}.{os.getpid()}.tmp")
+    assert open(path + ".tmp", "rb").read() == b"mine"
 
 
 @pytest.mark.parametrize("program", [vae, kl])

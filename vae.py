@@ -556,17 +556,18 @@ PROGRAM, CHECKPOINT_KEYS = "vae.py", {"model", "config", "epoch"}  # what load_c
 
 # A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
 def write_atomically(path, data):
-    """bytes -> path, written to path + ".tmp" and renamed: a reader never sees half a file, and a write that fails
-    (a full disk) or is interrupted leaves the previous file as it was and no .tmp. Python's file writer reports every
-    failed write; image encoders and torch.save writing to a path may not (on a full disk they left truncated files
-    and no error), so every file this program writes is made in memory and written here."""
+    """bytes -> path, written to PATH.PID.tmp (a name no user file has) and renamed: a reader never sees half a file,
+    and a write that fails (a full disk) or is interrupted leaves the previous file as it was and no .tmp. Python's
+    file writer reports every failed write; image encoders and torch.save writing to a path may not (on a full disk
+    they left truncated files and no error), so every file this program writes is made in memory and written here."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(path + ".tmp", "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     except BaseException as e:
-        if os.path.lexists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        if os.path.lexists(tmp):
+            os.remove(tmp)
         if isinstance(e, OSError) and not e.filename:  # a full disk: say which file could not be written
             raise OSError(e.errno, e.strerror, path) from None
         raise
