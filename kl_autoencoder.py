@@ -1488,9 +1488,12 @@ def check_resolution(resolution, config, disc_weight=0, latents=False):
 
 
 def architecture(args):
-    """(AutoencoderKL keywords, where they came from): --config, else the config.json of a --weights folder (a
-    --preset that contradicts it, tile size and force_upcast aside, is refused), else --preset (default sd)."""
-    folder = os.path.join(args.weights, "config.json") if args.weights and not args.config else ""
+    """(AutoencoderKL keywords, where they came from): --config, else the config.json of a --weights folder or beside
+    its diffusion_pytorch_model file (a --preset that contradicts it, tile size and force_upcast aside, is refused),
+    else --preset (default sd)."""
+    in_folder = args.weights and (os.path.isdir(args.weights) or os.path.basename(args.weights) in FOLDER_FILES[:2])
+    folder = os.path.join(args.weights if os.path.isdir(args.weights) else os.path.dirname(args.weights),
+                          "config.json") if in_folder and not args.config else ""
     if not args.config and not os.path.isfile(folder):
         return complete(PRESETS[args.preset or "sd"]), f"preset {args.preset or 'sd'}"
     config = complete(read_config(args.config or folder))

@@ -2100,6 +2100,9 @@ def test_a_diffusers_folder_brings_its_own_config(tmp_path, capsys):
     kl.main(["reconstruct", "--weights", str(tmp_path / "vae"), "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "o.png"),
              "--device", "cpu"])
     assert "latent [1, 16, 8, 8]" in capsys.readouterr().out  # 16 channels, f = 2: the folder's config, not the sd preset
+    kl.main(["reconstruct", "--weights", str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"), "--image",
+             str(tmp_path / "in.png"), "--out", str(tmp_path / "o2.png"), "--device", "cpu"])
+    assert "latent [1, 16, 8, 8]" in capsys.readouterr().out  # the folder's file: the config.json beside it
 
 
 def test_a_preset_that_contradicts_the_folders_config_is_refused(tmp_path, capsys):
