@@ -986,6 +986,7 @@ def fit(images, resolution):
     if (h, w) == (resolution, resolution):
         return images
     size = (max(resolution, round(h * resolution / min(h, w))), max(resolution, round(w * resolution / min(h, w))))
+    check_memory(4 * len(images) * images.shape[1] * math.prod(size), f"resizing {h}x{w} images to {size[0]}x{size[1]}")
     out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
     top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     return out[..., top:top + resolution, left:left + resolution].round().clamp(0, 255).to(torch.uint8)
@@ -1016,8 +1017,14 @@ def load_images(spec, resolution, root):
             return ImageFiles([os.path.join(folder, f) for f in dataset.filename], resolution), None
         images, labels = np.asarray(dataset.data), np.asarray(dataset.targets)  # N x H x W (x C)
     elif os.path.isdir(spec):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        files, seen = [], set()  # linked folders too, each read once (a link to a parent folder: no loop)
+        for d, folders, names in os.walk(spec, followlinks=True):
+            if os.path.realpath(d) in seen:
+                folders[:] = []
+                continue
+            seen.add(os.path.realpath(d))
+            files += [os.path.join(d, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+        files.sort()
         if not files:
             raise UserError(f"--data {spec}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
         return ImageFiles(files, resolution), None
@@ -1038,7 +1045,7 @@ def load_images(spec, resolution, root):
     images = torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2)
     check_memory(len(images) * 3 * resolution ** 2 * 5, f"--resolution {resolution}: resizing {len(images):,} images")
     return fit((images[:, :1].expand(-1, 3, -1, -1) if images.shape[1] <= 2 else images[:, :3]).contiguous(),
-               resolution), None if labels is None else torch.as_tensor(labels)
+               resolution), None if labels is None else torch.as_tensor(labels.astype(np.int64))  # (any byte order)
 
 
 def torchvision_dataset(name, root):
@@ -1598,7 +1605,8 @@ def eval_command(args):
     _, val = datasets(args)
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     for name in ("metrics.jsonl", "reconstructions.png"):  # away from its own run's folder: another run's files
-        theirs = args.weights or os.path.abspath(out) != os.path.dirname(os.path.abspath(args.ckpt))
+        theirs = args.weights or os.path.abspath(out) != os.path.dirname(os.path.abspath(args.ckpt)) \
+            or os.path.basename(args.ckpt) != "ckpt.pt"  # (a checkpoint copied into another run's folder)
         if theirs and os.path.exists(os.path.join(out, name)) and not args.overwrite:
             raise UserError(f"{os.path.join(out, name)} exists: pass another --out, or --overwrite")
     check_writable(out)
@@ -2103,8 +2111,8 @@ def read_latents(path):
     """(latents float32, the latent convention and image names in its metadata, and FLUX.2's bn statistics when it
     has them) of a latents file."""
     tensors, meta = load_safetensors(path, metadata=True)
-    if "latents" not in tensors or tensors["latents"].ndim != 4:
-        raise UserError(f"{path} has no 'latents' tensor of shape (N, C, h, w)")
+    if "latents" not in tensors or tensors["latents"].ndim != 4 or 0 in tensors["latents"].shape:
+        raise UserError(f"{path} has no 'latents' tensor of shape (N, C, h, w), none 0")
     try:
         saved, names = json.loads(meta.get("config", "{}")), json.loads(meta.get("names", "null"))
     except ValueError:

@@ -1594,13 +1594,17 @@ def test_eval_of_a_weights_file_uses_the_held_out_split_of_a_default_training_ru
 
 # ----------------------------------------------------------------------------- Part II: images and data, pretrained networks, weights files
 
-def test_npz_loader_and_stratified_split(kl_data):
+def test_npz_loader_and_stratified_split(kl_data, tmp_path):
     data, labels = kl.load_images(kl_data, 16, "unused")
     assert len(data) == 96 and data[0].shape == (3, 16, 16) and data[0].dtype == torch.uint8
     train, val = kl.split(len(data), 16, labels, seed=3)
     assert len(val) == 16 and len(train) == 80 and not set(train.tolist()) & set(val.tolist())
     assert torch.bincount(labels[val]).tolist() == [4, 4, 4, 4]  # stratified: 96 images, 4 classes of 24
     assert torch.equal(kl.split(len(data), 16, labels, seed=3)[1], val)  # fixed by the seed
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    for dtype in (np.uint16, np.uint64, ">i8", bool):  # any integer labels (safetensors and torch lack some of these)
+        np.savez(tmp_path / "labelled.npz", images=images, labels=(np.arange(4) % 2).astype(dtype))
+        assert kl.load_images(str(tmp_path / "labelled.npz"), 8, "unused")[1].tolist() == [0, 1, 0, 1]
 
 
 def test_stratified_split_rounds_to_the_exact_size():
@@ -1617,6 +1621,13 @@ def test_folder_loader_finds_images_recursively_and_crops(tmp_path):
     data, labels = kl.load_images(str(tmp_path), 16, "unused")
     assert len(data) == 2 and labels is None
     assert all(data[i].shape == (3, 16, 16) for i in range(2))
+    other = tmp_path.parent / f"{tmp_path.name}_other"  # a linked folder is searched too, and a link back to a parent
+    other.mkdir()  # folder (a loop) reads that folder once
+    torchvision.io.write_png(torch.zeros(3, 16, 16, dtype=torch.uint8), str(other / "linked.png"))
+    os.symlink(other, tmp_path / "a" / "more")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "b" / "loop")
+    assert [os.path.basename(f) for f in kl.load_images(str(tmp_path), 16, "unused")[0].files] == [
+        "tall.jpg", "linked.png", "wide.png"]  # (sorted by path: a/b, a/more, a)
 
 
 def test_torchvision_loader_reads_mnist_as_rgb(tmp_path):
@@ -2539,7 +2550,8 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     torch.save({"state_dict": state, "callbacks": RunsCode(str(d / "ran"))}, str(d / "evil.ckpt"))  # would make {d}/ran
     (d / "text.ckpt").write_text("hello")
     for name, latents in (("nolat", {"other": torch.zeros(1)}), ("lat16", {"latents": torch.zeros(1, 16, 4, 4)}),
-                          ("lat", {"latents": torch.zeros(1, 4, 4, 4)})):
+                          ("lat", {"latents": torch.zeros(1, 4, 4, 4)}), ("lat0h", {"latents": torch.zeros(2, 4, 0, 4)}),
+                          ("lat0n", {"latents": torch.zeros(0, 4, 4, 4)})):
         kl.save_safetensors(latents, str(d / f"{name}.safetensors"))
     (d / "decoded").mkdir()
     (d / "decoded" / "000000.png").write_bytes(b"mine")
@@ -2568,6 +2580,13 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     shutil.copy(d / "klrun" / "ckpt.pt", d / "copy" / "ckpt.pt")
     (d / "evalrun").mkdir()  # a folder with an evaluation's log and nothing else
     shutil.copy(d / "klrun" / "metrics.jsonl", d / "evalrun" / "metrics.jsonl")
+    (d / "runs").mkdir()  # a run's files, and checkpoints of other runs copied in beside them
+    for name in ("metrics.jsonl", "samples.png", "reconstructions.png"):
+        shutil.copy(os.path.join(trained[0], name) if name != "reconstructions.png" else d / "klrun" / name, d / "runs")
+    shutil.copy(d / "klrun" / "ckpt.pt", d / "runs" / "kl_copy.pt")
+    shutil.copy(os.path.join(trained[0], "ckpt.pt"), d / "runs" / "vae_copy.pt")
+    (d / "wide").mkdir()  # one line of 200,000 pixels (a PNG of under 1 kB): resized to 256 high, 160 GB
+    torchvision.io.write_png(torch.full((3, 1, 200_000), 128, dtype=torch.uint8), str(d / "wide" / "line.png"))
     kl.main(["convert", "--weights", tiny_weights, "--preset", "tiny", "--export",
              str(d / "wfolder" / "diffusion_pytorch_model.safetensors")])
     config = kl.read_config(str(d / "wfolder"))
@@ -2678,6 +2697,8 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --resolution 33", ["multiple of 2"]),
     ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --resolution 0", ["--resolution"]),
     ("kl", "eval --ckpt {d}/copy/ckpt.pt --device cpu --out {d}/klrun", ["metrics.jsonl", "exists"]),
+    ("kl", "eval --ckpt {d}/runs/kl_copy.pt --device cpu", ["runs/metrics.jsonl", "exists"]),  # another run's folder
+    ("vae", "--eval-only --ckpt {d}/runs/vae_copy.pt --data-dir {mnist} --device cpu", ["holds another run's"]),
     ("kl", T + "--steps 1 --out {d}/klrun", ["exists", "--resume", "--overwrite"]),
     ("kl", T + "--steps 1 --out {d}/evalrun", ["metrics.jsonl", "exists"]),
     ("kl", T + "--preset small --resolution 30", ["--resolution 30", "multiple of 4", "28 or 32"]),
@@ -2744,6 +2765,9 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", T + "--data {d}/zerosize.npz", ["'images'", "(8, 0, 16, 3)"]),
     ("kl", T + "--data {d}/bmps", ["no images", ".webp", "!.bmp"]),
     ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --resolution 8", ["--resolution 8", "SSIM", "11 x 11"]),
+    ("kl", "decode " + W + "--latents {d}/lat0h.safetensors --out {new}", ["lat0h.safetensors", "none 0"]),
+    ("kl", "decode " + W + "--latents {d}/lat0n.safetensors --out {new}", ["lat0n.safetensors", "none 0"]),
+    ("kl", "encode " + W + "--data {d}/wide --resolution 256 --out {new}.safetensors", ["1x200000", "GiB"]),
 ]
 
 

@@ -631,7 +631,8 @@ def open_run(cfg, device):
     ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only or cfg.resume else None
     if ckpt is None and os.path.exists(cfg.ckpt) and not cfg.overwrite:
         raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, another --out for a new run, or --overwrite")
-    ours = os.path.abspath(cfg.out) == os.path.abspath(os.path.dirname(cfg.ckpt))  # the checkpoint's own folder
+    ours = os.path.abspath(cfg.out) == os.path.abspath(os.path.dirname(cfg.ckpt)) and (  # the checkpoint's own folder,
+        ckpt is None or os.path.basename(ckpt["config"].get("ckpt") or "") == os.path.basename(cfg.ckpt))  # not a copy
     run_out = ckpt["config"].get("out") if ckpt else None  # its run's folder: the run continues there, all of it
     if cfg.resume and not ours and os.path.abspath(cfg.out) != os.path.abspath(run_out or os.path.dirname(cfg.ckpt)):
         raise UserError(f"{cfg.ckpt} belongs to the run in {run_out}: resume it with --out {run_out} (a resumed run "
