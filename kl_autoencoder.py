@@ -1437,6 +1437,7 @@ def settle(args):
         return args
     if args.steps is not None and args.epochs is not None:
         raise UserError("--steps and --epochs: pass one of them")
+    outside_data(args.out, args.data, args.val_data)
     args.steps, args.betas, args.device = args.steps or 10_000, tuple(args.betas), get_device(args.device).type
     args.precision = args.precision if args.precision != "auto" else "bf16" if args.device == "cuda" else "fp32"
     config = model_config(args)
@@ -1476,6 +1477,14 @@ def check_output(path, flag, inputs, extensions, *, overwrite, make_folder=False
                and not os.access(folder, os.W_OK) else None)
     if problem:
         raise UserError(f"{flag} {path} {problem}")
+
+
+def outside_data(out, *folders):
+    """A run's folder may not lie in a folder of its images: its pictures would become training or held-out data."""
+    for folder in (f for f in folders if f and os.path.isdir(f)):
+        if os.path.commonpath([os.path.realpath(out), os.path.realpath(folder)]) == os.path.realpath(folder):
+            raise UserError(f"--out {out} is inside the image folder {folder}: its pictures would become data; "
+                            f"write elsewhere")
 
 
 def check_resolution(resolution, config, disc_weight=0, latents=False):
@@ -1602,8 +1611,9 @@ def eval_command(args):
     if args.precision in (None, "auto"):
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     net = load_inception(device) if args.fid else None
-    _, val = datasets(args)
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    outside_data(out, args.data, args.val_data)
+    _, val = datasets(args)
     for name in ("metrics.jsonl", "reconstructions.png"):  # away from its own run's folder: another run's files
         theirs = args.weights or os.path.abspath(out) != os.path.dirname(os.path.abspath(args.ckpt)) \
             or os.path.basename(args.ckpt) != "ckpt.pt"  # (a checkpoint copied into another run's folder)

@@ -2765,6 +2765,8 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", T + "--data {d}/zerosize.npz", ["'images'", "(8, 0, 16, 3)"]),
     ("kl", T + "--data {d}/bmps", ["no images", ".webp", "!.bmp"]),
     ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --resolution 8", ["--resolution 8", "SSIM", "11 x 11"]),
+    ("kl", T.replace("--out {new}", "--out {d}/imgs/run") + "--data {d}/imgs", ["inside the image folder"]),
+    ("kl", "eval " + W + "--data {d}/imgs --out {d}/imgs", ["--out {d}/imgs is inside the image folder {d}/imgs"]),
     ("kl", "decode " + W + "--latents {d}/lat0h.safetensors --out {new}", ["lat0h.safetensors", "none 0"]),
     ("kl", "decode " + W + "--latents {d}/lat0n.safetensors --out {new}", ["lat0n.safetensors", "none 0"]),
     ("kl", "encode " + W + "--data {d}/wide --resolution 256 --out {new}.safetensors", ["1x200000", "GiB"]),
