@@ -2645,6 +2645,8 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("vae", VAE + "--batch-size 100000", ["--batch-size"]),
     ("vae", VAE + "--eval-only --ckpt nowhere/ckpt.pt", ["nowhere/ckpt.pt"]),
     ("vae", VAE + "--resume", ["no checkpoint"]),
+    ("vae", VAE + "--ckpt {d}/dir", ["--ckpt {d}/dir is a folder"]),
+    ("vae", VAE + "--ckpt {d}/existing.png/ckpt.pt", ["existing.png"]),  # under a file: before any training
     ("vae", VAE + "--eval-only --ckpt {d}/text_ckpt.pt", ["not a readable checkpoint", "pass a ckpt.pt that vae.py wrote",
                                                           "!101"]),  # (torch.load's KeyError of a text file)
     ("vae", VAE + "--eval-only --ckpt {d}/garbage.pt", ["garbage.pt", "not a readable checkpoint"]),

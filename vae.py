@@ -628,6 +628,8 @@ def open_run(cfg, device):
         raise UserError("--amp (bf16 autocast) is for --device cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if os.path.isdir(cfg.ckpt):
+        raise UserError(f"--ckpt {cfg.ckpt} is a folder: give the checkpoint's file name, e.g. {cfg.ckpt}/ckpt.pt")
     ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only or cfg.resume else None
     if ckpt is None and os.path.exists(cfg.ckpt) and not cfg.overwrite:
         raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, another --out for a new run, or --overwrite")
@@ -641,6 +643,8 @@ def open_run(cfg, device):
         if (ckpt is None or not ours) and not cfg.overwrite and os.path.exists(os.path.join(cfg.out, name)):
             raise UserError(f"{cfg.out} holds another run's {name}: pass another --out, or --overwrite")
     check_writable(cfg.out)
+    if not cfg.eval_only:  # where the checkpoints go, when not in --out: checked (and locked) before any work too
+        check_writable(os.path.dirname(os.path.abspath(cfg.ckpt)))
     mismatch = [k for k in MODEL_KEYS if ckpt and not cfg.eval_only and ckpt["config"].get(k) != getattr(cfg, k)]
     if mismatch:
         given = ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in mismatch)
