@@ -1278,6 +1278,16 @@ def diffusers_config(config):
             **{key: list(config.get(key) or [plain] * n) for key, plain in BLOCK_TYPES.items()}}
 
 
+def check_config_json(path, config, overwrite):
+    """An export never pairs its weights with a config.json of another model (diffusers loads the two together)."""
+    try:
+        same = not os.path.exists(path) or json.loads(pathlib.Path(path).read_text()) == diffusers_config(config)
+    except ValueError:  # not JSON, or not UTF-8
+        same = False
+    if not (same or overwrite):
+        raise UserError(f"{path} exists and describes another model: export into another folder, or pass --overwrite")
+
+
 def with_lists(d):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
@@ -1294,9 +1304,7 @@ def export(autoencoder, path, overwrite=False, fmt="diffusers"):
                          metadata={"format": "pt", "config": json.dumps(config)})
         return print(f"exported {path} (LDM names)")
     config_path = os.path.join(folder, "config.json")
-    if os.path.exists(config_path) and not overwrite and json.loads(pathlib.Path(config_path).read_text()) != config:
-        raise UserError(f"{config_path} exists and describes another model: export into another folder, or pass "
-                        f"--overwrite")
+    check_config_json(config_path, autoencoder.config, overwrite)
     save_safetensors(autoencoder.state_dict(), path, metadata={"format": "pt"})
     write_atomically(config_path, json.dumps(config, indent=2).encode())
     print(f"exported {path} and {config_path}")
@@ -1441,6 +1449,9 @@ def settle(args):
     args.steps, args.betas, args.device = args.steps or 10_000, tuple(args.betas), get_device(args.device).type
     args.precision = args.precision if args.precision != "auto" else "bf16" if args.device == "cuda" else "fp32"
     config = model_config(args)
+    if args.export and args.export_format == "diffusers":  # refused now, not after the training
+        check_config_json(os.path.join(os.path.dirname(os.path.abspath(args.export)), "config.json"), config,
+                          args.overwrite)
     widths = f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}"
     if any(c % config["norm_num_groups"] for c in config["block_out_channels"]):
         raise UserError(f"{widths}: each must be a multiple of {config['norm_num_groups']}, the number of GroupNorm "

@@ -2585,6 +2585,9 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
         shutil.copy(os.path.join(trained[0], name) if name != "reconstructions.png" else d / "klrun" / name, d / "runs")
     shutil.copy(d / "klrun" / "ckpt.pt", d / "runs" / "kl_copy.pt")
     shutil.copy(os.path.join(trained[0], "ckpt.pt"), d / "runs" / "vae_copy.pt")
+    for name, text in (("badcfg", "not json {"), ("othercfg", json.dumps(kl.diffusers_config(kl.build("small").config)))):
+        (d / name).mkdir()
+        (d / name / "config.json").write_text(text)
     (d / "wide").mkdir()  # one line of 200,000 pixels (a PNG of under 1 kB): resized to 256 high, 160 GB
     torchvision.io.write_png(torch.full((3, 1, 200_000), 128, dtype=torch.uint8), str(d / "wide" / "line.png"))
     kl.main(["convert", "--weights", tiny_weights, "--preset", "tiny", "--export",
@@ -2769,6 +2772,8 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --resolution 8", ["--resolution 8", "SSIM", "11 x 11"]),
     ("kl", T.replace("--out {new}", "--out {d}/imgs/run") + "--data {d}/imgs", ["inside the image folder"]),
     ("kl", "eval " + W + "--data {d}/imgs --out {d}/imgs", ["--out {d}/imgs is inside the image folder {d}/imgs"]),
+    ("kl", "convert " + W + "--export {d}/badcfg/vae.safetensors", ["badcfg/config.json", "another model"]),
+    ("kl", T + "--steps 1 --export {d}/othercfg/vae.safetensors", ["othercfg/config.json", "another model"]),
     ("kl", "decode " + W + "--latents {d}/lat0h.safetensors --out {new}", ["lat0h.safetensors", "none 0"]),
     ("kl", "decode " + W + "--latents {d}/lat0n.safetensors --out {new}", ["lat0n.safetensors", "none 0"]),
     ("kl", "encode " + W + "--data {d}/wide --resolution 256 --out {new}.safetensors", ["1x200000", "GiB"]),
