@@ -705,10 +705,8 @@ def start_or_resume(cfg, model, parts, rank):
                 group.update(ours)  # this run's lr, betas and weight decay, not the saved ones: --lr is honoured
     model.logvar.data.copy_(ckpt["logvar"])
     if rank == 0 and os.path.exists(log):
-        text = pathlib.Path(log).read_text()
-        lines = text[:text.rfind("\n") + 1].splitlines()  # not an unfinished last line (a full disk, kill -9 mid-write)
-        records = [json.loads(line) for line in lines if line.strip()]
-        kept = [r for r in records if r["step"] < ckpt["step"] or r["step"] == ckpt["step"] and r["kind"] == "train"]
+        kept = [r for r in read_jsonl(log) if r.get("step", math.inf) < ckpt["step"] or r.get("step") == ckpt["step"]
+                and r["kind"] == "train"]
         write_atomically(log, "".join(json.dumps(r) + "\n" for r in kept).encode())
     return ckpt["step"], ckpt["step"]
 
@@ -922,6 +920,18 @@ def append_jsonl(path, record):
             f.seek(0)
             f.truncate(f.read().rfind(b"\n") + 1)
         f.write((json.dumps(record) + "\n").encode())
+
+
+# A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
+def read_jsonl(path):
+    """The records of path's whole lines: an unfinished last line (a full disk, kill -9 mid-write), and lines that are
+    no JSON object with a "kind" (edited by hand, say), are left out."""
+    text = pathlib.Path(path).read_text(errors="replace") if os.path.exists(path) else ""
+    records = []
+    for line in text[:text.rfind("\n") + 1].splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return [r for r in records if isinstance(r, dict) and "kind" in r]
 
 # =============================================================================
 # PART II: conveniences: image files and data sets, pretrained networks, weights files, the command line

@@ -2861,6 +2861,19 @@ def test_a_log_line_cut_short_is_replaced_by_the_next_record(program, tmp_path):
     assert read_metrics(str(tmp_path)) == [{"epoch": 1}]
 
 
+def test_a_resume_reads_past_log_lines_edited_by_hand(data_dir, kl_data, tmp_path):
+    """Lines of metrics.jsonl that are no record of ours (not JSON, or another object) stop no --resume; they are left
+    out of the log it goes on with."""
+    vae_argv = ["--data-dir", data_dir, *TINY, "--out", str(tmp_path / "vae")]
+    kl_argv = ["train", "--data", kl_data, *KL_TINY, "--disc-weight", "0", "--out", str(tmp_path / "kl")]
+    for main, argv, more in ((vae.main, vae_argv, ["--epochs", "2"]), (kl.main, kl_argv, ["--steps", "2"])):
+        main([*argv, *more[:1], "1"])
+        with open(os.path.join(argv[argv.index("--out") + 1], "metrics.jsonl"), "a") as f:
+            f.write('my notes\n{"note": "mine"}\n')
+        main([*argv, *more, "--resume"])
+        assert all("kind" in r for r in read_metrics(argv[argv.index("--out") + 1]))
+
+
 @pytest.mark.parametrize("program", [vae, kl])
 def test_a_folder_on_a_file_system_without_locks_is_used_unlocked(program, tmp_path, monkeypatch):
     """flock fails with ENOSYS on Lustre's default mount (ENOLCK on some NFS): a run goes on there, unlocked; a lock
@@ -3069,7 +3082,7 @@ SHARED = ["UserError", "Parser", "_number", "get_device", "load_pretrained", "lo
           "check_writable", "Progress", "interrupt"]  # the block at the end of each file
 
 
-IN_PLACE = ["frechet_distance", "write_atomically", "append_jsonl"]  # where each file uses them, above a comment
+IN_PLACE = ["frechet_distance", "write_atomically", "append_jsonl", "read_jsonl"]  # where each file uses them, above a comment
 
 
 @pytest.mark.parametrize("name", SHARED + IN_PLACE)

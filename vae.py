@@ -663,10 +663,8 @@ def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if x_train.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        text = pathlib.Path(metrics).read_text() if os.path.exists(metrics) else ""
-        lines = text[:text.rfind("\n") + 1].splitlines()  # not an unfinished last line (a full disk, kill -9 mid-write)
-        records = [json.loads(line) for line in lines if line.strip()]
-        kept = [r for r in records if r["epoch"] < epoch or r["epoch"] == epoch and r["kind"] == "epoch"]
+        kept = [r for r in read_jsonl(metrics) if r.get("epoch", math.inf) < epoch or r.get("epoch") == epoch
+                and r["kind"] == "epoch"]
         write_atomically(metrics, "".join(json.dumps(r) + "\n" for r in kept).encode())  # the rest is made again
         print(f"resuming {cfg.ckpt} after epoch {epoch}")
     label = "-ELBO" if cfg.train_samples == 1 else f"-L_{cfg.train_samples}"  # train_bound in metrics.jsonl
@@ -693,6 +691,18 @@ def append_jsonl(path, record):
             f.seek(0)
             f.truncate(f.read().rfind(b"\n") + 1)
         f.write((json.dumps(record) + "\n").encode())
+
+
+# A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
+def read_jsonl(path):
+    """The records of path's whole lines: an unfinished last line (a full disk, kill -9 mid-write), and lines that are
+    no JSON object with a "kind" (edited by hand, say), are left out."""
+    text = pathlib.Path(path).read_text(errors="replace") if os.path.exists(path) else ""
+    records = []
+    for line in text[:text.rfind("\n") + 1].splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return [r for r in records if isinstance(r, dict) and "kind" in r]
 
 
 def report(record, cfg):
