@@ -1244,6 +1244,7 @@ def read_weights(path):
                         f"so the file is refused: use a .safetensors version of these weights" if needs else
                         f"{path} is not a safetensors file or a PyTorch checkpoint ({type(e).__name__})")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = state["model"] if isinstance(state, dict) and CHECKPOINT_KEYS <= state.keys() else state  # train's ckpt.pt
     if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} holds no state dict (a dict of tensors)")
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
@@ -1443,7 +1444,7 @@ def settle(args):
         raise UserError(f"--out {args.out} is a file: give a folder for the images")
     if args.command == "eval" and args.weights and not args.out:
         raise UserError("eval --weights: pass --out, the folder for metrics.jsonl and reconstructions.png")
-    if getattr(args, "export", None):  # and the config.json beside it, in diffusers' format
+    if getattr(args, "export", None) is not None:  # and the config.json beside it, in diffusers' format
         inputs += [os.path.join(args.out, "ckpt.pt")] if train else []
         check_output(args.export, "--export", inputs, (".safetensors",), overwrite=args.overwrite, make_folder=True)
         if args.export_format == "diffusers":
@@ -1626,6 +1627,8 @@ def eval_command(args):
         setattr(args, key, saved.get(key) if getattr(args, key) is None else getattr(args, key))
     if args.data is None:
         raise UserError(f"{args.ckpt or args.weights} does not say what data to evaluate on: pass --data")
+    if not os.path.exists(args.data) and args.data not in TORCHVISION_DATASETS and args.data == saved.get("data"):
+        raise UserError(f"{args.ckpt} was trained on --data {args.data}, which is not there from here: pass --data")
     args.workers = settled_workers(args)
     check_resolution(args.resolution, model.config)
     device = get_device(args.device or "auto")

@@ -2588,6 +2588,9 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     for name, text in (("badcfg", "not json {"), ("othercfg", json.dumps(kl.diffusers_config(kl.build("small").config)))):
         (d / name).mkdir()
         (d / name / "config.json").write_text(text)
+    (d / "moved").mkdir()  # a run whose data is not where it was
+    ckpt = torch.load(d / "klrun" / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "data": "images_moved_away.npz"}}, d / "moved" / "ckpt.pt")
     (d / "wide").mkdir()  # one line of 200,000 pixels (a PNG of under 1 kB): resized to 256 high, 160 GB
     torchvision.io.write_png(torch.full((3, 1, 200_000), 128, dtype=torch.uint8), str(d / "wide" / "line.png"))
     kl.main(["convert", "--weights", tiny_weights, "--preset", "tiny", "--export",
@@ -2773,6 +2776,8 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", T.replace("--out {new}", "--out {d}/imgs/run") + "--data {d}/imgs", ["inside the image folder"]),
     ("kl", "eval " + W + "--data {d}/imgs --out {d}/imgs", ["--out {d}/imgs is inside the image folder {d}/imgs"]),
     ("kl", "convert " + W + "--export {d}/badcfg/vae.safetensors", ["badcfg/config.json", "another model"]),
+    ("kl", "convert " + W + "--export ''", ["--export  is not a .safetensors file"]),
+    ("kl", "eval --ckpt {d}/moved/ckpt.pt --device cpu --out {new}", ["trained on --data", "not there from here"]),
     ("kl", T + "--steps 1 --export {d}/othercfg/vae.safetensors", ["othercfg/config.json", "another model"]),
     ("kl", "decode " + W + "--latents {d}/lat0h.safetensors --out {new}", ["lat0h.safetensors", "none 0"]),
     ("kl", "decode " + W + "--latents {d}/lat0n.safetensors --out {new}", ["lat0n.safetensors", "none 0"]),
@@ -2859,6 +2864,18 @@ def test_a_log_line_cut_short_is_replaced_by_the_next_record(program, tmp_path):
         f.write('{"epo')  # cut short in the first line
     program.append_jsonl(path, {"epoch": 1})
     assert read_metrics(str(tmp_path)) == [{"epoch": 1}]
+
+
+def test_a_train_checkpoint_given_as_weights_is_read_as_its_weights(kl_data, tmp_path):
+    """--weights runs/kl/ckpt.pt (a user's natural mistake for --ckpt, or a fine-tune from it) reads its model's
+    weights: reconstruct gives what --ckpt gives (it was refused, "1 unexpected, e.g. logvar")."""
+    kl.main(["train", "--data", kl_data, *KL_TINY, "--steps", "1", "--disc-weight", "0", "--out", str(tmp_path / "run")])
+    write_test_image(tmp_path / "in.png", 32, 32)
+    for source in (["--ckpt", str(tmp_path / "run" / "ckpt.pt")], ["--weights", str(tmp_path / "run" / "ckpt.pt"),
+                                                                 "--preset", "tiny"]):
+        kl.main(["reconstruct", *source, "--device", "cpu", "--image", str(tmp_path / "in.png"), "--out",
+                 str(tmp_path / f"{source[0][2:]}.png")])
+    assert (tmp_path / "ckpt.png").read_bytes() == (tmp_path / "weights.png").read_bytes()
 
 
 def test_a_resume_reads_past_log_lines_edited_by_hand(data_dir, kl_data, tmp_path):
