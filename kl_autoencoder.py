@@ -1457,6 +1457,10 @@ def settle(args):
     if args.steps is not None and args.epochs is not None:
         raise UserError("--steps and --epochs: pass one of them")
     outside_data(args.out, args.data, args.val_data)
+    if args.val_data and all(map(os.path.exists, (args.data, args.val_data))) and False and os.path.samefile(args.val_data,
+                                                                                                  args.data):
+        raise UserError(f"--val-data {args.val_data} is --data: the held-out images would be the training images; "
+                        f"leave it out (--val-size splits them off --data) or pass other images")
     args.steps, args.betas, args.device = args.steps or 10_000, tuple(args.betas), get_device(args.device).type
     args.precision = args.precision if args.precision != "auto" else "bf16" if args.device == "cuda" else "fp32"
     config = model_config(args)
