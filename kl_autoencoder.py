@@ -1456,11 +1456,7 @@ def settle(args):
         return args
     if args.steps is not None and args.epochs is not None:
         raise UserError("--steps and --epochs: pass one of them")
-    outside_data(args.out, args.data, args.val_data)
-    if args.val_data and all(map(os.path.exists, (args.data, args.val_data))) and False and os.path.samefile(args.val_data,
-                                                                                                  args.data):
-        raise UserError(f"--val-data {args.val_data} is --data: the held-out images would be the training images; "
-                        f"leave it out (--val-size splits them off --data) or pass other images")
+    outside_data(args.out, args.data, args.val_data, train=True)
     args.steps, args.betas, args.device = args.steps or 10_000, tuple(args.betas), get_device(args.device).type
     args.precision = args.precision if args.precision != "auto" else "bf16" if args.device == "cuda" else "fp32"
     config = model_config(args)
@@ -1505,9 +1501,13 @@ def check_output(path, flag, inputs, extensions, *, overwrite, make_folder=False
         raise UserError(f"{flag} {path} {problem}")
 
 
-def outside_data(out, *folders):
-    """A run's folder may not lie in a folder of its images: its pictures would become training or held-out data."""
-    for folder in (f for f in folders if f and os.path.isdir(f)):
+def outside_data(out, data, val_data, train=False):
+    """A run's folder may not lie in a folder of its images: its pictures would become training or held-out data; and
+    train's held-out images may not be its training images."""
+    if train and val_data and all(map(os.path.exists, (data, val_data))) and os.path.samefile(val_data, data):
+        raise UserError(f"--val-data {val_data} is --data: the held-out images would be the training images; leave it "
+                        f"out (--val-size splits them off --data) or pass other images")
+    for folder in (f for f in (data, val_data) if f and os.path.isdir(f)):
         if os.path.commonpath([os.path.realpath(out), os.path.realpath(folder)]) == os.path.realpath(folder):
             raise UserError(f"--out {out} is inside the image folder {folder}: its pictures would become data; "
                             f"write elsewhere")

@@ -2774,7 +2774,7 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", T + "--data {d}/bmps", ["no images", ".webp", "!.bmp"]),
     ("kl", "eval --ckpt {d}/klrun/ckpt.pt --device cpu --resolution 8", ["--resolution 8", "SSIM", "11 x 11"]),
     ("kl", T.replace("--out {new}", "--out {d}/imgs/run") + "--data {d}/imgs", ["inside the image folder"]),
-    ("kl", T + "--val-data {kldata}", ["--val-data", "is --data", "held-out images would be the training images"]),
+    ("kl", T + "--steps 1 --val-data {kldata}", ["--val-data", "is --data", "held-out images would be the training images"]),
     ("kl", "eval " + W + "--data {d}/imgs --out {d}/imgs", ["--out {d}/imgs is inside the image folder {d}/imgs"]),
     ("kl", "convert " + W + "--export {d}/badcfg/vae.safetensors", ["badcfg/config.json", "another model"]),
     ("kl", "convert " + W + "--export ''", ["--export  is not a .safetensors file"]),
