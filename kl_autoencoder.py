@@ -650,8 +650,8 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
     start, saved = start_or_resume(cfg, model, parts, rank)  # the first step, the last checkpoint's (or None)
     total = cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
     loader = QuietLoader(data, batch_sampler=batch_indices(len(data), cfg, start, rank=rank, world=world),
-                    num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
-    # the discriminator stays outside DDP (it also runs, frozen, in the autoencoder's loss): train_step averages its
+                         num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
+    # the discriminator stays outside DDP (it also runs, frozen, in the autoencoder's loss): train_step syncs it
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_initialized() else model
     if cfg.compile:
@@ -705,7 +705,7 @@ def start_or_resume(cfg, model, parts, rank):
                 group.update(ours)  # this run's lr, betas and weight decay, not the saved ones: --lr is honoured
     model.logvar.data.copy_(ckpt["logvar"])
     if rank == 0 and os.path.exists(log):
-        kept = [r for r in read_jsonl(log) if r.get("step", math.inf) < ckpt["step"] or r.get("step") == ckpt["step"]
+        kept = [r for r in read_jsonl(log, "step") if r["step"] < ckpt["step"] or r["step"] == ckpt["step"]
                 and r["kind"] == "train"]
         write_atomically(log, "".join(json.dumps(r) + "\n" for r in kept).encode())
     return ckpt["step"], ckpt["step"]
@@ -923,15 +923,15 @@ def append_jsonl(path, record):
 
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def read_jsonl(path):
+def read_jsonl(path, key):
     """The records of path's whole lines: an unfinished last line (a full disk, kill -9 mid-write), and lines that are
-    no JSON object with a "kind" (edited by hand, say), are left out."""
+    no JSON object with a "kind" and a number under `key` (edited by hand, say), are left out."""
     text = pathlib.Path(path).read_text(errors="replace") if os.path.exists(path) else ""
     records = []
     for line in text[:text.rfind("\n") + 1].splitlines():
         with contextlib.suppress(ValueError):
             records.append(json.loads(line))
-    return [r for r in records if isinstance(r, dict) and "kind" in r]
+    return [r for r in records if isinstance(r, dict) and "kind" in r and isinstance(r.get(key), (int, float))]
 
 # =============================================================================
 # PART II: conveniences: image files and data sets, pretrained networks, weights files, the command line
@@ -1033,6 +1033,7 @@ def load_images(spec, resolution, root):
                 folders[:] = []
                 continue
             seen.add(os.path.realpath(d))
+            folders.sort()  # (a folder reached by two paths: the same one kept on every file system)
             files += [os.path.join(d, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
         files.sort()
         if not files:
@@ -1504,11 +1505,15 @@ def check_output(path, flag, inputs, extensions, *, overwrite, make_folder=False
 def outside_data(out, data, val_data, train=False):
     """A run's folder may not lie in a folder of its images: its pictures would become training or held-out data; and
     train's held-out images may not be its training images."""
-    if train and val_data and all(map(os.path.exists, (data, val_data))) and os.path.samefile(val_data, data):
+    if train and val_data and (val_data == data or all(map(os.path.exists, (data, val_data)))
+                               and os.path.samefile(val_data, data)):
         raise UserError(f"--val-data {val_data} is --data: the held-out images would be the training images; leave it "
                         f"out (--val-size splits them off --data) or pass other images")
     for folder in (f for f in (data, val_data) if f and os.path.isdir(f)):
-        if os.path.commonpath([os.path.realpath(out), os.path.realpath(folder)]) == os.path.realpath(folder):
+        inside = False
+        with contextlib.suppress(ValueError):  # (Windows: paths on two drives have no common path)
+            inside = os.path.commonpath([os.path.realpath(out), os.path.realpath(folder)]) == os.path.realpath(folder)
+        if inside:
             raise UserError(f"--out {out} is inside the image folder {folder}: its pictures would become data; "
                             f"write elsewhere")
 
@@ -1627,11 +1632,12 @@ def eval_command(args):
     unless the options say otherwise; --fid, --export."""
     model, ckpt = pretrained(args)
     saved = ckpt["config"] if ckpt else vars(Config(data=args.data))  # the held-out split of a default train run
+    data_from_ckpt = ckpt is not None and args.data is None
     for key in DATA_OPTIONS:
         setattr(args, key, saved.get(key) if getattr(args, key) is None else getattr(args, key))
     if args.data is None:
         raise UserError(f"{args.ckpt or args.weights} does not say what data to evaluate on: pass --data")
-    if not os.path.exists(args.data) and args.data not in TORCHVISION_DATASETS and args.data == saved.get("data"):
+    if data_from_ckpt and not os.path.exists(args.data) and args.data not in TORCHVISION_DATASETS:
         raise UserError(f"{args.ckpt} was trained on --data {args.data}, which is not there from here: pass --data")
     args.workers = settled_workers(args)
     check_resolution(args.resolution, model.config)

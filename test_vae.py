@@ -2778,6 +2778,8 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", "eval " + W + "--data {d}/imgs --out {d}/imgs", ["--out {d}/imgs is inside the image folder {d}/imgs"]),
     ("kl", "convert " + W + "--export {d}/badcfg/vae.safetensors", ["badcfg/config.json", "another model"]),
     ("kl", "convert " + W + "--export ''", ["--export  is not a .safetensors file"]),
+    ("kl", "eval " + W + "--data {d}/missing.npz --out {new}", ["missing.npz", "!trained on"]),
+    ("kl", T + "--steps 1 --data cifar10 --val-data cifar10", ["--val-data cifar10 is --data"]),
     ("kl", "eval --ckpt {d}/moved/ckpt.pt --device cpu --out {new}", ["trained on --data", "not there from here"]),
     ("kl", T + "--steps 1 --export {d}/othercfg/vae.safetensors", ["othercfg/config.json", "another model"]),
     ("kl", "decode " + W + "--latents {d}/lat0h.safetensors --out {new}", ["lat0h.safetensors", "none 0"]),
@@ -2879,6 +2881,14 @@ def test_a_train_checkpoint_given_as_weights_is_read_as_its_weights(kl_data, tmp
     assert (tmp_path / "ckpt.png").read_bytes() == (tmp_path / "weights.png").read_bytes()
 
 
+def test_a_vae_run_resumes_from_a_backup_of_its_checkpoint_in_its_own_folder(data_dir, tmp_path):
+    argv = ["--data-dir", data_dir, *TINY, "--out", str(tmp_path)]
+    vae.main([*argv, "--epochs", "1"])
+    shutil.copy(tmp_path / "ckpt.pt", tmp_path / "backup.pt")
+    vae.main([*argv, "--epochs", "2", "--resume", "--ckpt", str(tmp_path / "backup.pt")])  # its run's folder: ours
+    assert torch.load(tmp_path / "backup.pt", weights_only=True)["epoch"] == 2
+
+
 def test_a_resume_reads_past_log_lines_edited_by_hand(data_dir, kl_data, tmp_path):
     """Lines of metrics.jsonl that are no record of ours (not JSON, or another object) stop no --resume; they are left
     out of the log it goes on with."""
@@ -2887,9 +2897,11 @@ def test_a_resume_reads_past_log_lines_edited_by_hand(data_dir, kl_data, tmp_pat
     for main, argv, more in ((vae.main, vae_argv, ["--epochs", "2"]), (kl.main, kl_argv, ["--steps", "2"])):
         main([*argv, *more[:1], "1"])
         with open(os.path.join(argv[argv.index("--out") + 1], "metrics.jsonl"), "a") as f:
-            f.write('my notes\n{"note": "mine"}\n')
+            f.write('my notes\n{"note": "mine"}\n{"kind": "note", "step": "x", "epoch": null}\n')
         main([*argv, *more, "--resume"])
-        assert all("kind" in r for r in read_metrics(argv[argv.index("--out") + 1]))
+        log = read_metrics(argv[argv.index("--out") + 1])  # (every line JSON: "my notes" is gone)
+        assert [r.get("epoch", r.get("step")) for r in log if r["kind"] in ("epoch", "train")] == [1, 2], log
+        assert {"note": "mine"} not in log
 
 
 @pytest.mark.parametrize("program", [vae, kl])

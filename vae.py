@@ -633,9 +633,10 @@ def open_run(cfg, device):
     ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only or cfg.resume else None
     if ckpt is None and os.path.exists(cfg.ckpt) and not cfg.overwrite:
         raise UserError(f"{cfg.ckpt} exists: pass --resume to continue it, another --out for a new run, or --overwrite")
-    ours = os.path.abspath(cfg.out) == os.path.abspath(os.path.dirname(cfg.ckpt)) and (  # the checkpoint's own folder,
-        ckpt is None or os.path.basename(ckpt["config"].get("ckpt") or "") == os.path.basename(cfg.ckpt))  # not a copy
     run_out = ckpt["config"].get("out") if ckpt else None  # its run's folder: the run continues there, all of it
+    ours = os.path.abspath(cfg.out) == os.path.abspath(os.path.dirname(cfg.ckpt)) and (  # the checkpoint's own
+        ckpt is None or os.path.basename(ckpt["config"].get("ckpt") or "") == os.path.basename(cfg.ckpt)  # folder, not
+        or os.path.abspath(run_out or "") == os.path.abspath(cfg.out))  # a copy from another run's (a backup is ours)
     if cfg.resume and not ours and os.path.abspath(cfg.out) != os.path.abspath(run_out or os.path.dirname(cfg.ckpt)):
         raise UserError(f"{cfg.ckpt} belongs to the run in {run_out}: resume it with --out {run_out} (a resumed run "
                         f"keeps its files together), or pass --eval-only to evaluate it elsewhere")
@@ -643,8 +644,8 @@ def open_run(cfg, device):
         if (ckpt is None or not ours) and not cfg.overwrite and os.path.exists(os.path.join(cfg.out, name)):
             raise UserError(f"{cfg.out} holds another run's {name}: pass another --out, or --overwrite")
     check_writable(cfg.out)
-    if not cfg.eval_only:  # where the checkpoints go, when not in --out: checked (and locked) before any work too
-        check_writable(os.path.dirname(os.path.abspath(cfg.ckpt)))
+    if not cfg.eval_only:  # where the checkpoints go, when not in --out: made before any work too
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.ckpt)), exist_ok=True)
     mismatch = [k for k in MODEL_KEYS if ckpt and not cfg.eval_only and ckpt["config"].get(k) != getattr(cfg, k)]
     if mismatch:
         given = ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in mismatch)
@@ -663,7 +664,7 @@ def train_and_log(model, ckpt, x_train, x_test, cfg, metrics):
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if x_train.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        kept = [r for r in read_jsonl(metrics) if r.get("epoch", math.inf) < epoch or r.get("epoch") == epoch
+        kept = [r for r in read_jsonl(metrics, "epoch") if r["epoch"] < epoch or r["epoch"] == epoch
                 and r["kind"] == "epoch"]
         write_atomically(metrics, "".join(json.dumps(r) + "\n" for r in kept).encode())  # the rest is made again
         print(f"resuming {cfg.ckpt} after epoch {epoch}")
@@ -694,15 +695,15 @@ def append_jsonl(path, record):
 
 
 # A deliberate copy of kl_autoencoder.py's (each file stands alone); a test keeps the two identical.
-def read_jsonl(path):
+def read_jsonl(path, key):
     """The records of path's whole lines: an unfinished last line (a full disk, kill -9 mid-write), and lines that are
-    no JSON object with a "kind" (edited by hand, say), are left out."""
+    no JSON object with a "kind" and a number under `key` (edited by hand, say), are left out."""
     text = pathlib.Path(path).read_text(errors="replace") if os.path.exists(path) else ""
     records = []
     for line in text[:text.rfind("\n") + 1].splitlines():
         with contextlib.suppress(ValueError):
             records.append(json.loads(line))
-    return [r for r in records if isinstance(r, dict) and "kind" in r]
+    return [r for r in records if isinstance(r, dict) and "kind" in r and isinstance(r.get(key), (int, float))]
 
 
 def report(record, cfg):
