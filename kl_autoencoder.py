@@ -62,6 +62,7 @@ import struct
 import sys
 import tempfile
 import time
+import traceback
 import zipfile
 
 try:
@@ -1680,6 +1681,7 @@ def main(argv=None):
                     "convert": convert, "train": train_command, "eval": eval_command}  # (the first four: Part III)
         return commands[args.command](args)
     except (UserError, OSError, FloatingPointError) as e:  # what a user can cause: a mistake, a file, a diverged run
+        traceback.clear_frames(e.__traceback__)  # end its DataLoader workers now (collected later, they take 5 s)
         message = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: its traceback's last line
             message = message.splitlines()[-1].split("Error: ", 1)[-1]

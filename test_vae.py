@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -3033,6 +3034,22 @@ def test_a_planted_pretrained_network_file_is_refused_and_never_run(command, kl_
 
 
 # ----------------------------------------------------------------------------- signals, progress, the helpers both files write
+
+def test_a_failed_command_ends_its_dataloader_workers_at_once(kl_data, tmp_path, capsys):
+    """main() called from Python (a notebook, these tests) that fails while its DataLoader workers run leaves none
+    behind: left to the garbage collector (the traceback's frames hold them in a cycle), each took 5 s to end, since
+    the queue that tells them to stop is closed first; 10 s of this suite went there."""
+    (tmp_path / "imgs").mkdir()
+    for i in range(12):
+        write_test_image(tmp_path / "imgs" / f"{i:02d}.png", 32, 32)
+    (tmp_path / "imgs" / "07.png").write_bytes(b"\x89PNG broken")
+    argv = ["train", "--data", str(tmp_path / "imgs"), *KL_TINY, "--workers", "1", "--val-size", "2", "--out",
+            str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        kl.main(argv)
+    kl_error(capsys, "07.png", "cannot decode")
+    assert e.value.code == 2 and multiprocessing.active_children() == []
+
 
 @pytest.mark.parametrize("program", ["vae", "kl", "kl encode"])
 def test_sigterm_ends_a_run_like_ctrl_c(program, data_dir, tiny_weights, tmp_path):
