@@ -941,7 +941,8 @@ def read_jsonl(path, key):
 # -----------------------------------------------------------------------------
 # images and data sets (uint8 (3, r, r) images)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # what torchvision.io.decode_image reads
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # what torchvision.io.decode_image reads (.webp and
+# 16-bit PNGs from torchvision 0.20; before, such a file is "cannot decode FILE as an image")
 TORCHVISION_DATASETS = {"cifar10": (torchvision.datasets.CIFAR10, {"train": True}),  # the training splits
                         "mnist": (torchvision.datasets.MNIST, {"train": True}),
                         "celeba": (torchvision.datasets.CelebA, {"split": "all"})}
