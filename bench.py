@@ -4,7 +4,7 @@ Side-by-side timings of our two programs against the code they replace, in one r
     python bench.py --device cpu                      # vae.py's epoch against the classic DataLoader loop
     python bench.py --device cuda [--compile [--compile-mode reduce-overhead]] [--amp] [--graph]
     python bench.py kl --device cpu --preset tiny --batch-size 8 --resolution 64
-    python bench.py kl --device cuda --preset sd --batch-size 8 --resolution 256 --amp --channels-last
+    python bench.py kl --device cuda --preset sd --batch-size 8 --resolution 256 --amp [--channels-last] [--compile]
     python bench.py tiles --device cpu --preset sd --resolution 1024
     python bench.py campaign --device cuda --data-dir data --out runs/campaign   # all of it, on a GPU (issue 17)
     python bench.py campaign --device cpu --data-dir data --out runs/dry --dry-run   # every step tiny, on a CPU
@@ -23,7 +23,8 @@ takes it on; --compile-mode reduce-overhead is torch.compile's own way to CUDA g
 kl: one training step (forward, backward, Adam) of kl_autoencoder.py's AutoencoderKL against
 diffusers' AutoencoderKL (which must be installed) at the same config, batch and resolution, with
 the same loss: L1 reconstruction of a posterior sample + 1e-6 * KL. diffusers runs in its default
-float32; ours optionally with bf16 autocast (--amp) and channels_last memory (--channels-last).
+float32; ours optionally with bf16 autocast (--amp), channels_last memory (--channels-last) and its encoder and
+decoder compiled (--compile).
 On CUDA it also reports peak memory, and the inference time of encode + decode of one image.
 
 tiles: the peak memory and time of decoding one --resolution image (from a random latent, with the preset's
@@ -215,6 +216,9 @@ def bench_kl(args, device):
             model, inputs = kl.build(args.preset).to(device), x
             if args.channels_last:
                 model, inputs = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            if args.compile:  # the encoder and the decoder themselves, as kl_autoencoder.py's --compile
+                model.encoder.compile()
+                model.decoder.compile()
             encode, decode = model.encode, model.decode
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=cuda)
@@ -241,7 +245,7 @@ def bench_kl(args, device):
     seconds = interleaved({name: step for name, (_, _, step) in sides.items()}, device, 0, args.repeats)
     label = f"{args.preset}, batch {args.batch_size}, {args.resolution}x{args.resolution}"
     print(f"{describe(device)}; {label}; median of {args.repeats} interleaved steps after {args.warmup} warm-up each")
-    ours_label = "kl_autoencoder.py" + " bf16" * args.amp + " channels_last" * args.channels_last
+    ours_label = "kl_autoencoder.py" + " bf16" * args.amp + " channels_last" * args.channels_last + " compiled" * args.compile
     for name, shown in [("diffusers", "diffusers AutoencoderKL fp32"), ("ours", ours_label)]:
         mem = f"  peak {peak[name]:6.2f} GiB" if cuda else ""
         print(f"{shown:<48} {seconds[name]:7.3f} s/step {args.batch_size / seconds[name]:9.1f} img/s{mem}")
@@ -285,19 +289,20 @@ def bench_tiles(args, device):
 KL_SD = ["bench.py", "kl", "--preset", "sd", "--batch-size", "8", "--resolution", "256", "--repeats", "10"]
 ONCE = ["--warmup", "0", "--repeats", "1"]  # --dry-run
 CAMPAIGN = [  # (step, its command after `python`, the command's tiny version for --dry-run, minutes it may take)
-    ("pytest -m cuda", ["-m", "pytest", "-m", "cuda", "-q"], ["-m", "pytest", "-m", "cuda", "-q"], 8),
-    ("vae epoch, eager, vs the DataLoader loop", ["bench.py", "vae", "--repeats", "5"], ["bench.py", "vae", *ONCE], 3),
-    ("vae epoch, one CUDA graph per step", ["bench.py", "vae", "--graph", "--repeats", "5"], ["bench.py", "vae", *ONCE], 3),
-    ("vae epoch, compiled", ["bench.py", "vae", "--compile", "--repeats", "5"], ["bench.py", "vae", "--compile", *ONCE], 4),
+    ("pytest -m cuda", ["-m", "pytest", "-m", "cuda", "-q"], ["-m", "pytest", "-m", "cuda", "-q"], 4),
+    ("vae epoch: DataLoader loop, eager, one CUDA graph per step", ["bench.py", "vae", "--graph", "--repeats", "5"],
+     ["bench.py", "vae", *ONCE], 3),
+    ("vae epoch, compiled", ["bench.py", "vae", "--compile", "--repeats", "5"], ["bench.py", "vae", "--compile", *ONCE], 3),
     ("vae epoch, compiled, reduce-overhead", ["bench.py", "vae", "--compile", "--compile-mode", "reduce-overhead",
-                                              "--repeats", "5"], ["bench.py", "vae", "--compile", "--compile-mode", "reduce-overhead", *ONCE], 4),
-    ("kl step, sd, 256 x 256, fp32 vs diffusers fp32", KL_SD, ["bench.py", "kl", *ONCE], 3),
-    ("kl step, bf16", KL_SD + ["--amp"], ["bench.py", "kl", "--amp", *ONCE], 3),
-    ("kl step, bf16 + channels_last", KL_SD + ["--amp", "--channels-last"], ["bench.py", "kl", "--amp", "--channels-last", *ONCE], 3),
+                                              "--repeats", "5"], ["bench.py", "vae", "--compile", "--compile-mode", "reduce-overhead", *ONCE], 3),
+    ("kl step, sd, 256 x 256, fp32 vs diffusers fp32", KL_SD, ["bench.py", "kl", *ONCE], 2),
+    ("kl step, bf16", KL_SD + ["--amp"], ["bench.py", "kl", "--amp", *ONCE], 2),
+    ("kl step, bf16 + channels_last", KL_SD + ["--amp", "--channels-last"], ["bench.py", "kl", "--amp", "--channels-last", *ONCE], 2),
+    ("kl step, bf16 + compile", KL_SD + ["--amp", "--compile"], ["bench.py", "kl", "--amp", "--compile", *ONCE], 3),
     ("tiled decode, sd, 2048 x 2048", ["bench.py", "tiles", "--preset", "sd", "--resolution", "2048"],
      ["bench.py", "tiles", "--resolution", "128"], 3),
     ("vae.py default run (100 epochs)", ["vae.py", "--out", "{out}/vae", "--overwrite"],
-     ["vae.py", "--out", "{out}/vae", "--overwrite", "--epochs", "1", "--hidden", "16", "--eval-samples", "2"], 8),
+     ["vae.py", "--out", "{out}/vae", "--overwrite", "--epochs", "1", "--hidden", "16", "--eval-samples", "2"], 6),
 ]
 
 
@@ -350,9 +355,9 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--amp", action="store_true", help="bf16 autocast for our side (CUDA, or a CPU with bf16 units)")
+    p.add_argument("--compile", action="store_true", help="torch.compile vae.py's forward; kl: our encoder and decoder")
     g = p.add_argument_group("vae")
     g.add_argument("--data-dir", default="./data")
-    g.add_argument("--compile", action="store_true", help="torch.compile vae.py's forward")
     g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs of the compiled parts)")
     g.add_argument("--graph", action="store_true", help="also vae.py's whole step, float32, in one CUDA graph")
