@@ -37,9 +37,10 @@ import torch.nn as nn
 import torchvision
 
 import kl_autoencoder as kl
-
-DECODES_16_BITS = tuple(map(int, torchvision.__version__.split(".")[:2])) >= (0, 20)  # torchvision.io reads 16-bit PNGs
 import vae
+
+# torchvision.io reads 16-bit PNGs from 0.20 (0.20.1 does, tried with torch 2.5.1; its docs say 0.21)
+DECODES_16_BITS = tuple(map(int, torchvision.__version__.split(".")[:2])) >= (0, 20)
 
 # ============================================================================= helpers and fixtures
 
@@ -1650,7 +1651,7 @@ def test_every_image_depth_and_mode_is_read_as_8_bit_rgb(tmp_path):
     if not DECODES_16_BITS:  # before torchvision 0.20: one line, not garbage
         with pytest.raises(kl.UserError, match="grey16.png as an image .*8-bit"):
             kl.decode_image(str(tmp_path / "grey16.png"))
-    for name in ("grey16.png", "grey.png", "rgba.png", "palette.png")[0 if DECODES_16_BITS else 1:]:
+    for name in ("grey16.png",) * DECODES_16_BITS + ("grey.png", "rgba.png", "palette.png"):
         image = kl.decode_image(str(tmp_path / name))
         assert image.dtype == torch.uint8 and image.shape == (3, 16, 16), name
         assert torch.equal(image, torch.from_numpy(grey).expand(3, -1, -1)), name
