@@ -2,10 +2,12 @@
 Side-by-side timings of our two programs against the code they replace, in one run each.
 
     python bench.py --device cpu                      # vae.py's epoch against the classic DataLoader loop
+    python bench.py eval --device cpu                 # vae.py's evaluation: its diagnostics against an epoch
+    python bench.py whole --device cpu --examples-vae PATH/vae/main.py    # two whole 2-epoch processes
     python bench.py --device cuda [--compile [--compile-mode reduce-overhead]] [--amp] [--graph]
     python bench.py kl --device cpu --preset tiny --batch-size 8 --resolution 64
     python bench.py kl --device cuda --preset sd --batch-size 8 --resolution 256 --amp [--channels-last] [--compile]
-    python bench.py tiles --device cpu --preset sd --resolution 1024
+    python bench.py tiles --device cpu --preset sd --resolution 1024           # sd_vae.py's tiles
     python bench.py campaign --device cuda --data-dir data --out runs/campaign   # all of it, on a GPU (issue 17)
     python bench.py campaign --device cpu --data-dir data --out runs/dry --dry-run   # every step tiny, on a CPU
 
@@ -20,6 +22,15 @@ Adam that `vae.train` builds (one kernel for all parameters, on the CPU too). Wi
 vae.py's whole step (forward, backward, a capturable fused Adam) from one CUDA graph, to be measured before vae.py
 takes it on; --compile-mode reduce-overhead is torch.compile's own way to CUDA graphs.
 
+eval: one training epoch of vae.py's default model (784-512-512-32) on MNIST, then the evaluation's diagnostics on the
+10,000 test images, timed: everything evaluate() computes but the K-sample NLL (the test -ELBO, the posterior means,
+active units, aggregate posterior, KL per dimension, mutual information), and the mutual information alone, as
+vae.py computes it (one matrix product, float64) and element-wise as it did before (float32), with both values.
+
+whole: wall time of two whole processes of 2 epochs each, started alternately --repeats times: vae.py (the DataLoader
+example's 784-400-20 ReLU model, test NLL with K = 100, its pictures) and pytorch/examples' vae/main.py itself (each
+epoch's test loss and pictures), both on the MNIST of --data-dir (main.py reads ../data: a link there is made).
+
 kl: one training step (forward, backward, Adam) of kl_autoencoder.py's AutoencoderKL against
 diffusers' AutoencoderKL (which must be installed) at the same config, batch and resolution, with
 the same loss: L1 reconstruction of a posterior sample + 1e-6 * KL. diffusers runs in its default
@@ -28,7 +39,7 @@ decoder compiled (--compile).
 On CUDA it also reports peak memory, and the inference time of encode + decode of one image.
 
 tiles: the peak memory and time of decoding one --resolution image (from a random latent, with the preset's
-random weights: memory and time do not depend on the values) by kl_autoencoder.py, whole and in tiles
+random weights: memory and time do not depend on the values) by sd_vae.py, whole and in tiles
 (--tile on: diffusers' enable_tiling scheme), each in a fresh process. On the CPU the peak is the process's
 peak resident set (ru_maxrss), shown with what it was before decoding (Python, torch, the weights); on CUDA
 it is torch.cuda.max_memory_allocated.
@@ -46,12 +57,14 @@ that the drifts in speed of a shared machine affect both sides alike.
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -59,7 +72,14 @@ import torch.nn.functional as F
 import torchvision
 
 import kl_autoencoder as kl
+import sd_vae as sd
 import vae
+
+
+def autoencoder(preset):
+    """The model of one of sd_vae.py's presets (every family's), with its random initial weights."""
+    config = sd.PRESETS[preset]
+    return kl.build(config, preset, sd.model_class(config))
 
 
 def classic_epoch(model, opt, loader, device):
@@ -186,6 +206,72 @@ def interleaved(sides, device, warmup, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def elementwise_mutual_information(mu, logvar, rows=2 ** 24):
+    """vae.mutual_information as it was before it became one matrix product: log q(z_n|x_m) element-wise, float32."""
+    z = vae.reparameterize(mu, logvar)
+    chunk = max(1, rows // (len(mu) * mu.shape[1]))
+    log_q_z = torch.cat([torch.logsumexp(vae.log_normal(part[:, None], mu, logvar), dim=1) for part in z.split(chunk)])
+    return (vae.log_normal(z, mu, logvar) - (log_q_z - math.log(len(mu)))).mean().item()
+
+
+def bench_eval(args, device):
+    cfg = vae.parse_args(["--device", str(device)])
+    x_train, x_test_grey = vae.load_mnist(args.data_dir, device)
+    x_test = vae.prepare_test_set(x_test_grey, cfg.likelihood)
+    torch.manual_seed(0)
+    model = vae.VAE(cfg.arch, cfg.hidden, cfg.latent_dim, cfg.activation, cfg.likelihood).to(device)
+    vae.init_output_bias(model, x_train)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
+    epoch = timed(lambda: vae.train_epoch(model, opt, x_train, cfg, epoch=0), device, 0, 1)
+
+    def diagnostics():  # evaluate() without the K-sample NLL
+        vae.test_elbo(model, x_test)
+        mu, logvar = vae.posterior_means(model, x_test)
+        vae.active_units(mu), vae.aggregate_posterior(mu, logvar), vae.kl_per_dimension(mu, logvar)
+        return vae.mutual_information(mu, logvar)
+    mu, logvar = vae.posterior_means(model, x_test)
+    values, seconds = {}, {}
+    for name, fn in (("diagnostics", diagnostics), ("mutual_information", vae.mutual_information),
+                     ("element-wise", elementwise_mutual_information)):
+        torch.manual_seed(0)
+        values[name] = fn() if name == "diagnostics" else fn(mu, logvar)
+        seconds[name] = timed(lambda: fn() if name == "diagnostics" else fn(mu, logvar), device, 0, args.repeats)
+    print(f"{describe(device)}; median of {args.repeats}; vae.py's default model after one epoch of "
+          f"{epoch:.2f} s, the 10,000 test images")
+    print(f"the diagnostics (all of evaluate() but the test NLL): {seconds['diagnostics']:.2f} s, "
+          f"{seconds['diagnostics'] / epoch:.2f} epochs")
+    print(f"mutual information, one matrix product (float64): {seconds['mutual_information']:.2f} s, "
+          f"I = {values['mutual_information']:.9f} nats")
+    print(f"mutual information, element-wise (float32, before): {seconds['element-wise']:.2f} s, "
+          f"I = {values['element-wise']:.9f} nats ({seconds['element-wise'] / seconds['mutual_information']:.1f}x "
+          f"the time; the two differ by {abs(values['element-wise'] - values['mutual_information']):.1e} nats)")
+
+
+def bench_whole(args, device):
+    if not args.examples_vae or not os.path.isfile(args.examples_vae):
+        raise SystemExit("bench.py: error: whole needs --examples-vae, the path of pytorch/examples' vae/main.py")
+    with tempfile.TemporaryDirectory() as work:
+        os.makedirs(os.path.join(work, "run", "results"))
+        os.symlink(os.path.abspath(args.data_dir), os.path.join(work, "data"))  # main.py's ../data
+        here = os.path.dirname(os.path.abspath(__file__))
+        commands = {"pytorch/examples": [sys.executable, os.path.abspath(args.examples_vae), "--epochs", "2"]
+                    + ["--no-accel"] * (device.type == "cpu"),
+                    "vae.py": [sys.executable, os.path.join(here, "vae.py"), "--epochs", "2", "--hidden", "400",
+                               "--latent-dim", "20", "--activation", "relu", "--eval-samples", "100", "--device",
+                               str(device), "--data-dir", os.path.abspath(args.data_dir), "--overwrite", "--out",
+                               os.path.join(work, "vae")]}
+
+        def process(name):
+            return lambda: subprocess.run(commands[name], cwd=os.path.join(work, "run"), check=True,
+                                          capture_output=True)
+        seconds = interleaved({name: process(name) for name in commands}, device, 0, args.repeats)
+    print(f"{describe(device)}; two whole processes of 2 epochs each, median of {args.repeats}, alternating")
+    for name, command in commands.items():
+        print(f"{name:<17} {seconds[name]:7.1f} s: {' '.join(os.path.basename(c) for c in command[1:3])} "
+              f"{' '.join(command[3:13])}")
+    print(f"vae.py's whole run: {seconds['pytorch/examples'] / seconds['vae.py']:.2f}x as fast")
+
+
 def kl_step(encode, decode, opt, x):
     """L1 reconstruction of a posterior sample + 1e-6 KL; forward, backward, Adam."""
     posterior = encode(x)
@@ -200,7 +286,7 @@ def bench_kl(args, device):
         import diffusers
     except ImportError:
         raise SystemExit("bench.py: error: bench.py kl compares with diffusers: pip install diffusers")
-    config = kl.build(args.preset).config
+    config = kl.diffusers_config(autoencoder(args.preset))
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
@@ -209,11 +295,11 @@ def bench_kl(args, device):
         """(model, optimizer, one training step) of one side."""
         torch.manual_seed(0)
         if name == "diffusers":
-            model = diffusers.AutoencoderKL.from_config(kl.diffusers_config(config)).to(device)
+            model = diffusers.AutoencoderKL.from_config(config).to(device)
             encode, decode, inputs = (lambda x: model.encode(x).latent_dist), (lambda z: model.decode(z).sample), x
             autocast = torch.autocast(device.type, enabled=False)
         else:
-            model, inputs = kl.build(args.preset).to(device), x
+            model, inputs = autoencoder(args.preset).to(device), x
             if args.channels_last:
                 model, inputs = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
             if args.compile:  # the encoder and the decoder themselves, as kl_autoencoder.py's --compile
@@ -252,7 +338,7 @@ def bench_kl(args, device):
     print(f"speed-up: {seconds['diffusers'] / seconds['ours']:.2f}x")
     if cuda:
         del sides
-        model = kl.build(args.preset).to(device).eval()
+        model = autoencoder(args.preset).to(device).eval()
         image = torch.rand(1, 3, 512, 512, device=device) * 2 - 1
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
             seconds = timed(lambda: model.decode(model.encode(image).mode()), device, args.warmup, args.repeats)
@@ -261,13 +347,13 @@ def bench_kl(args, device):
 
 def bench_tiles(args, device):
     if args.tile is not None:  # the child: one decode, its numbers as JSON
-        model = kl.build(args.preset).eval().to(device)
+        model = autoencoder(args.preset).eval().to(device)
         f = model.downsampling_factor
         z = torch.randn(1, model.config["latent_channels"], args.resolution // f, args.resolution // f, device=device)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         t0 = time.perf_counter()
         with torch.no_grad():
-            (kl.tiled_decode if args.tile == "on" else kl.AutoencoderKL.decode)(model, z)
+            (sd.tiled_decode if args.tile == "on" else kl.AutoencoderKL.decode)(model, z)
         if device.type == "cuda":
             torch.cuda.synchronize()
             before, peak = 0, torch.cuda.max_memory_allocated(device)
@@ -350,7 +436,7 @@ def campaign(args):
 def main():
     p = argparse.ArgumentParser(description="Side-by-side timings; see the top of bench.py.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", nargs="?", default="vae", choices=["vae", "kl", "tiles", "campaign"])
+    p.add_argument("what", nargs="?", default="vae", choices=["vae", "eval", "whole", "kl", "tiles", "campaign"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -361,8 +447,9 @@ def main():
     g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs of the compiled parts)")
     g.add_argument("--graph", action="store_true", help="also vae.py's whole step, float32, in one CUDA graph")
+    g.add_argument("--examples-vae", help="whole: pytorch/examples' vae/main.py")
     g = p.add_argument_group("kl")
-    g.add_argument("--preset", default="tiny", choices=sorted(kl.PRESETS))
+    g.add_argument("--preset", default="tiny", choices=sorted(sd.PRESETS))
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--resolution", type=int, default=64)
     g.add_argument("--channels-last", action="store_true", help="channels_last memory for our side")
@@ -382,7 +469,8 @@ def main():
         raise SystemExit("bench.py: error: --graph captures CUDA graphs: it needs --device cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    {"vae": bench_vae, "kl": bench_kl, "tiles": bench_tiles}[args.what](args, device)
+    {"vae": bench_vae, "eval": bench_eval, "whole": bench_whole, "kl": bench_kl, "tiles": bench_tiles}[args.what](
+        args, device)
 
 
 if __name__ == "__main__":

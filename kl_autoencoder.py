@@ -1,23 +1,20 @@
 """
-The KL autoencoder of Stable Diffusion (Rombach et al. 2022, "kl-f8"), in one file, to be read top
-to bottom. The architecture is that of diffusers' AutoencoderKL, and the weights are interchangeable:
-a diffusers state dict loads here with strict=True, key for key; so do the CompVis/LDM-named files of
-the Stable Diffusion world (a whole SD checkpoint too), and any diffusers AutoencoderKL config.json (FLUX.2's
-AutoencoderKLFlux2 too).
+The KL autoencoder of Stable Diffusion (Rombach et al. 2022, "kl-f8"), in one file, to be read top to bottom: the
+model, whose weights are those of diffusers' AutoencoderKL key for key (a diffusers state dict loads with strict=True),
+LDM's objective and recipe, its training on one GPU or many, and its evaluation.
 
     python kl_autoencoder.py train --data images/ --preset sd --resolution 256 --out runs/kl
     torchrun --nproc_per_node 8 kl_autoencoder.py train --data images/ ...    # one process per GPU
     python kl_autoencoder.py eval --ckpt runs/kl/ckpt.pt --fid --export vae/diffusion_pytorch_model.safetensors
-    python kl_autoencoder.py reconstruct --weights vae.safetensors --preset sd --image in.png --out out.png
-    python kl_autoencoder.py encode --weights sdxl_vae.safetensors --preset sdxl --data images/ --out lat.safetensors
-    python kl_autoencoder.py decode --weights sdxl_vae.safetensors --preset sdxl --latents lat.safetensors --out dec/
-    python kl_autoencoder.py convert --weights v1-5.ckpt --export vae/diffusion_pytorch_model.safetensors
-    python kl_autoencoder.py train --help                                     # every option
+    python kl_autoencoder.py reconstruct --weights vae/ --image in.png --out out.png
+    python kl_autoencoder.py train --help                                     # every option: Config's fields
 
-An image x (values in [-1, 1]) is encoded to a diagonal Gaussian posterior q(z|x) over a latent
-with `latent_channels` channels and 1/f of the image's height and width (f = 2^(levels - 1), 8 for
-SD); decoding z (the posterior mean, or a sample) gives the reconstruction x_rec. Diffusion models
-work on z * scaling_factor, a number chosen so that the scaled latents have unit standard deviation.
+(Stable Diffusion and FLUX VAE files of every family, LDM's names, latents for diffusion models, tiles: sd_vae.py.)
+
+An image x (values in [-1, 1]) is encoded to a diagonal Gaussian posterior q(z|x) over a latent with `latent_channels`
+channels and 1/f of the image's height and width (f = 2^(levels - 1), 8 for SD); decoding z (the posterior mean, or a
+sample) gives the reconstruction x_rec. Diffusion models work on z * scaling_factor, a number chosen so that the scaled
+latents have unit standard deviation.
 
 THE OBJECTIVE (LDM's; sums over image values (C x H x W) and latent elements, means over the batch), one step:
 
@@ -26,47 +23,47 @@ THE OBJECTIVE (LDM's; sums over image values (C x H x W) and latent elements, me
                    g    = -mean D(x_rec),   lambda = clamp(||grad_L nll|| / (||grad_L g|| + 1e-4), 0, 1e4)
     discriminator  d    = 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))
 
-with x_rec the decoding of a sample z ~ q(z|x), P the LPIPS-style perceptual distance of the image (the same
-for each of its values), s a scalar log-scale (LDM's "logvar": learned with --learn-logvar, the default; LDM's
-code leaves it at 0), L the decoder's last layer (decoder.conv_out), D a PatchGAN discriminator, and both
-adversarial terms off before --disc-start (LDM: step 50,001, beyond a default run's 10,000 steps). A learned s
-divides the reconstruction terms by exp(s), which weights the KL by kl_weight * exp(s) relative to them. With
-terms averaged over elements instead of summed, the same balance needs kl_weight * N_latent / N_values
-(1e-6 -> about 2.08e-8 at 3 x 256 x 256, f = 8, 4 latent channels).
+with x_rec the decoding of a sample z ~ q(z|x), P the LPIPS-style perceptual distance of the image (the same for each
+of its values), s a scalar log-scale (LDM's "logvar": learned with --learn-logvar, the default; LDM's code leaves it at
+0), L the decoder's last layer (decoder.conv_out), D a PatchGAN discriminator, and both adversarial terms off before
+--disc-start (LDM: step 50,001, beyond a default run's 10,000 steps). A learned s divides the reconstruction terms by
+exp(s), which weights the KL by kl_weight * exp(s) relative to them. With terms averaged over elements instead of
+summed, the same balance needs kl_weight * N_latent / N_values (1e-6 -> about 2.08e-8 at 3 x 256 x 256, f = 8, 4 latent
+channels).
 
-The file:
-    Part I, a complete program: the model, the loss, Config (LDM's recipe and the run), train_step, the
-        training loop (one process or many), its checkpoint, evaluate; then its plumbing (DataLoader workers that
-        stop quietly, files written whole). It uses nothing defined after it.
-    Part II, conveniences: image files and data sets, the pretrained networks, weights files (safetensors,
-        checks, export), the command line generated from Config, train and eval, main.
-    Part III, an appendix: Stable Diffusion files (the published families, configs, LDM's names, latents
-        for diffusion models, tiles, reconstruct/encode/decode/convert); then the helpers shared with vae.py.
+Part I uses nothing defined after it: copied as one block, it is a program. Used so, on CIFAR-10 (a few minutes on a
+CPU; without the perceptual loss, which needs VGG16's weights, and the adversarial term):
+
+    import torch, torchvision
+    from kl_autoencoder import Config, train  # or Part I, pasted above
+    images = torch.from_numpy(torchvision.datasets.CIFAR10("data", download=True).data).permute(0, 3, 1, 2)
+    cfg = Config(steps=100, batch_size=16, perceptual_weight=0, disc_weight=0, out="runs/part-one")
+    autoencoder, record = train(cfg, {"block_out_channels": (32, 64), "layers_per_block": 1}, images[:-500],
+                                images[-500:])
+    print(record)  # the 500 held-out images: PSNR, SSIM, KL, latent std, scaling factor
+
+Part II holds the conveniences: image files and data sets, the pretrained networks, weights files (safetensors, a
+diffusers folder, export), the command line generated from Config, train, eval and reconstruct, main, and the helpers
+vae.py writes too.
 """
 
 import argparse
-import contextlib
 import copy
 import dataclasses
-import hashlib
-import inspect
 import io
 import json
 import math
 import os
 import pathlib
 import pickle
-import re
-import signal
 import struct
 import sys
-import tempfile
 import time
 import traceback
 import zipfile
 
 try:
-    import fcntl  # POSIX: a run's folder is locked (check_writable); not on Windows
+    import fcntl  # POSIX: a run locks its folder (lock_folder); not on Windows
 except ImportError:
     fcntl = None
 
@@ -76,6 +73,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.functional as TF
 
 # =============================================================================
 # PART I: the autoencoder, its objective, its training and evaluation: a complete program
@@ -278,35 +276,27 @@ class DiagonalGaussianDistribution:
 
 
 class AutoencoderKL(nn.Module):
-    """Encoder -> quant_conv -> q(z|x);  z -> post_quant_conv -> Decoder. Keyword names and defaults as in
-    diffusers' config.json, except the SD-sized defaults and the block types: None is diffusers' usual
-    DownEncoderBlock2D / UpDecoderBlock2D at every level, else one name per level, Attn... for attention after each
-    residual block (LDM's kl-f32, VA-VAE). Six keywords describe how the model is used, not the model: sample_size
-    is the tile size of tiled encoding; scaling_factor, shift_factor, latents_mean, latents_std the latent convention
-    of diffusion models (to_diffusion_latents, Part III); force_upcast says that float16 overflows in this model.
-    They are kept, and exported, never applied here. FLUX.2's VAE (diffusers' AutoencoderKLFlux2) is this model with
-    batch_norm_eps given: `bn` then holds the statistics of its latents patchified patch_size, for the convention of
-    its diffusion model (to_diffusion_latents; not applied here either); decoder_block_out_channels, when given, are
-    the decoder's widths (a narrower "small decoder")."""
+    """Encoder -> quant_conv -> q(z|x);  z -> post_quant_conv -> Decoder: diffusers' AutoencoderKL, its keywords and
+    their defaults as in its config.json, but for SD-sized defaults and the block types: None is DownEncoderBlock2D /
+    UpDecoderBlock2D at every level, else one name per level, Attn... for attention after each residual block (LDM's
+    kl-f32, VA-VAE). Five keywords describe how the model is used, not the model, and are kept (and exported) but not
+    applied here (sd_vae.py does): sample_size, the tile size of tiled encoding; scaling_factor, shift_factor,
+    latents_mean and latents_std, the latent convention of diffusion models; force_upcast (float16 overflows in it)."""
 
     def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                  latent_channels=4, norm_num_groups=32, act_fn="silu", mid_block_add_attention=True,
                  use_quant_conv=True, use_post_quant_conv=True, sample_size=512, scaling_factor=0.18215,
                  shift_factor=None, latents_mean=None, latents_std=None, force_upcast=True, down_block_types=None,
-                 up_block_types=None, decoder_block_out_channels=None, batch_norm_eps=None, batch_norm_momentum=0.1,
-                 patch_size=(2, 2)):
+                 up_block_types=None):
         super().__init__()
         self.config = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in locals().items()
                        if k not in ("self", "__class__")}  # every keyword, as diffusers' config.json holds it
         levels = (layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
         attention = [[t.startswith("Attn") for t in types or ()] for types in (down_block_types, up_block_types)]
         self.encoder = Encoder(in_channels, latent_channels, block_out_channels, *levels, attention[0])
-        self.decoder = Decoder(latent_channels, out_channels, decoder_block_out_channels or block_out_channels, *levels,
-                               attention[1])
+        self.decoder = Decoder(latent_channels, out_channels, block_out_channels, *levels, attention[1])
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
-        self.bn = None if batch_norm_eps is None else nn.BatchNorm2d(
-            math.prod(patch_size) * latent_channels, batch_norm_eps, batch_norm_momentum, affine=False)
 
     @property
     def downsampling_factor(self):
@@ -456,9 +446,8 @@ def autoencoder_loss(x, x_rec, kl, logvar, rec_loss="l1", perceptual=None, perce
     return loss, {name: value.detach().float() for name, value in terms.items()}
 
 # -----------------------------------------------------------------------------
-# training: the recipe, one step, the loop. Part I as one program, for uint8 images x (N, 3, r, r) in a tensor:
-#     autoencoder, record = train(Config(perceptual_weight=0), {"block_out_channels": (64, 128)}, x[:-64], x[-64:])
-# (with the perceptual loss, on by default: perceptual=Perceptual(torchvision.models.vgg16(weights="DEFAULT").features))
+# training: the recipe, one step, the loop (with the perceptual loss, on by default, train() takes a perceptual
+# network: Perceptual(torchvision.models.vgg16(weights="DEFAULT").features); Part II loads it safely)
 
 
 def option(default, help, **argparse_keywords):
@@ -468,10 +457,9 @@ def option(default, help, **argparse_keywords):
 
 @dataclasses.dataclass
 class Config:
-    """A training run: LDM's recipe (configs/autoencoder/autoencoder_kl_*.yaml and LPIPSWithDiscriminator): the
-    objective and the optimizers (AdamW for the autoencoder and s, Adam for the discriminator); then the loop and
-    the data (which the command line reads: train() takes the data sets). Each field is a train option of the same
-    name, with this help; "auto" devices and precisions are settled in train()."""
+    """A training run: LDM's recipe (configs/autoencoder/autoencoder_kl_*.yaml and LPIPSWithDiscriminator), the
+    objective and the optimizers (AdamW for the autoencoder and s, Adam for the discriminator); then the loop. Each
+    field is a train option of the same name, with this help; "auto" devices and precisions are settled in train()."""
     rec_loss: str = option("l1", "the per-pixel reconstruction loss (LDM: l1)", choices=("l1", "mse"))
     perceptual_weight: float = option(1.0, "weight of the LPIPS-style VGG16 distance (LDM: 1, with LPIPS' calibrated "
                                            "channel weights: --lpips-weights; 0: off)")
@@ -498,12 +486,6 @@ class Config:
     eval_every: int = option(1000, "a held-out evaluation every N steps (0: only at the end)")
     out: str = option(os.path.join("runs", "kl"), "the run's folder: ckpt.pt, metrics.jsonl, reconstructions.png")
     resume: bool = option(False, "continue OUT/ckpt.pt")
-    data: str = option(None, "a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, "
-                             "celeba", required=True)
-    val_data: str = option(None, "held-out images (otherwise --val-size images of --data)")
-    val_size: int = option(1000, "held-out images split off --data (stratified by label when it has labels)")
-    data_root: str = option("./data", "where torchvision datasets are kept")
-    resolution: int = option(256, "images are resized and centre-cropped to this square")
     workers: int = option(None, "DataLoader workers (default: up to 4 for image files, 0 for arrays in memory)")
 
 
@@ -591,12 +573,12 @@ def processes(name):
     return rank, world, device
 
 
-def networks(cfg, model_config, device, init=None):
+def networks(cfg, model_config, device, init=None, model_class=None):
     """A new run's networks: the autoencoder (with the weights `init`, when given) and s in a Trainable, the
     discriminator (SyncBatchNorm under torchrun on CUDA), their optimizers, and the EMA's copy (or None). Seeded by
     cfg.seed, so that every process starts from the same weights; channels_last on CUDA."""
     torch.manual_seed(cfg.seed)
-    model = Trainable(AutoencoderKL(**model_config))
+    model = Trainable((model_class or AutoencoderKL)(**model_config))
     if init is not None:  # fine-tuning
         model.autoencoder.load_state_dict(init)
     model.logvar.requires_grad_(cfg.learn_logvar)
@@ -635,23 +617,25 @@ def to_model_input(batch, device, flip=False):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=None):
-    """Train AutoencoderKL(**model_config) (from the weights `init`, when given) with THE OBJECTIVE and the recipe cfg
-    on `data`, a Dataset of uint8 images (3, r, r), in one process or one per device (torchrun). Rank 0 alone logs,
-    evaluates on `val` (rFID at the end with `features`, see evaluate), writes cfg.out's ckpt.pt, metrics.jsonl and
-    reconstructions.png, and returns the final weights (the EMA's when kept) and evaluation; the others None."""
+def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=None, model_class=None):
+    """Train AutoencoderKL(**model_config) (or model_class's model) from the weights `init`, when given, with THE
+    OBJECTIVE and the recipe cfg on `data`, a Dataset of uint8 images (3, r, r), in one process or one per device
+    (torchrun). Rank 0 alone logs, evaluates on `val` (rFID at the end with `features`, see evaluate), writes
+    cfg.out's ckpt.pt, metrics.jsonl and reconstructions.png, and returns the final weights (the EMA's when kept) and
+    evaluation; the others None."""
     if cfg.perceptual_weight > 0 and perceptual is None:
         raise ValueError("cfg.perceptual_weight > 0 needs the perceptual network (or set it to 0)")
     rank, world, device = processes(cfg.device)
-    model, disc, opt, opt_d, ema = networks(cfg, model_config, device, init)
+    model, disc, opt, opt_d, ema = networks(cfg, model_config, device, init, model_class)
     perceptual = perceptual.to(device) if perceptual is not None else None
     final = model.autoencoder if ema is None else ema  # what is evaluated, and returned
-    parts = {"model": model.autoencoder, "disc": disc, "opt": opt, "opt_d": opt_d, "ema": ema}  # the checkpoint's
+    parts = {"model": model.autoencoder, "ema": ema, "opt": opt,  # the checkpoint's; without an adversarial term,
+             **({"disc": disc, "opt_d": opt_d} if cfg.disc_weight > 0 else {})}  # no discriminator
     ckpt_path, log_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
-    start, saved = start_or_resume(cfg, model, parts, rank)  # the first step, the last checkpoint's (or None)
+    start = start_or_resume(cfg, model, parts, rank)
     total = cfg.epochs * (len(data) // world // cfg.batch_size) if cfg.epochs else cfg.steps
-    loader = QuietLoader(data, batch_sampler=batch_indices(len(data), cfg, start, rank=rank, world=world),
-                         num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batch_indices(len(data), cfg, start, rank=rank,
+                                         world=world), num_workers=cfg.workers or 0, pin_memory=device.type == "cuda")
     # the discriminator stays outside DDP (it also runs, frozen, in the autoencoder's loss): train_step syncs it
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_initialized() else model
@@ -669,7 +653,7 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
         done = step + 1
         log_now, save_now = done % cfg.log_every == 0 or done == total, done % cfg.ckpt_every == 0 or done == total
         if log_now or save_now:  # the means since the last line, over the processes (the only host syncs: here)
-            means = finite_means(sums / (done - since), done, last_good=(ckpt_path, saved))
+            means = finite_means(sums / (done - since), done)
         if log_now:
             log_line(log_path, {"kind": "train", "step": done, **means, "logvar": model.logvar.item(), "images_per_s":
                                 (done - since) * cfg.batch_size * world / (time.time() - t0)}, device, rank)
@@ -678,7 +662,6 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
             save_checkpoint(ckpt_path, {**{k: None if v is None else v.state_dict() for k, v in parts.items()},
                                         "logvar": model.logvar.detach().cpu(), "step": done,
                                         "config": {"model": model_config, **vars(cfg)}})
-        saved = done if save_now else saved
     record = evaluate_and_log(final, val, cfg, step=max(start, total), out=cfg.out, features=features) \
         if rank == 0 else None
     if dist.is_initialized():
@@ -687,42 +670,41 @@ def train(cfg, model_config, data, val, *, init=None, perceptual=None, features=
 
 
 def start_or_resume(cfg, model, parts, rank):
-    """(The step a run begins at, its checkpoint's step): (0, None) for a new one, whose log starts empty in a new
-    cfg.out; or a resumed one's (twice), its checkpoint's states loaded into its parts (an EMA that the checkpointed
-    run did not keep starts at its weights) and what it logged after that checkpoint, and its evaluations at that
-    step, forgotten (it will log them again: the log ends as an uninterrupted run's)."""
+    """The step a run begins at: 0 for a new one, whose log starts empty in cfg.out; or a resumed one's, its
+    checkpoint's states loaded into its parts (an EMA that the checkpointed run did not keep starts at its weights), and
+    what it logged after that checkpoint (its evaluations at that step too) forgotten: it will log them again, so that
+    the log ends as an uninterrupted run's."""
     log = os.path.join(cfg.out, "metrics.jsonl")
     if not cfg.resume:
         if rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
             open(log, "w").close()
-        return 0, None
+        return 0
     ckpt = torch.load(os.path.join(cfg.out, "ckpt.pt"), map_location="cpu", weights_only=True)
     for name, part in parts.items():
-        if part is not None:
+        if part is not None and (ckpt.get(name) is not None or name == "ema"):
             settings = [{k: v for k, v in g.items() if k != "params"} for g in getattr(part, "param_groups", [])]
             part.load_state_dict(ckpt.get(name) or ckpt["model"])
             for group, ours in zip(getattr(part, "param_groups", []), settings):
                 group.update(ours)  # this run's lr, betas and weight decay, not the saved ones: --lr is honoured
     model.logvar.data.copy_(ckpt["logvar"])
-    if rank == 0 and os.path.exists(log):
-        kept = [r for r in read_jsonl(log, "step") if r["step"] < ckpt["step"] or r["step"] == ckpt["step"]
+    if rank == 0:
+        kept = [r for r in read_jsonl(log) if r["step"] < ckpt["step"] or r["step"] == ckpt["step"]
                 and r["kind"] == "train"]
         write_atomically(log, "".join(json.dumps(r) + "\n" for r in kept).encode())
-    return ckpt["step"], ckpt["step"]
+    return ckpt["step"]
 
 
-def finite_means(t, step, last_good):
+def finite_means(t, step):
     """The means t of the logged terms, averaged over the processes, as {name: float} (a host sync). A run whose loss
-    is not finite stops here, before a bad state is saved; last_good: (the checkpoint's path, its step or None)."""
+    is not finite stops here, before a bad state is saved: the last checkpoint is the last good one."""
     if dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
     means = dict(zip(LOG_COLUMNS, t.tolist()))
     if not all(math.isfinite(v) for v in means.values()):
-        kept = f"{last_good[0]} holds the last good step, {last_good[1]}" if last_good[1] is not None \
-            else "no checkpoint yet"
-        raise FloatingPointError(f"the loss became {means['loss']} by step {step} ({kept}): try a lower --lr")
+        raise FloatingPointError(f"the loss became {means['loss']} by step {step}; the last checkpoint in the run's "
+                                 f"folder is the last good one: try a lower --lr")
     return means
 
 
@@ -782,10 +764,9 @@ def ssim(x, y, window=11, sigma=1.5):
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}), between N(mu1, S1) and N(mu2, S2).
 
-    Tr((S1 S2)^{1/2}) is the sum of the square roots of the eigenvalues of S1^{1/2} S2 S1^{1/2},
-    a symmetric positive semi-definite matrix with the same spectrum as S1 S2; both steps use
-    symmetric eigendecompositions in float64, so the result is real and finite even for singular
-    covariances (fewer samples than dimensions). Units of the features squared; returns a float.
+    Tr((S1 S2)^{1/2}) is the sum of the square roots of the eigenvalues of S1^{1/2} S2 S1^{1/2}, a symmetric positive
+    semi-definite matrix with the same spectrum as S1 S2; both steps use symmetric eigendecompositions in float64, so
+    the result is real and finite even for singular covariances (fewer samples than dimensions). Returns a float.
     """
     mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
     w, v = torch.linalg.eigh(sigma1)
@@ -835,13 +816,13 @@ def evaluate(autoencoder, batches, precision="fp32", features=None):
     return record
 
 
-def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None, batches=None):
-    """evaluate() on the held-out images (a Dataset of uint8 (3, r, r); or their model inputs `batches`) with cfg's
-    precision and workers, printed and appended to OUT/metrics.jsonl; and OUT/reconstructions.png, the first 8
-    images above their reconstructions (decoded posterior means)."""
+def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None):
+    """evaluate() on the held-out images (a Dataset of uint8 (3, r, r)) with cfg's precision and workers, printed and
+    appended to OUT/metrics.jsonl; and OUT/reconstructions.png, the first 8 images above their reconstructions
+    (decoded posterior means)."""
     device = next(autoencoder.parameters()).device
-    loader = QuietLoader(images, batch_size=64, num_workers=cfg.workers or 0)
-    batches = batches or (to_model_input(batch, device) for batch in loader)
+    loader = torch.utils.data.DataLoader(images, batch_size=64, num_workers=cfg.workers or 0)
+    batches = (to_model_input(batch, device) for batch in loader)
     record = {"kind": "eval", "step": step, **evaluate(autoencoder, batches, cfg.precision, features)}
     print(f"eval on {record['images']:,} held-out images at step {step}: PSNR {record['psnr']:.2f} dB | SSIM "
           f"{record['ssim']:.4f} | " + (f"rFID {record['rfid']:.2f} | " if "rfid" in record else "")
@@ -856,53 +837,21 @@ def evaluate_and_log(autoencoder, images, cfg, *, step, out, features=None, batc
     return record
 
 # -----------------------------------------------------------------------------
-# plumbing, to skip on a first reading: DataLoader workers that stop quietly, files written whole or not at all
-
-
-POSIX_SIGNALS = hasattr(signal, "pthread_sigmask")
-
-
-class QuietLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose workers end on SIGTERM (a scheduler's stop, sent to the whole process group) quietly, as on
-    Ctrl-C: torch's own handler kills them, and the main process then raises a traceback of its own. They are forked
-    with the signal held (on POSIX), and let it in once quiet_on_sigterm has set their handler: a stop while they
-    start up is quiet too."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, worker_init_fn=quiet_on_sigterm, **kwargs)
-
-    def __iter__(self):  # (where the workers start)
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if POSIX_SIGNALS else None
-        try:
-            return super().__iter__()
-        finally:
-            if POSIX_SIGNALS:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def quiet_on_sigterm(worker_id):
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if POSIX_SIGNALS:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+# files: written whole or not at all
 
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
 def write_atomically(path, data):
-    """bytes -> path, written to PATH.PID.tmp (a name no user file has) and renamed: a reader never sees half a file,
-    and a write that fails (a full disk) or is interrupted leaves the previous file as it was and no .tmp. Python's
-    file writer reports every failed write; image encoders and torch.save writing to a path may not (on a full disk
-    they left truncated files and no error), so every file this program writes is made in memory and written here."""
+    """bytes -> path, written to PATH.PID.tmp and renamed: a reader never sees half a file, and a write that fails or is
+    interrupted leaves the earlier file as it was. Every file this program writes is made in memory and written here."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException as e:
+    finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and not e.filename:  # a full disk: say which file could not be written
-            raise OSError(e.errno, e.strerror, path) from None
-        raise
 
 
 def save_checkpoint(path, state):
@@ -913,26 +862,16 @@ def save_checkpoint(path, state):
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
 def append_jsonl(path, record):
-    """One JSON line at the end of path, after cutting off an unfinished last line (a full disk, kill -9 mid-write)."""
-    with open(path, "a+b") as f:  # (writes go to the end, wherever it reads)
-        end = f.seek(0, os.SEEK_END)
-        f.seek(max(0, end - 1))
-        if end and f.read(1) != b"\n":  # rare: read it all to find the last whole line
-            f.seek(0)
-            f.truncate(f.read().rfind(b"\n") + 1)
-        f.write((json.dumps(record) + "\n").encode())
+    """One JSON line at the end of path."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 # A deliberate copy of vae.py's (each file stands alone); a test keeps the two identical.
-def read_jsonl(path, key):
-    """The records of path's whole lines: an unfinished last line (a full disk, kill -9 mid-write), and lines that are
-    no JSON object with a "kind" and a number under `key` (edited by hand, say), are left out."""
-    text = pathlib.Path(path).read_text(errors="replace") if os.path.exists(path) else ""
-    records = []
-    for line in text[:text.rfind("\n") + 1].splitlines():
-        with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
-    return [r for r in records if isinstance(r, dict) and "kind" in r and isinstance(r.get(key), (int, float))]
+def read_jsonl(path):
+    """The records of path's whole lines: an unfinished last line (kill -9 mid-write) is left out."""
+    text = pathlib.Path(path).read_text() if os.path.exists(path) else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 # =============================================================================
 # PART II: conveniences: image files and data sets, pretrained networks, weights files, the command line
@@ -941,48 +880,25 @@ def read_jsonl(path, key):
 # -----------------------------------------------------------------------------
 # images and data sets (uint8 (3, r, r) images)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # what torchvision.io.decode_image reads (.webp and
-# 16-bit PNGs from torchvision 0.20; before, such a file is "cannot decode FILE as an image")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # what torchvision.io.decode_image reads
 TORCHVISION_DATASETS = {"cifar10": (torchvision.datasets.CIFAR10, {"train": True}),  # the training splits
                         "mnist": (torchvision.datasets.MNIST, {"train": True}),
                         "celeba": (torchvision.datasets.CelebA, {"split": "all"})}
 
 
 def decode_image(path, channels=3):
-    """An image file of any depth and mode (8 or 16 bits; grey, RGB, RGBA, palette) -> uint8 (channels, H, W),
-    the same way in every command: colours mixed up or down to `channels`, alpha dropped, 16 bits rounded to 8,
-    turned as its EXIF orientation says (as a photo is shown), an animation's first frame."""
+    """An image file of any depth and mode (8 or 16 bits; grey, RGB, RGBA, palette) -> uint8 (channels, H, W), the same
+    way in every command: colours mixed up or down to `channels`, alpha dropped, 16 bits rounded to 8, turned as its
+    EXIF orientation says (as a photo is shown), an animation's first frame."""
     with open(path, "rb") as f:
         data = bytearray(f.read())
-    h, w = image_size(data) or (0, 0)  # a decompression bomb is refused before decoding
-    check_memory(8 * w * h, f"{path} ({h}x{w} pixels) decoded")
     mode = torchvision.io.ImageReadMode.RGB if channels == 3 else torchvision.io.ImageReadMode.GRAY
     try:
-        image = torchvision.io.decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode,
-                                            apply_exif_orientation=True)
+        image = torchvision.io.decode_image(torch.frombuffer(data, dtype=torch.uint8), mode, True)  # EXIF: turned
     except (RuntimeError, ValueError) as e:  # damaged, empty, or not an image
         raise UserError(f"cannot decode {path} as an image ({str(e).strip().splitlines()[0]})")
     image = image[0] if image.ndim == 4 else image  # (frames, C, H, W) of an animated GIF
-    if 0 in image.shape:
-        raise UserError(f"{path} is an image of {image.shape[-2]}x{image.shape[-1]} pixels")
     return image if image.dtype == torch.uint8 else (image.float() / 257).round().to(torch.uint8)  # 16 -> 8 bits
-
-
-JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # SOF0-SOF15
-
-
-def image_size(data):
-    """(height, width) as a PNG, GIF or JPEG file's header states it (None when it states none, or is damaged)."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])[::-1]
-    if data[:3] == b"GIF" and len(data) >= 10:  # the logical screen, which every frame is decoded to
-        return struct.unpack("<HH", data[6:10])[::-1]
-    i = 2 if data[:2] == b"\xff\xd8" else len(data)
-    while i + 9 <= len(data) and data[i] == 0xFF:  # a JPEG's segments, up to its frame header
-        if data[i + 1] in JPEG_FRAME_MARKERS:
-            return struct.unpack(">HH", data[i + 5:i + 9])
-        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
-    return None
 
 
 def write_image(x, path):
@@ -998,7 +914,6 @@ def fit(images, resolution):
     if (h, w) == (resolution, resolution):
         return images
     size = (max(resolution, round(h * resolution / min(h, w))), max(resolution, round(w * resolution / min(h, w))))
-    check_memory(4 * len(images) * images.shape[1] * math.prod(size), f"resizing {h}x{w} images to {size[0]}x{size[1]}")
     out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
     top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     return out[..., top:top + resolution, left:left + resolution].round().clamp(0, 255).to(torch.uint8)
@@ -1019,74 +934,49 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def load_images(spec, resolution, root):
     """--data SPEC -> (a Dataset of uint8 (3, r, r) images, their labels or None): a folder of images (searched
-    recursively), an .npz file of uint8 N x H x W x C `images` (and `labels`, which stratify the held-out split),
-    or a torchvision dataset's training split, kept under ROOT (downloaded when missing). Arrays are resized once,
-    here; grey images repeated to three channels and alpha dropped, as decode_image does."""
+    recursively, linked folders too, each once), an .npz file of uint8 N x H x W x C `images` (and `labels`, which
+    stratify the held-out split), or a torchvision dataset's training split under ROOT (downloaded when missing).
+    Arrays are resized once, here; grey images repeated to three channels and alpha dropped, as decode_image does."""
+    if os.path.isdir(spec):
+        files, seen = [], {os.path.realpath(spec)}
+        for d, folders, names in os.walk(spec, followlinks=True):
+            folders[:] = [f for f in sorted(folders) if os.path.realpath(os.path.join(d, f)) not in seen]  # no loop
+            seen.update(os.path.realpath(os.path.join(d, f)) for f in folders)
+            files += [os.path.join(d, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise UserError(f"--data {spec}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
+        return ImageFiles(sorted(files), resolution), None
     if spec in TORCHVISION_DATASETS:
-        dataset = torchvision_dataset(spec, root)
+        cls, kwargs = TORCHVISION_DATASETS[spec]
+        try:
+            dataset = cls(root, download=True, **kwargs)
+        except (RuntimeError, OSError) as e:  # not there, and no network
+            raise UserError(f"could not get {spec} ({e}): put its files where torchvision.datasets.{cls.__name__}"
+                            f"(root={root!r}) looks for them, or pass --data-root")
         if spec == "celeba":
             folder = os.path.join(root, dataset.base_folder, "img_align_celeba")
             return ImageFiles([os.path.join(folder, f) for f in dataset.filename], resolution), None
         images, labels = np.asarray(dataset.data), np.asarray(dataset.targets)  # N x H x W (x C)
-    elif os.path.isdir(spec):
-        files, seen = [], set()  # linked folders too, each read once (a link to a parent folder: no loop)
-        for d, folders, names in os.walk(spec, followlinks=True):
-            if os.path.realpath(d) in seen:
-                folders[:] = []
-                continue
-            seen.add(os.path.realpath(d))
-            folders.sort()  # (a folder reached by two paths: the same one kept on every file system)
-            files += [os.path.join(d, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
-        files.sort()
-        if not files:
-            raise UserError(f"--data {spec}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
-        return ImageFiles(files, resolution), None
-    elif not spec.endswith(".npz"):
-        raise UserError(f"--data {spec}: not a folder, an .npz file, or one of {', '.join(TORCHVISION_DATASETS)}")
     else:
         try:
             with np.load(spec) as f:
-                images, labels = f["images"], (f["labels"] if "labels" in f.files else None)
-        except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # no images; not an npz (numpy: a pickle?)
-            raise UserError(f"--data {spec} is not a readable .npz file of 'images' ({type(e).__name__}: {e})")
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[3:] > (4,) or 0 in images.shape:
-        raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C (C = 1 to 4, none 0), not {images.dtype} "
-                        f"{images.shape}")
-    if labels is not None and (labels.shape != images.shape[:1] or labels.dtype.kind not in "biu"):
-        raise UserError(f"{spec}: 'labels' must be one integer per image, {len(images)}, not {labels.dtype} "
-                        f"{labels.shape}")
+                images, labels = f["images"], f.get("labels")
+        except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # no images; not an npz (a pickle?)
+            raise UserError(f"--data {spec}: not a folder, an .npz file of 'images', or one of "
+                            f"{', '.join(TORCHVISION_DATASETS)} ({type(e).__name__})")
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[3:] > (4,) or 0 in images.shape or \
+            labels is not None and (labels.shape != images.shape[:1] or labels.dtype.kind not in "biu"):
+        raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C (C = 1 to 4, none 0), and 'labels' one integer "
+                        f"per image; not {images.dtype} {images.shape}" + ("" if labels is None else
+                                                                          f", {labels.dtype} {labels.shape}"))
     images = torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2)
-    check_memory(len(images) * 3 * resolution ** 2 * 5, f"--resolution {resolution}: resizing {len(images):,} images")
     return fit((images[:, :1].expand(-1, 3, -1, -1) if images.shape[1] <= 2 else images[:, :3]).contiguous(),
                resolution), None if labels is None else torch.as_tensor(labels.astype(np.int64))  # (any byte order)
 
 
-def torchvision_dataset(name, root):
-    cls, kwargs = TORCHVISION_DATASETS[name]
-    try:
-        try:
-            return cls(root, download=False, **kwargs)
-        except RuntimeError:  # "Dataset not found": fetch it
-            print(f"downloading {name} into {root}")
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                return cls(root, download=True, **kwargs)
-    except (RuntimeError, OSError, ValueError) as e:  # no network (URLError is an OSError), damaged files
-        raise UserError(f"could not get {name} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); put its files "
-                        f"where torchvision.datasets.{cls.__name__}(root={root!r}) looks for them, or pass --data-root")
-
-
-def check_parameters(config, what):
-    """check_memory for the float32 weights of AutoencoderKL(**config), counted without memory (on the meta device);
-    returns their number."""
-    with torch.device("meta"):
-        n = sum(p.numel() for p in AutoencoderKL(**config).parameters())
-    check_memory(4 * n, f"{what}: a model of {n:,} parameters")
-    return n
-
-
 def split(n, val_size, labels=None, seed=0):
-    """(train indices, held-out indices): val_size items drawn with the seed, stratified when labels are given
-    (each class its share, the largest remainders rounded up)."""
+    """(train indices, held-out indices): val_size items drawn with the seed, stratified when labels are given (each
+    class its share, the largest remainders rounded up)."""
     if not 0 < val_size < n:
         raise UserError(f"--val-size {val_size} must be between 1 and {n - 1}, the number of images minus one")
     g = torch.Generator().manual_seed(seed)
@@ -1115,9 +1005,9 @@ def datasets(cfg):
 
 def load_vgg16():
     """torchvision's ImageNet VGG16 convolutional layers (downloaded on first use)."""
-    state = load_pretrained(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, "the perceptual loss",
-                            ", or train without it: --perceptual-weight 0")  # first: a missing file fails at once
-    vgg = torchvision.models.vgg16(weights=None, init_weights=False)  # (no random weights drawn to be replaced)
+    state = load_pretrained(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, "the perceptual loss "
+                            "(--perceptual-weight 0 trains without it)")  # first: a missing file fails at once
+    vgg = torchvision.models.vgg16(weights=None, init_weights=False)
     vgg.load_state_dict(state)
     return vgg.features
 
@@ -1127,24 +1017,19 @@ def load_lpips_weights(perceptual, path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         for i, w in enumerate(perceptual.weights):
-            value = state[f"lin{i}.model.1.weight"].flatten()
-            if value.shape != w.shape or (value < 0).any():
-                raise ValueError(f"lin{i} has {value.numel()} weights (need {w.numel()}, all >= 0)")
-            w.data.copy_(value)
-    except (KeyError, ValueError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        raise UserError(f"--lpips-weights {path} is not LPIPS v0.1 vgg weights ({type(e).__name__}: {e})")
+            w.data.copy_(state[f"lin{i}.model.1.weight"].reshape(w.shape))
+    except (KeyError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as e:
+        raise UserError(f"--lpips-weights {path} is not LPIPS v0.1 vgg weights ({type(e).__name__})")
 
 
 def inception_features(net, x):
     """rFID's features: x (B, 3, H, W) in [0, 1] -> (B, 2048) float64 from torchvision's Inception-v3, the images
     resized bilinearly to 299 x 299 and normalised with ImageNet's mean and std, as its weights expect."""
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
     x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
-    return net((x - mean) / std).double()
+    return net(TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])).double()
 
 # -----------------------------------------------------------------------------
-# weights files: safetensors, pickled checkpoints, the checks of a state dict, export with diffusers' config.json
+# weights files: safetensors, a diffusers folder (its config.json), export
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -1155,57 +1040,35 @@ def load_safetensors(path, metadata=False):
     """A .safetensors file -> {name: tensor} (and its "__metadata__" strings, with metadata=True). The format: an
     8-byte little-endian header length N, N bytes of JSON mapping each name to {"dtype", "shape", "data_offsets":
     [begin, end]} (and an optional "__metadata__"), then the tensors' bytes, offsets counted from the header's end.
-    The header is checked whole before a tensor is built: size, JSON, dtypes, shapes, ranges that tile the data."""
-    with open(path, "rb") as f:
-        blob = bytearray(os.fstat(f.fileno()).st_size)
-        f.readinto(blob)
-
-    def refuse(why):
-        raise UserError(f"{path} is not a valid safetensors file: {why}")
-    n = int.from_bytes(blob[:8], "little")
-    if len(blob) < 8 or n > 100_000_000 or 8 + n > len(blob) or sys.byteorder != "little":  # 100 MB: the format's cap
-        refuse(f"{len(blob)} bytes, shorter than the 8-byte header length" if len(blob) < 8 else
-               f"header length {n} with {len(blob) - 8} bytes after it (truncated?)")
+    The header is checked before a tensor is built: JSON of that length, known dtypes, shapes of whole numbers, each
+    tensor's bytes its shape times its item size, and the byte ranges tiling the data, each starting where one ends."""
+    blob = bytearray(pathlib.Path(path).read_bytes())
+    start = 8 + int.from_bytes(blob[:8], "little")
     try:
-        header = json.loads(blob[8:8 + n], object_pairs_hook=no_duplicates)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError too; RecursionError: nested beyond reason
-        refuse(f"the header is not valid JSON ({type(e).__name__})")
-    if not isinstance(header, dict):
-        refuse("the header is not a JSON object")
-    meta, entries, end, size = header.pop("__metadata__", {}), [], 0, len(blob) - 8 - n
+        header = json.loads(blob[8:start]) if 8 <= start <= len(blob) else None
+    except (ValueError, RecursionError):  # not JSON (nor UTF-8), or nested beyond reason
+        header = None
+    meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        refuse("its __metadata__ is not a map of strings")
+        raise UserError(f"{path} is not a safetensors file: no JSON header of {start - 8} bytes (with string metadata)")
+    entries = {}
     for name, info in header.items():
-        info = info if isinstance(info, dict) else {}
-        dtype, shape, span = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
-            refuse(f"tensor {name!r} has unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            refuse(f"tensor {name!r} has an invalid shape {shape!r}")
-        if not (isinstance(span, list) and len(span) == 2 and all(type(o) is int for o in span)
-                and 0 <= span[0] <= span[1]):
-            refuse(f"tensor {name!r} has invalid data_offsets {span!r}")
-        if span[1] - span[0] != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
-            refuse(f"tensor {name!r} spans {span[1] - span[0]} bytes; {dtype} {shape} needs "
-                   f"{math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize}")
-        entries.append((*span, name, SAFETENSORS_DTYPES[dtype], shape))
-    for begin, stop, name, _, _ in sorted(entries):
-        if begin != end:
-            refuse(f"tensor {name!r} starts at byte {begin} of the data, not {end} ("
-                   + ("overlapping)" if begin < end else "a gap before it)"))
-        end = stop
-    if end != size:
-        refuse(f"the tensors cover {end} bytes of data, the file holds {size} "
-               f"({'truncated' if end > size else 'trailing bytes'})")
-    tensors = {name: torch.frombuffer(blob, dtype=dtype, count=math.prod(shape), offset=8 + n + begin).reshape(shape)
-               if stop > begin else torch.empty(shape, dtype=dtype) for begin, stop, name, dtype, shape in entries}
+        dtype, shape, span = (info.get(k) if isinstance(info, dict) else None for k in ("dtype", "shape",
+                                                                                         "data_offsets"))
+        if not (dtype in SAFETENSORS_DTYPES and isinstance(shape, list) and all(type(d) is int and d >= 0
+                                                                                for d in shape)
+                and isinstance(span, list) and len(span) == 2 and all(type(o) is int for o in span)
+                and span[1] - span[0] == math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize):
+            raise UserError(f"{path} is not a valid safetensors file: tensor {name!r} is {json.dumps(info)[:80]}")
+        entries[name] = SAFETENSORS_DTYPES[dtype], shape, span
+    bounds = [0, *[o for _, _, span in sorted(entries.values(), key=lambda e: e[2]) for o in span], len(blob) - start]
+    if bounds[::2] != bounds[1::2]:  # each range begins where the one before ends; the last ends with the file
+        raise UserError(f"{path} is not a valid safetensors file: its tensors' byte ranges do not tile its "
+                        f"{len(blob) - start} bytes of data (truncated, overlapping, or with gaps)")
+    tensors = {name: torch.frombuffer(blob, dtype=dtype, count=math.prod(shape), offset=start + span[0]).reshape(shape)
+               if span[1] > span[0] else torch.empty(shape, dtype=dtype)
+               for name, (dtype, shape, span) in entries.items()}
     return (tensors, meta) if metadata else tensors
-
-
-def no_duplicates(pairs):
-    if len({name for name, _ in pairs}) < len(pairs):
-        raise ValueError(f"duplicate names {sorted({a for a, _ in pairs if [b for b, _ in pairs].count(a) > 1})}")
-    return dict(pairs)
 
 
 def save_safetensors(tensors, path, metadata=None):
@@ -1220,199 +1083,195 @@ def save_safetensors(tensors, path, metadata=None):
         offset += len(chunks[-1])
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    blob = struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
-    write_atomically(path, blob)
-
-
-FOLDER_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "config.json")  # diffusers'
+    write_atomically(path, struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
 
 
 def read_weights(path):
-    """A weights file -> {name: tensor}: .safetensors, or a pickled .ckpt/.pt/.pth/.bin read with torch.load(
-    weights_only=True), which builds tensors and plain containers and refuses anything else (a pickle can name any
-    Python function to call: such a file is refused, never run); a training checkpoint's "state_dict" is taken
-    out of it; a diffusers folder gives its diffusion_pytorch_model file."""
-    if os.path.isdir(path):
-        found = [p for p in (os.path.join(path, f) for f in FOLDER_FILES[:2]) if os.path.isfile(p)]
-        if not found:
-            raise UserError(f"{path} is a folder without diffusion_pytorch_model.safetensors: give the weights file")
-        path = found[0]
-    if path.endswith(".safetensors"):
-        return load_safetensors(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, KeyError, RuntimeError, EOFError, ValueError) as e:
-        needs = re.search(r"GLOBAL (\S+)", str(e))
-        raise UserError(f"{path} holds Python objects besides tensors ({needs[1]}); unpickling them could run code, "
-                        f"so the file is refused: use a .safetensors version of these weights" if needs else
-                        f"{path} is not a safetensors file or a PyTorch checkpoint ({type(e).__name__})")
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    state = state["model"] if isinstance(state, dict) and CHECKPOINT_KEYS <= state.keys() else state  # train's ckpt.pt
-    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{path} holds no state dict (a dict of tensors)")
-    return {k: v for k, v in state.items() if torch.is_tensor(v)}
+    """A .safetensors file, or a diffusers folder's diffusion_pytorch_model.safetensors -> {name: tensor}."""
+    return load_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors") if os.path.isdir(path) else path)
 
 
-def fit_weights(state, config, source="the state dict", *, which=None, ema=False):
-    """A state dict in diffusers', LDM's or an older naming (diffusers_names; the VAE's part, vae_part) as
-    AutoencoderKL(**config) names it, checked: no key missing or unexpected, every shape as the model's, every value
-    finite; else a one-line error."""
-    state = diffusers_names(vae_part(state, config, source, ema), config)
-    fits = f"{source} does not fit this model{f' ({which})' if which else ''}"
-    with torch.device("meta"):  # the names and shapes, without the memory
-        expected = AutoencoderKL(**config).state_dict()
+def fit_weights(state, model, source):
+    """`state` if it is a state dict of `model` (every key, each shape, finite values; the model may be on the meta
+    device), else a one-line error."""
+    expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    wrong = [f"{name} is {list(t.shape)} there and {list(expected[name].shape)} here" for name, t in state.items()
-             if name in expected and t.shape != expected[name].shape]
-    if missing or unexpected or wrong:
-        keys = [f"{len(names)} {kind}, e.g. {names[0]}"
-                for kind, names in (("missing", missing), ("unexpected", unexpected)) if names]
-        raise UserError(f"{fits}: {'keys ' + '; '.join(keys) if keys else wrong[0]}; pass the --preset or --config "
+    keys = [f"{len(names)} {kind}, e.g. {names[0]}" for kind, names in (("missing", missing),
+                                                                         ("unexpected", unexpected)) if names]
+    keys += [f"{k} is {list(t.shape)} there" for k, t in state.items() if t.shape != expected.get(k, t).shape]
+    if keys:
+        raise UserError(f"{source} does not fit this model ({'; '.join(keys[:2])}): pass the --preset or --config "
                         f"these weights were made for")
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"{source}: {name} holds NaN or infinite values; these weights cannot reconstruct anything")
-        if name == "bn.running_var" and (tensor < 0).any():
-            raise UserError(f"{source}: {name} holds negative variances")
+    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in state.values()):
+        raise UserError(f"{source} holds NaN or infinite values: these weights cannot reconstruct anything")
     return state
 
 
-def load_weights(model, state, source="the state dict", *, which=None, ema=False):
-    """fit_weights, loaded into the model (returned)."""
-    model.load_state_dict(fit_weights(state, model.config, source, which=which, ema=ema))
-    return model
+def diffusers_config(model):
+    """The model's config.json as diffusers writes it: its class's name, each keyword (lists for tuples), the blocks."""
+    n = len(model.config["block_out_channels"])
+    return {"_class_name": type(model).__name__, **{k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in model.config.items()},
+            **{key: list(model.config[key] or [plain] * n) for key, plain in BLOCK_TYPES.items()}}
 
 
-def diffusers_config(config):
-    """Our config as diffusers' config.json holds it (every field of its class, AutoencoderKL or, with batch_norm_eps,
-    AutoencoderKLFlux2; the latent convention too; lists for tuples)."""
-    n, flux2 = len(config["block_out_channels"]), config.get("batch_norm_eps") is not None
-    return {"_class_name": "AutoencoderKLFlux2" if flux2 else "AutoencoderKL",
-            **{k: v for k, v in with_lists(config).items() if k not in (SD_KEYS if flux2 else FLUX2_KEYS)},
-            **{key: list(config.get(key) or [plain] * n) for key, plain in BLOCK_TYPES.items()}}
-
-
-def check_config_json(path, config, overwrite):
-    """An export never pairs its weights with a config.json of another model (diffusers loads the two together)."""
-    try:
-        same = not os.path.exists(path) or json.loads(pathlib.Path(path).read_text()) == diffusers_config(config)
-    except ValueError:  # not JSON, or not UTF-8
-        same = False
-    if not (same or overwrite):
-        raise UserError(f"{path} exists and describes another model: export into another folder, or pass --overwrite")
-
-
-def with_lists(d):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def export(autoencoder, path, overwrite=False, fmt="diffusers"):
-    """The weights as FILE.safetensors: with diffusers' config.json beside it (diffusers format: AutoencoderKL.
-    from_pretrained(its folder) loads it when FILE is diffusion_pytorch_model), or in LDM's names with the config in
-    its metadata (ldm: what ComfyUI, A1111-style tools and diffusers' from_single_file load; diffusers' converter
-    maps the plain levels only, not Attn... levels' attention)."""
-    config, folder = diffusers_config(autoencoder.config), os.path.dirname(os.path.abspath(path))
+def export(model, path):
+    """The weights as PATH (.safetensors) with diffusers' config.json beside it: from_pretrained(that folder) loads
+    them when PATH is its diffusion_pytorch_model.safetensors."""
+    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    if fmt == "ldm":
-        save_safetensors(to_ldm(autoencoder.state_dict(), autoencoder.config), path,
-                         metadata={"format": "pt", "config": json.dumps(config)})
-        return print(f"exported {path} (LDM names)")
-    config_path = os.path.join(folder, "config.json")
-    check_config_json(config_path, autoencoder.config, overwrite)
-    save_safetensors(autoencoder.state_dict(), path, metadata={"format": "pt"})
-    write_atomically(config_path, json.dumps(config, indent=2).encode())
-    print(f"exported {path} and {config_path}")
+    save_safetensors(model.state_dict(), path, metadata={"format": "pt"})
+    write_atomically(os.path.join(folder, "config.json"), json.dumps(diffusers_config(model), indent=2).encode())
+    print(f"exported {path} and {os.path.join(folder, 'config.json')}")
 
 # -----------------------------------------------------------------------------
-# the command line: train's options are Config's fields; one check of the options; the model a command uses
+# the model a command uses: a preset, a config.json, a diffusers folder, a checkpoint
 
-DEVICES, DTYPES = ["auto", "cpu", "cuda", "mps"], {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRESETS = {
+    # Stable Diffusion 1.x / 2.x (CompVis kl-f8): 83,653,863 parameters; 4 latent channels, scaled by 0.18215.
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+               scaling_factor=0.18215),
+    # small ones for CPUs and tests
+    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, latent_channels=4, sample_size=256),
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=256),
+}
+BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}  # without attention
+
+
+def build(config, source, model_class=None, device="cpu"):
+    """model_class(**config) (default AutoencoderKL), or a one-line error that says why the config builds no model
+    (device "meta": the modules and their config without the memory)."""
+    try:
+        with torch.device(device):
+            return (model_class or AutoencoderKL)(**config)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:  # unknown fields, impossible values
+        raise UserError(f"{source} describes no model this program builds ({type(e).__name__}: {e})")
+
+
+def read_config(path, families={"AutoencoderKL": {}}):
+    """A diffusers AutoencoderKL config.json (or the folder holding one) -> its keywords, without diffusers' own
+    bookkeeping (the keys starting with "_"); block types without attention at every level are None. families: the
+    classes read, with the defaults a config of theirs is read over (sd_vae.py reads FLUX.2's too)."""
+    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # (utf-8-sig: also a file saved with a byte-order mark)
+            config = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path} is not a JSON config ({type(e).__name__})")
+    if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") not in families:
+        raise UserError(f"{path} is not an AutoencoderKL config.json (sd_vae.py reads the other families')")
+    config = {**families[config.get("_class_name", "AutoencoderKL")],
+              **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if not k.startswith("_")}}
+    return {**config, **{k: None for k, plain in BLOCK_TYPES.items() if set(config.get(k) or [plain]) == {plain}}}
+
+
+def architecture(args, presets=PRESETS, read=read_config):
+    """The model's keywords: --config, or the config.json of a --weights folder (or beside its diffusion_pytorch_model
+    file), or --preset (default sd). sd_vae.py passes its presets and its reader, for every family."""
+    weights = args.weights or ""
+    folder = weights if os.path.isdir(weights) else os.path.dirname(weights) if os.path.basename(weights).startswith(
+        "diffusion_pytorch_model.") else None
+    found = args.config or folder is not None and os.path.isfile(os.path.join(folder, "config.json")) and \
+        os.path.join(folder, "config.json")
+    if found and args.preset:
+        raise UserError(f"--preset and {found} both describe the model: pass one of them")
+    return read(found) if found else presets[args.preset or "sd"]
+
+
+def pretrained(args):
+    """(the autoencoder, in float32 on the CPU, and the checkpoint or None): a --ckpt's model (its EMA's weights with
+    --ema), or the --weights, whose architecture comes from `architecture`."""
+    if args.weights and args.ema:
+        raise UserError("--ema takes the EMA weights of a --ckpt")
+    if args.weights:
+        model = build(architecture(args), args.config or args.weights)
+        model.load_state_dict(fit_weights(read_weights(args.weights), model, args.weights))
+        return model.eval(), None
+    ckpt = load_checkpoint(args.ckpt)
+    if args.ema and not ckpt.get("ema"):
+        raise UserError(f"{args.ckpt} has no EMA weights (train with --ema DECAY)")
+    model = build(ckpt["config"]["model"], f"{args.ckpt} (sd_vae.py reads the other families' checkpoints)")
+    model.load_state_dict(ckpt["ema"] if args.ema else ckpt["model"])
+    return model.eval(), ckpt
+
+# -----------------------------------------------------------------------------
+# the command line: train's options are Config's fields (and the data's); one check of the options
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    """Config, and the data train reads (Part I's train() takes the data sets); the checkpoint keeps them all, so that
+    eval finds its run's held-out images."""
+    data: str = option(None, "a folder of images, an .npz file (uint8 N x H x W x C 'images'), or cifar10, mnist, "
+                             "celeba", required=True)
+    val_data: str = option(None, "held-out images (otherwise --val-size images of --data)")
+    val_size: int = option(1000, "held-out images split off --data (stratified by label when it has labels)")
+    data_root: str = option("./data", "where torchvision datasets are kept")
+    resolution: int = option(256, "images are resized and centre-cropped to this square")
+
+
 DATA_OPTIONS = ("data", "val_data", "val_size", "data_root", "resolution", "workers", "seed")  # of train and eval
 PROGRAM, CHECKPOINT_KEYS = "kl_autoencoder.py", {"model", "config", "step"}  # what load_checkpoint expects
 
 
 def parse_args(argv=None):
-    p = Parser(description="The Stable Diffusion KL autoencoder: reconstruct, encode, decode, convert, train, eval.")
+    p = Parser(description="Stable Diffusion's KL autoencoder: train, eval, reconstruct (for SD files: sd_vae.py).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    r, n, d, c, t, e = (sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-                        for name, text in (("reconstruct", "encode and decode one image"),
-                                           ("encode", "images -> latents for diffusion training (one .safetensors)"),
-                                           ("decode", "latents (a file of encode, or any with 'latents') -> images"),
-                                           ("convert", "a weights file to diffusers or LDM format"),
-                                           ("train", "train an autoencoder (one process, or one per GPU, torchrun)"),
-                                           ("eval", "evaluate a checkpoint or weights on held-out images")))
-    for q in (r, n, d, c, t, e):
-        add_model_options(q, source=q is not t)
-        q.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_train_and_eval(sub)
+    r = sub.add_parser("reconstruct", help="encode and decode one image")
+    add_model_options(r)
     r.add_argument("--image", required=True)
     r.add_argument("--out", required=True, help="where to write the reconstruction (.png, or .jpg)")
-    n.add_argument("--data", required=True, help="a folder of images, an .npz file, or cifar10, mnist, celeba")
-    n.add_argument("--data-root", default="./data", help="where torchvision datasets are kept")
-    n.add_argument("--resolution", type=positive_int, default=None,
-                   help="images are resized and centre-cropped to this square (default: the config's sample_size)")
-    n.add_argument("--out", required=True, help="the latents file (.safetensors)")
-    n.add_argument("--sample", action="store_true", help="latents from a posterior sample (default: its mean)")
-    n.add_argument("--seed", type=seed, default=0, help="of the posterior samples")
-    n.add_argument("--workers", type=nonnegative_int, default=None,
-                   help=Config.__dataclass_fields__["workers"].metadata["help"])
-    n.add_argument("--batch-size", type=positive_int, default=8)
-    d.add_argument("--latents", required=True, help="a .safetensors file with a 'latents' tensor (N, C, h, w)")
-    d.add_argument("--out", required=True, help="a folder for the images (PNG)")
-    d.add_argument("--batch-size", type=positive_int, default=1)
-    c.add_argument("--device", default="auto", choices=DEVICES, help="as every command takes it (convert: the CPU)")
-    for q in (r, n, d):
-        q.add_argument("--device", default="auto", choices=DEVICES)
-        q.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                       help="bf16 is for GPUs; fp16 runs in fp32 where the config says force_upcast (it overflows)")
-        q.add_argument("--compile", action="store_true", help="torch.compile the encoder and the decoder themselves")
-        q.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
-                       help=f"encode and decode in tiles of the config's sample_size, as diffusers' enable_tiling "
-                            f"(auto: for images of more than {AUTO_TILE_PIXELS:,} pixels, 1024 x 1024)")
-    add_config_options(t.add_argument_group("the run (Config: LDM's recipe, the loop, the data)"))
-    t.set_defaults(steps=None)  # settle: 10,000 unless --epochs
-    add_config_options(e.add_argument_group("data and run (default: the checkpoint's)"),
-                       names=(*DATA_OPTIONS, "precision", "device"), blank=True)
-    e.add_argument("--out", help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
-    for q in (c, t, e):
-        q.add_argument("--export", default=None, required=q is c, metavar="FILE",
-                       help="the .safetensors file" if q is c else "also write the weights as a .safetensors file")
-        q.add_argument("--export-format", default="diffusers", choices=["diffusers", "ldm"],
-                       help="diffusers: config.json beside FILE; ldm: one file in CompVis/LDM names (ComfyUI, A1111)")
-    for q in (t, e):
-        q.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return settle(p.parse_args(argv))
 
 
-def add_model_options(q, source=True):
+def add_train_and_eval(sub, presets=PRESETS):
+    """The train and eval commands and their options (sd_vae.py adds them to its own, with its presets)."""
+    t, e = (sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter) for name, text in (
+        ("train", "train an autoencoder (one process, or one per GPU with torchrun)"),
+        ("eval", "evaluate a checkpoint or weights on held-out images")))
+    add_model_options(t, train=True, presets=presets)
+    add_config_options(t.add_argument_group("the run (Config: LDM's recipe, the loop; and the data)"), TrainConfig)
+    t.set_defaults(steps=None)  # settle: 10,000 unless --epochs
+    add_model_options(e, presets=presets)
+    add_config_options(e.add_argument_group("data and run (default: the checkpoint's)"), TrainConfig,
+                       names=(*DATA_OPTIONS, "precision", "device"), blank=True)
+    e.add_argument("--out", help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
+    for q in (t, e):
+        q.add_argument("--export", metavar="FILE", help="the weights (at the end) as a .safetensors file, its "
+                                                        "config.json beside it")
+        q.add_argument("--fid", action="store_true", help="also rFID (needs torchvision's Inception-v3 weights)")
+        q.add_argument("--overwrite", action="store_true", help="replace another run's files in OUT, and --export's")
+
+
+def add_model_options(q, train=False, presets=PRESETS):
     """The model: --weights or --ckpt (train: --weights to fine-tune, and sizes), --preset or --config."""
-    g = q.add_argument_group("model")
-    if source:
-        s = g.add_mutually_exclusive_group(required=True)
-        s.add_argument("--weights", help="a .safetensors, .ckpt or .pt file in diffusers' or LDM's names (a whole "
-                                         "Stable Diffusion checkpoint too), or a diffusers folder with config.json")
-        s.add_argument("--ckpt", help="a checkpoint written by train (its model's config is in it)")
-        g.add_argument("--ema", action="store_true", help="the EMA weights: a --ckpt's, or a --weights file's "
-                                                           "model_ema.* (LDM's training checkpoints)")
-    else:
-        g.add_argument("--weights", help="start from these weights (fine-tuning; any file reconstruct reads)")
+    g = q.add_argument_group("the model")
+    s = g if train else g.add_mutually_exclusive_group(required=True)
+    s.add_argument("--weights", help="a diffusers folder (with its config.json), or a .safetensors file in diffusers' "
+                                     "names" + (": fine-tune them" if train else ""))
+    if train:
         for name in ("--block-out-channels", "--layers-per-block", "--latent-channels"):
             g.add_argument(name, type=positive_int, nargs="+" if name == "--block-out-channels" else None,
                            help="overrides the preset")
         g.add_argument("--lpips-weights", help="the LPIPS project's v0.1 vgg.pth: calibrated channel weights")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="the architecture (default: a --weights folder's "
-                   "config.json, else sd); refused where it contradicts that config.json")
-    g.add_argument("--config", help="a diffusers AutoencoderKL config.json (or its folder)")
+    else:
+        s.add_argument("--ckpt", help="a checkpoint written by train (its model's config is in it)")
+        g.add_argument("--ema", action="store_true", help="a --ckpt's EMA weights")
+    g.add_argument("--preset", choices=sorted(presets), help="the architecture (default sd)")
+    g.add_argument("--config", help="a diffusers config.json (or its folder)")
 
 
-def add_config_options(g, names=None, blank=False):
-    """An option for each field of Config (or those named), its default (with blank: None, and nothing required;
-    eval settles them) and help; the kind of each field checked as argparse parses it."""
+def add_config_options(g, fields, names=None, blank=False):
+    """An option for each field of the dataclass `fields` (or those named), its default (with blank: None, and nothing
+    required; eval settles them) and help; the kind of each field checked as argparse parses it."""
     kinds = {"lr": positive_float, "ema": decay, "betas": decay, "seed": seed, "disc_start": nonnegative_int,
              "eval_every": nonnegative_int, "workers": nonnegative_int, int: positive_int, float: nonnegative_float}
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(fields):
         if names is None or f.name in names:
-            keywords = {**f.metadata, "default": None if blank else f.default,
-                        "help": f.metadata["help"].replace("%", "%%")}  # (argparse formats help with %)
+            keywords = {**f.metadata, "default": None if blank else f.default}
             keywords["required"] = keywords.get("required", False) and not blank
             if f.type is bool:
                 keywords["action"] = argparse.BooleanOptionalAction
@@ -1429,54 +1288,100 @@ def decay(text):
     return float(text)
 
 
-def settle(args):
-    """The one place where options are checked against each other and defaults that depend on others are settled
-    (eval's from its checkpoint, in eval_command)."""
-    train, inputs = args.command == "train", []
-    for path in filter(None, (getattr(args, name, None) for name in ("weights", "ckpt", "config", "image", "data"))):
-        inputs += [os.path.join(path, f) for f in FOLDER_FILES] if os.path.isdir(path) else [path]  # a folder's too
-    if args.config and args.preset:
-        raise UserError("--config and --preset both describe the model: pass one of them")
-    if not train and args.ckpt and (args.config or args.preset):
-        raise UserError("--ckpt holds its model's config: leave out --preset and --config")
-    if args.command == "reconstruct":
-        check_output(args.out, "--out", inputs, (".png", ".jpg", ".jpeg"), overwrite=args.overwrite)
-    if args.command == "encode":
-        check_output(args.out, "--out", inputs, (".safetensors",), overwrite=args.overwrite, make_folder=True)
-    if args.command == "decode" and os.path.isfile(args.out):
-        raise UserError(f"--out {args.out} is a file: give a folder for the images")
+def settle(args, out_files={"reconstruct": (".png", ".jpg", ".jpeg")}):
+    """The one place where options are checked against each other, and outputs against inputs: never written over one
+    (however spelled, a folder's files too), nor over an existing file without --overwrite. out_files: the commands
+    whose --out is a file, and its kinds."""
+    inputs = [p for p in (getattr(args, k, None) for k in ("weights", "ckpt", "config", "image", "data")) if p]
+    inputs += [os.path.join(p, name) for p in inputs if os.path.isdir(p) for name in os.listdir(p)]
+    outputs = [("--out", args.out, out_files[args.command])] if args.command in out_files else []
+    if getattr(args, "export", None) is not None:  # and the config.json beside it
+        outputs += [("--export", args.export, (".safetensors",)), ("--export's", os.path.join(
+            os.path.dirname(args.export), "config.json"), (".json",))]
+    for flag, path, extensions in outputs:
+        same = any(os.path.abspath(path) == os.path.abspath(p) or os.path.exists(path) and os.path.samefile(path, p)
+                   for p in inputs if os.path.exists(p))
+        if same or not path.lower().endswith(extensions) or os.path.exists(path) and not args.overwrite:
+            raise UserError(f"{flag} {path} " + ("is also an input of this command" if same else f"is not a "
+                            f"{' or '.join(extensions)} file" if not path.lower().endswith(extensions) else
+                            "exists: pass --overwrite to replace it, or another name"))
+    if args.config and args.preset or getattr(args, "ckpt", None) and (args.config or args.preset):
+        raise UserError("--preset, --config and --ckpt each describe the model: pass one of them")
     if args.command == "eval" and args.weights and not args.out:
         raise UserError("eval --weights: pass --out, the folder for metrics.jsonl and reconstructions.png")
-    if getattr(args, "export", None) is not None:  # and the config.json beside it, in diffusers' format
-        inputs += [os.path.join(args.out, "ckpt.pt")] if train else []
-        check_output(args.export, "--export", inputs, (".safetensors",), overwrite=args.overwrite, make_folder=True)
-        if args.export_format == "diffusers":
-            check_output(os.path.join(os.path.dirname(args.export), "config.json"), "--export's", inputs, (".json",),
-                         overwrite=True, make_folder=True)
-    if args.command in ("encode", "train"):
-        args.workers = settled_workers(args)
-    if not train:
-        return args
-    if args.steps is not None and args.epochs is not None:
-        raise UserError("--steps and --epochs: pass one of them")
-    outside_data(args.out, args.data, args.val_data, train=True)
-    args.steps, args.betas, args.device = args.steps or 10_000, tuple(args.betas), get_device(args.device).type
-    args.precision = args.precision if args.precision != "auto" else "bf16" if args.device == "cuda" else "fp32"
-    config = model_config(args)
-    if args.export and args.export_format == "diffusers":  # refused now, not after the training
-        check_config_json(os.path.join(os.path.dirname(os.path.abspath(args.export)), "config.json"), config,
-                          args.overwrite)
-    widths = f"--block-out-channels {' '.join(map(str, config['block_out_channels']))}"
-    if any(c % config["norm_num_groups"] for c in config["block_out_channels"]):
-        raise UserError(f"{widths}: each must be a multiple of {config['norm_num_groups']}, the number of GroupNorm "
-                        f"groups")
-    check_config(config, widths)  # also: one block type per level
-    check_resolution(args.resolution, config, args.disc_weight)
-    check_parameters(config, widths)
-    check_memory(args.batch_size * config["block_out_channels"][0] * args.resolution ** 2 * 4,
-                 f"--resolution {args.resolution} with --batch-size {args.batch_size}: one batch's first activation",
-                 torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else None)
+    if args.command == "train":
+        if args.steps is not None and args.epochs is not None:
+            raise UserError("--steps and --epochs: pass one of them")
+        args.steps, args.betas, args.device = args.steps or 10_000, tuple(args.betas), get_device(args.device).type
+        args.precision = args.precision if args.precision != "auto" else "bf16" if args.device == "cuda" else "fp32"
     return args
+
+
+def check_resolution(resolution, config, disc_weight=0):
+    """A side length the model takes (and SSIM in every evaluation, and train's discriminator), or a one-line error."""
+    f = 2 ** (len(config["block_out_channels"]) - 1)
+    if resolution % f or resolution < 11 or disc_weight > 0 and resolution < 24:
+        raise UserError(f"--resolution {resolution}: " + (
+            f"not a multiple of {f}, this model's downsampling factor: use {max(f, resolution // f * f)} or "
+            f"{-(-resolution // f) * f}" if resolution % f else "SSIM, in every evaluation, needs at least 11 x 11"
+            if resolution < 11 else "the PatchGAN discriminator needs at least 24; use --disc-weight 0 below that"))
+
+# -----------------------------------------------------------------------------
+# train, eval, reconstruct, main
+
+
+def model_source(args):
+    """train's model: (its class, its keywords: the architecture with --block-out-channels, --layers-per-block and
+    --latent-channels on top, the weights to start from or None)."""
+    sizes = {k: tuple(v) if isinstance(v, list) else v for k in ("block_out_channels", "layers_per_block",
+                                                                  "latent_channels") for v in [getattr(args, k)] if v}
+    model = build({**architecture(args), **sizes}, args.config or args.weights or "the model", device="meta")
+    return AutoencoderKL, model.config, fit_weights(read_weights(args.weights), model, args.weights) \
+        if args.weights else None
+
+
+def train_command(args, source=model_source):
+    """train() with the options: a new run (another's files kept) or a resumed one (its model), the networks, the
+    data; --export at the end. source(args) gives the model (sd_vae.py passes one that reads every family)."""
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    model_class, config, init = source(args)
+    check_resolution(cfg.resolution, config, cfg.disc_weight)
+    rank0, ckpt_path = os.environ.get("RANK", "0") == "0", os.path.join(cfg.out, "ckpt.pt")
+    theirs = [n for n in ("ckpt.pt", "metrics.jsonl", "reconstructions.png") if os.path.exists(os.path.join(cfg.out,
+                                                                                                           n))]
+    if rank0 and theirs and not cfg.resume and not args.overwrite:
+        raise UserError(f"{cfg.out} holds another run's {theirs[0]}: pass --resume to continue that run, another "
+                        f"--out, or --overwrite")
+    if rank0 and cfg.resume:
+        saved = load_checkpoint(ckpt_path)
+        if json.dumps(saved["config"]["model"]) != json.dumps(config):
+            raise UserError(f"{ckpt_path} holds another model than these options describe: pass its options, or "
+                            f"another --out")
+        print(f"resuming {ckpt_path} at step {saved['step']}")
+    if rank0:
+        lock_folder(cfg.out)
+    perceptual = Perceptual(load_vgg16()) if cfg.perceptual_weight > 0 else None  # fails early: a missing file
+    if perceptual is not None and args.lpips_weights:
+        load_lpips_weights(perceptual, args.lpips_weights)
+    net = load_inception("cpu") if args.fid and rank0 else None
+    cfg.workers = settled_workers(cfg)
+    data, val = datasets(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(data) // world < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(data) // world} training images of "
+                        f"each of the {world} processes")
+    if rank0:
+        n = sum(p.numel() for p in build(config, "the model", model_class, "meta").parameters())
+        backend = (" nccl" if cfg.device == "cuda" else " gloo") if "RANK" in os.environ else ""
+        print(f"{model_class.__name__} {config['block_out_channels']}, {n:,} parameters; {len(data):,} training and "
+              f"{len(val):,} held-out images at {cfg.resolution}x{cfg.resolution}; {world} process(es) on "
+              f"{cfg.device}{backend}; " + (f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.steps:,} steps"))
+    features = None if net is None else lambda x: inception_features(net.to(x.device), x)
+    final, record = train(cfg, config, data, val, init=init, perceptual=perceptual, features=features,
+                          model_class=model_class)
+    if final is not None and args.export:
+        export(final, args.export)
+    return record
 
 
 def settled_workers(args):
@@ -1486,707 +1391,71 @@ def settled_workers(args):
     return min(4, os.cpu_count() or 1) if os.path.isdir(args.data) or args.data == "celeba" else 0
 
 
-def check_output(path, flag, inputs, extensions, *, overwrite, make_folder=False):
-    """A file a command is about to write: never one of its inputs, never a folder, a kind it can write, not an
-    existing file unless --overwrite says so; its folder must exist unless the command makes it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    is_input = any(os.path.abspath(path) == os.path.abspath(i) or os.path.exists(path) and os.path.exists(i)
-                   and os.path.samefile(path, i) for i in inputs if i)
-    problem = ("is also an input of this command: write to another file" if is_input else
-               "is a folder: give a file name" if os.path.isdir(path) else
-               f"is not a {' or '.join(extensions)} file, what this command writes" if not path.lower().endswith(
-                   extensions) else
-               "exists: pass --overwrite to replace it, or another name" if os.path.exists(path) and not overwrite else
-               f"is in a folder that does not exist, {folder}" if not make_folder and not os.path.isdir(folder) else
-               f"is in {folder}, which this user may not write to (Permission denied)" if os.path.isdir(folder)
-               and not os.access(folder, os.W_OK) else None)
-    if problem:
-        raise UserError(f"{flag} {path} {problem}")
-
-
-def outside_data(out, data, val_data, train=False):
-    """A run's folder may not lie in a folder of its images: its pictures would become training or held-out data; and
-    train's held-out images may not be its training images."""
-    if train and val_data and (val_data == data or all(map(os.path.exists, (data, val_data)))
-                               and os.path.samefile(val_data, data)):
-        raise UserError(f"--val-data {val_data} is --data: the held-out images would be the training images; leave it "
-                        f"out (--val-size splits them off --data) or pass other images")
-    for folder in (f for f in (data, val_data) if f and os.path.isdir(f)):
-        inside = False
-        with contextlib.suppress(ValueError):  # (Windows: paths on two drives have no common path)
-            inside = os.path.commonpath([os.path.realpath(out), os.path.realpath(folder)]) == os.path.realpath(folder)
-        if inside:
-            raise UserError(f"--out {out} is inside the image folder {folder}: its pictures would become data; "
-                            f"write elsewhere")
-
-
-def check_resolution(resolution, config, disc_weight=0, latents=False):
-    """A side length the model can take (with latents, encode's: latents for diffusion, patchified for FLUX.2, and no
-    SSIM), and train's discriminator too."""
-    patch = math.lcm(*config["patch_size"]) if latents and config["batch_norm_eps"] is not None else 1
-    f = 2 ** (len(config["block_out_channels"]) - 1) * patch
-    if not latents and resolution < 11:
-        raise UserError(f"--resolution {resolution}: SSIM, in every evaluation, needs images of at least 11 x 11")
-    if resolution % f:
-        raise UserError(f"--resolution {resolution} is not a multiple of {f}, this model's downsampling factor"
-                        f"{f' times its latents patch size {patch}' if patch > 1 else ''}: "
-                        f"use {max(f, resolution // f * f)} or {-(-resolution // f) * f}")
-    if disc_weight > 0 and resolution < 24:
-        raise UserError(f"--resolution {resolution}: the PatchGAN discriminator needs at least 24; use "
-                        f"--disc-weight 0 below that")
-
-
-def architecture(args):
-    """(AutoencoderKL keywords, where they came from): --config, else the config.json of a --weights folder or beside
-    its diffusion_pytorch_model file (a --preset that contradicts it, tile size and force_upcast aside, is refused),
-    else --preset (default sd)."""
-    in_folder = args.weights and (os.path.isdir(args.weights) or os.path.basename(args.weights) in FOLDER_FILES[:2])
-    folder = os.path.join(args.weights if os.path.isdir(args.weights) else os.path.dirname(args.weights),
-                          "config.json") if in_folder and not args.config else ""
-    if not args.config and not os.path.isfile(folder):
-        return complete(PRESETS[args.preset or "sd"]), f"preset {args.preset or 'sd'}"
-    config = complete(read_config(args.config or folder))
-    if args.preset and any(v != config[k] for k, v in complete(PRESETS[args.preset]).items()
-                           if k not in ("sample_size", "force_upcast")):
-        raise UserError(f"--preset {args.preset} describes another model than {folder}: drop --preset")
-    return config, f"--config {args.config}" if args.config else folder
-
-
-def complete(config):
-    """Every AutoencoderKL keyword, those not given at their defaults: what the model's .config holds."""
-    return {**{k: p.default for k, p in inspect.signature(AutoencoderKL).parameters.items()}, **config}
-
-
-def model_config(args):
-    """train's AutoencoderKL keywords: the architecture, with explicit sizes."""
-    sizes = {k: getattr(args, k) for k in ("block_out_channels", "layers_per_block", "latent_channels")}
-    return {**architecture(args)[0], **{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items() if v}}
-
-
-def pretrained(args):
-    """(the autoencoder, on the CPU in float32, and the checkpoint or None): built from the config in --ckpt, or
-    from `architecture` and loaded with the --weights."""
-    if args.weights:
-        config, which = architecture(args)
-        model = load_weights(AutoencoderKL(**config), read_weights(args.weights), args.weights, which=which,
-                             ema=args.ema)
-        return model.eval(), None
-    ckpt = load_checkpoint(args.ckpt)
-    if args.ema and not ckpt.get("ema"):
-        raise UserError(f"{args.ckpt} has no EMA weights (train with --ema DECAY)")
-    model = AutoencoderKL(**ckpt["config"]["model"])
-    model.load_state_dict(ckpt["ema"] if args.ema else ckpt["model"])
-    return model.eval(), ckpt
-
-# -----------------------------------------------------------------------------
-# train, eval, main
-
-
-def train_command(args):
-    """train(): Config from the options, the checks of a new run (or of a resumed one), the networks and data."""
-    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
-    config, rank0, ckpt_path = model_config(args), os.environ.get("RANK", "0") == "0", os.path.join(cfg.out, "ckpt.pt")
-    for path in (ckpt_path, os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "reconstructions.png")):
-        if rank0 and not cfg.resume and os.path.exists(path) and not args.overwrite:
-            raise UserError(f"{path} exists: pass --resume to continue that run, another --out, or --overwrite")
-    if rank0 and cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        if with_lists(complete(ckpt["config"]["model"])) != with_lists(config):
-            raise UserError(f"{ckpt_path} holds a model {ckpt['config']['model']}, not {config}: pass its sizes, or "
-                            f"another --out")
-        print(f"resuming {ckpt_path} at step {ckpt['step']}")
-        changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (was {ckpt['config'].get(k)})"
-                   for k in ("lr", "betas", "weight_decay") if ckpt["config"].get(k) != getattr(cfg, k)]
-        if changed:
-            print(f"the optimizers continue with this run's {', '.join(changed)}", file=sys.stderr)
-    if rank0:
-        check_writable(cfg.out)
-    init = None if not args.weights else fit_weights(read_weights(args.weights), config, args.weights,
-                                                     which=architecture(args)[1])  # fine-tuning
-    perceptual = Perceptual(load_vgg16()) if cfg.perceptual_weight > 0 else None  # fails early: a missing file
-    if perceptual is not None and args.lpips_weights:
-        load_lpips_weights(perceptual, args.lpips_weights)
-    net = load_inception("cpu") if args.fid and rank0 else None
-    data, val = datasets(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if len(data) // world < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(data) // world} training images of "
-                        f"each of the {world} processes")
-    if rank0:
-        backend = (" nccl" if cfg.device == "cuda" else " gloo") if "RANK" in os.environ else ""
-        n_params = check_parameters(config, "the model")
-        print(f"AutoencoderKL {config['block_out_channels']}, {n_params:,} parameters; {len(data):,} training and "
-              f"{len(val):,} held-out images at {cfg.resolution}x{cfg.resolution}; {world} process(es) on "
-              f"{cfg.device}{backend}; " + (f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.steps:,} steps"))
-    features = None if net is None else lambda x: inception_features(net.to(x.device), x)
-    try:
-        final, record = train(cfg, config, data, val, init=init, perceptual=perceptual, features=features)
-    finally:  # also after a failure (a diverged loss, Ctrl-C): leave no process group behind
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if final is not None and args.export:
-        export(final, args.export, args.overwrite, args.export_format)
-    return record
-
-
-def eval_command(args):
+def eval_command(args, load=pretrained):
     """evaluate() a checkpoint or a weights file on held-out images: its training run's split (or a default run's)
-    unless the options say otherwise; --fid, --export."""
-    model, ckpt = pretrained(args)
-    saved = ckpt["config"] if ckpt else vars(Config(data=args.data))  # the held-out split of a default train run
-    data_from_ckpt = ckpt is not None and args.data is None
+    unless the options say otherwise; --fid, --export. load(args) gives the model (sd_vae.py: every family's)."""
+    model, ckpt = load(args)
+    saved = ckpt["config"] if ckpt else vars(TrainConfig(data=args.data))  # the held-out split of a default train run
     for key in DATA_OPTIONS:
         setattr(args, key, saved.get(key) if getattr(args, key) is None else getattr(args, key))
     if args.data is None:
         raise UserError(f"{args.ckpt or args.weights} does not say what data to evaluate on: pass --data")
-    if data_from_ckpt and not os.path.exists(args.data) and args.data not in TORCHVISION_DATASETS:
-        raise UserError(f"{args.ckpt} was trained on --data {args.data}, which is not there from here: pass --data")
-    args.workers = settled_workers(args)
     check_resolution(args.resolution, model.config)
-    device = get_device(args.device or "auto")
-    if args.precision in (None, "auto"):
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
-    net = load_inception(device) if args.fid else None
+    device, args.workers = get_device(args.device or "auto"), settled_workers(args)
+    args.precision = args.precision if args.precision not in (None, "auto") else "bf16" if device.type == "cuda" \
+        else "fp32"
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
-    outside_data(out, args.data, args.val_data)
-    _, val = datasets(args)
-    for name in ("metrics.jsonl", "reconstructions.png"):  # away from its own run's folder: another run's files
-        theirs = args.weights or os.path.abspath(out) != os.path.dirname(os.path.abspath(args.ckpt)) \
-            or os.path.basename(args.ckpt) != "ckpt.pt"  # (a checkpoint copied into another run's folder)
-        if theirs and os.path.exists(os.path.join(out, name)) and not args.overwrite:
-            raise UserError(f"{os.path.join(out, name)} exists: pass another --out, or --overwrite")
-    check_writable(out)
-    features = None if net is None else lambda x: inception_features(net, x)
-    record = evaluate_and_log(model.to(device), val, args, step=ckpt["step"] if ckpt else 0, out=out,
-                              features=features, batches=with_progress(val, device, args.workers))
+    ours = args.ckpt and os.path.abspath(args.ckpt) == os.path.abspath(os.path.join(out, "ckpt.pt"))
+    theirs = [n for n in ("metrics.jsonl", "reconstructions.png") if os.path.exists(os.path.join(out, n))]
+    if theirs and not ours and not args.overwrite:  # another run's (or a checkpoint copied into another run's folder)
+        raise UserError(f"{out} holds another run's {theirs[0]}: pass another --out, or --overwrite")
+    lock_folder(out)
+    net = load_inception(device) if args.fid else None
+    record = evaluate_and_log(model.to(device), datasets(args)[1], args, step=ckpt["step"] if ckpt else 0, out=out,
+                              features=None if net is None else lambda x: inception_features(net, x))
     if args.export:
-        export(model, args.export, args.overwrite, args.export_format)
+        export(model, args.export)
     return record
 
 
-def with_progress(images, device, workers):
-    """The held-out images as model inputs on the device, in batches of 64, with a progress line for long work."""
-    progress = Progress("held-out evaluation", len(images))
-    loader = QuietLoader(images, batch_size=64, num_workers=workers)
-    for batch in loader:
-        yield to_model_input(batch, device)
-        progress.update(len(batch))
+@torch.no_grad()
+def reconstruct(args):
+    """--image, encoded and decoded (the posterior mean) -> --out; prints the latent's shape and the PSNR."""
+    model, _ = pretrained(args)
+    device, f = get_device(args.device), model.downsampling_factor
+    x = decode_image(args.image, model.config["in_channels"])[None].float() / 127.5 - 1
+    if x.shape[2] % f or x.shape[3] % f:
+        raise UserError(f"{args.image} is {x.shape[2]}x{x.shape[3]} (height x width); this model needs sides that are "
+                        f"multiples of {f}: crop or pad it")
+    posterior = model.to(device).encode(x.to(device))
+    out = model.decode(posterior.mode())
+    write_image(out[0], args.out)
+    quality = psnr(to_uint8(out).float().cpu() / 255, to_uint8(x).float() / 255).item()
+    print(f"latent {list(posterior.mean.shape)} (B, C, H/{f}, W/{f}) | PSNR {quality:.2f} dB | wrote {args.out}")
+    return quality
 
 
-def main(argv=None):
-    previous = signal.signal(signal.SIGTERM, interrupt)  # put back on the way out: main() may be called from Python
-    args = None
+def main(argv=None, parse=parse_args, commands=None, program="kl_autoencoder.py"):
+    """The command, and the one place where what a user can cause becomes one line and exit 2 (interrupted: 130).
+    sd_vae.py runs its own commands through it."""
     try:
-        args = parse_args(argv)
-        commands = {"reconstruct": reconstruct, "encode": encode_command, "decode": decode_command,
-                    "convert": convert, "train": train_command, "eval": eval_command}  # (the first four: Part III)
-        return commands[args.command](args)
+        args = parse(argv)
+        return (commands or {"train": train_command, "eval": eval_command, "reconstruct": reconstruct})[args.command](
+            args)
     except (UserError, OSError, FloatingPointError) as e:  # what a user can cause: a mistake, a file, a diverged run
         traceback.clear_frames(e.__traceback__)  # end its DataLoader workers now (collected later, they take 5 s)
         message = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: its traceback's last line
             message = message.splitlines()[-1].split("Error: ", 1)[-1]
-        print(f"kl_autoencoder.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile where torch.compile cannot (no C++ compiler, say)
-        inner = getattr(e, "inner_exception", e)
-        print(f"kl_autoencoder.py: error: --compile: torch.compile failed ({type(inner).__name__}: "
-              f"{(str(inner).strip() or '?').splitlines()[0]}); run without --compile", file=sys.stderr)
+        print(f"{program}: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        kept = "the last checkpoint is kept" if args and args.command == "train" else "no file is left half-written"
-        print(f"kl_autoencoder.py: interrupted; {kept}", file=sys.stderr)
+        print(f"{program}: interrupted; the last checkpoint is kept, no file is left half-written", file=sys.stderr)
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: not set from Python
-        while LOCKED:
-            os.close(LOCKED.popitem()[1])
+        while LOCKS:  # (main may be called from Python: the run's folder is let go)
+            os.close(LOCKS.pop())
 
-
-# =============================================================================
-# PART III, an appendix: Stable Diffusion files (the published families, configs, LDM names, latents, tiles)
-# =============================================================================
-
-PRESETS = {  # the published VAE families; numbers from each model's vae/config.json on the Hugging Face Hub
-    # Stable Diffusion 1.x / 2.x (CompVis kl-f8): 83,653,863 parameters; 4 latent channels, scaled by 0.18215.
-    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-               scaling_factor=0.18215),
-    # SDXL (stabilityai/stable-diffusion-xl-base-1.0): the same shapes, scaled by 0.13025; float16 overflows.
-    "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
-                 scaling_factor=0.13025, force_upcast=True),
-    # SD3 (stabilityai/stable-diffusion-3-medium-diffusers): 16 latent channels, no quant convs, (z - 0.0609) * 1.5305.
-    "sd3": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
-                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609),
-    # FLUX.1 (black-forest-labs/FLUX.1-dev): the SD3 shapes, (z - 0.1159) * 0.3611.
-    "flux": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
-                 use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
-    # FLUX.2 (black-forest-labs/FLUX.2-dev; diffusers' AutoencoderKLFlux2, whose defaults these are): 32 latent
-    # channels, quant convs on; its diffusion latents: the mode patchified 2x2 and standardised by bn's statistics.
-    "flux2": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32, sample_size=1024,
-                  batch_norm_eps=1e-4),
-    # small ones for CPUs and tests
-    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, latent_channels=4, sample_size=256),
-    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=256),
-}
-
-
-def build(preset, **overrides):
-    """The AutoencoderKL of a named preset, with keyword overrides."""
-    return AutoencoderKL(**{**PRESETS[preset], **overrides})
-
-
-def read_config(path):
-    """A diffusers AutoencoderKL config.json (or a folder holding one) -> AutoencoderKL keywords. Every field that
-    changes the model is honoured, the latent convention kept, and a field this file does not know is refused
-    (diffusers' own bookkeeping, the keys starting with "_", is skipped)."""
-    with open(os.path.join(path, "config.json") if os.path.isdir(path) else path, encoding="utf-8-sig") as f:
-        try:  # (utf-8-sig: also a file saved with a byte-order mark)
-            config = json.load(f)
-        except (ValueError, RecursionError) as e:
-            raise UserError(f"--config {path}: not a JSON config "
-                            f"({'nested too deeply' if isinstance(e, RecursionError) else e})")
-    kind = config.get("_class_name", "AutoencoderKL") if isinstance(config, dict) else None
-    if kind not in ("AutoencoderKL", "AutoencoderKLFlux2"):
-        raise UserError(f"--config {path} is not an AutoencoderKL config, but {config.get('_class_name', config)!r}"
-                        if isinstance(config, dict) else f"--config {path}: not a JSON object")
-    config = {**PRESETS["flux2"], **config} if kind == "AutoencoderKLFlux2" else config  # (its class's defaults)
-    widths = config.get("block_out_channels", complete({})["block_out_channels"])
-    levels = len(widths) if isinstance(widths, (list, tuple)) else 0  # (check_config names a bad one)
-    for key, plain in BLOCK_TYPES.items():  # one name per level; all without attention: None, as in the presets
-        if not isinstance(config.get(key, []), list):
-            raise UserError(f"--config {path}: {key} must be a list of block names, one per level")
-        if config.get(key) in ([plain] * levels, None):
-            config.pop(key, None)
-    names = [k for k in inspect.signature(AutoencoderKL).parameters if kind != "AutoencoderKL" or k not in FLUX2_KEYS]
-    unknown = sorted(k for k in config if k not in names and not k.startswith("_"))
-    if unknown:
-        raise UserError(f"--config {path}: unknown {kind} fields {', '.join(unknown)}")
-    config = check_config({k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names},
-                          f"--config {path}", flux2=kind == "AutoencoderKLFlux2")
-    check_parameters(complete(config), f"--config {path}")
-    return config
-
-
-BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}  # without attention
-FLUX2_KEYS = ("decoder_block_out_channels", "batch_norm_eps", "batch_norm_momentum", "patch_size")  # its own fields
-SD_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast")  # AutoencoderKL's only
-
-
-def check_config(config, source, flux2=False):
-    """AutoencoderKL keywords (some or all) that a model can be built from and used with, else a one-line error that
-    names the field: counts are positive integers, widths multiples of norm_num_groups, flags true or false, the
-    scaling and shift finite (the scaling > 0), per-channel statistics one finite number per latent channel; FLUX.2's
-    fields (with flux2, those of an AutoencoderKLFlux2 config, which needs batch_norm_eps) in range."""
-    def count(v):
-        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2 ** 16
-
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    full = complete(config)
-    groups, channels = full["norm_num_groups"], full["latent_channels"]
-    levels = len(full["block_out_channels"]) if isinstance(full["block_out_channels"], tuple) else 0
-
-    def widths(v):
-        return isinstance(v, tuple) and v and all(count(w) and w % groups == 0 for w in v)
-    rules = {**dict.fromkeys(("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
-                              "sample_size"), (count, "a positive integer")),
-             "block_out_channels": (widths, f"a list of positive multiples of norm_num_groups ({groups})"),
-             "batch_norm_eps": (lambda v: v is None and not flux2 or number(v) and v > 0,
-                                "a finite number > 0" + " or null" * (not flux2)),
-             "decoder_block_out_channels": (
-                 lambda v: v is None or full["batch_norm_eps"] is not None and widths(v) and len(v) == levels,
-                 f"null, or (FLUX.2's, with batch_norm_eps) one multiple of norm_num_groups ({groups}) per level"),
-             "batch_norm_momentum": (lambda v: number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-             "patch_size": (lambda v: isinstance(v, tuple) and len(v) == 2 and all(count(p) and p <= 16 for p in v),
-                            "two positive integers up to 16"),
-             "act_fn": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}"),
-             **dict.fromkeys(("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv", "force_upcast"),
-                             (lambda v: isinstance(v, bool), "true or false")),
-             "scaling_factor": (lambda v: number(v) and v > 0, "a finite number > 0"),
-             "shift_factor": (lambda v: v is None or number(v), "a finite number or null"),
-             "latents_mean": (lambda v: v is None or isinstance(v, tuple) and len(v) == channels and all(
-                 map(number, v)), f"null or {channels} finite numbers, one per latent channel"),
-             "latents_std": (lambda v: v is None or isinstance(v, tuple) and len(v) == channels and all(
-                 number(s) and s > 0 for s in v), f"null or {channels} finite numbers > 0, one per latent channel"),
-             **{key: (lambda v, names=(plain, "Attn" + plain): v is None or isinstance(v, tuple) and len(v) == len(
-                 full["block_out_channels"]) and all(t in names for t in v), f"one of {plain}, Attn{plain} per level")
-                for key, plain in BLOCK_TYPES.items()}}
-    for key, (ok, what) in rules.items():
-        if not ok(full[key]):
-            raise UserError(f"{source}: {key} {json.dumps(full[key])[:60]} must be {what}")
-    return config
-
-# -----------------------------------------------------------------------------
-# LDM's names: the CompVis/LDM names of most community VAE files and of the VAE inside whole Stable Diffusion
-# checkpoints, as rewrites of diffusers' names (decoder levels count the other way round there: up.{levels - 1 - i})
-
-LDM_PREFIXES = ("first_stage_model.", "vae.")  # the VAE's keys inside a whole SD checkpoint
-LDM_RULES = [
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample."),
-    (r"^encoder\.down_blocks\.(\d+)\.attentions\.", r"encoder.down.\1.attn."),
-    (r"^decoder\.up_blocks\.(\d+)\.attentions\.", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.attn."),
-    (r"\.mid_block\.resnets\.(\d)\.", lambda m, n: f".mid.block_{int(m[1]) + 1}."),
-    (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
-    (r"\.(attn\.\d+|attn_1)\.group_norm\.", r".\1.norm."),
-    (r"\.(attn\.\d+|attn_1)\.to_([qkv])\.", r".\1.\2."),
-    (r"\.(attn\.\d+|attn_1)\.to_out\.0\.", r".\1.proj_out."),
-    (r"\.conv_shortcut\.", ".nin_shortcut."),
-    (r"\.conv_norm_out\.", ".norm_out."),
-]
-LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # diffusers < 0.14
-
-
-def ldm_names(config):
-    """{diffusers name: LDM name} for every weight of an AutoencoderKL with this config."""
-    with torch.device("meta"):  # the names without the memory
-        names = list(AutoencoderKL(**config).state_dict())
-    levels, table = len(config["block_out_channels"]), {}
-    for name in names:
-        ldm = name
-        for pattern, new in LDM_RULES:
-            ldm = re.sub(pattern, new if isinstance(new, str) else lambda m, new=new: new(m, levels), ldm)
-        table[name] = ldm
-    return table
-
-
-def is_attention_matrix(name):
-    """A weight that diffusers keeps as a Linear's [C, C] and LDM as a 1x1 convolution's [C, C, 1, 1]."""
-    return name.endswith(".weight") and (".attentions." in name or ".attn_1." in name) and "norm" not in name
-
-
-def to_ldm(state, config):
-    """A diffusers-format state dict in LDM names and shapes (what ComfyUI and A1111-style tools load)."""
-    return {ldm: state[name][:, :, None, None] if is_attention_matrix(name) else state[name]
-            for name, ldm in ldm_names(config).items()}
-
-
-TRAINING_LEFTOVERS = ("loss.", "model_ema.loss", "model_ema.decay", "model_ema.num_updates")  # LDM's EMA copies the
-# loss's parameters too
-
-
-def vae_part(state, config, source, ema=False):
-    """The VAE's weights in a file: the part under first_stage_model. or vae. of a whole SD checkpoint; without what
-    LDM's training left in community VAE files and LDM's own (its loss's networks, loss.*, and the EMA's counters),
-    which are ignored as A1111 does, with a line that says so; with ema, the EMA's copies of the weights instead
-    (model_ema.*, LDM's names without their dots), else without them. Other keys stay, to be refused as unexpected."""
-    prefix = next((p for p in LDM_PREFIXES if any(k.startswith(p) for k in state)), "")
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    ignored = [k for k in state if k.startswith(TRAINING_LEFTOVERS)]
-    copies = [k for k in state if k.startswith("model_ema.") and k not in ignored]
-    if ema and not copies:
-        raise UserError(f"{source} holds no EMA weights (model_ema.*): leave out --ema")
-    if ema:  # the EMA's name of each weight: LitEma's, model_ema. and the LDM name without its dots
-        ldm = {"model_ema." + name.replace(".", ""): name for name in ldm_names(config).values()}
-        state = {ldm.get(k, k): v for k, v in state.items() if k in copies}
-    if ignored or copies:
-        kinds = ", ".join(sorted({".".join(k.split(".")[:2]) for k in ignored}))
-        print(f"{source}: " + (f"ignored {len(ignored)} tensors of its training ({kinds}); " if ignored else "")
-              + f"loaded its {'EMA weights' if ema else 'weights'}"
-              + (f", not the EMA's ({len(copies)} tensors; --ema loads them)" if copies and not ema else ""),
-              file=sys.stderr)
-    return {k: v for k, v in state.items() if k not in ignored and (ema or k not in copies)}
-
-
-def diffusers_names(state, config):
-    """A state dict in any of the names VAE files use -> diffusers' names and shapes: the VAE's part of a whole
-    SD checkpoint (keys under first_stage_model. or vae.), LDM names, diffusers' older attention names."""
-    prefix = next((p for p in LDM_PREFIXES if any(k.startswith(p) for k in state)), "")
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in state):  # LDM names
-        diffusers_name = {ldm: name for name, ldm in ldm_names(config).items()}
-        state = {diffusers_name.get(k, k): v for k, v in state.items()}
-    converted = {}
-    for name, tensor in state.items():
-        parts = name.split(".")
-        if "attentions" in parts and len(parts) >= 2 and parts[-2] in LEGACY_ATTENTION:
-            name = ".".join(parts[:-2] + [LEGACY_ATTENTION[parts[-2]], parts[-1]])
-        if is_attention_matrix(name) and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
-            tensor = tensor[:, :, 0, 0]
-        converted[name] = tensor
-    return converted
-
-# -----------------------------------------------------------------------------
-# latents for diffusion models, and large images in tiles
-
-
-def to_diffusion_latents(z, config, bn=None):
-    """The latents a diffusion model works on: z_model = (z - shift_factor) * scaling_factor, or, where the config
-    has per-channel latents_mean and latents_std, (z - latents_mean) * scaling_factor / latents_std (the
-    conventions of diffusers' SD3/Flux and SDXL pipelines); for FLUX.2, given its model's bn, z patchified and
-    standardised: (patchify(z) - bn.running_mean) / sqrt(bn.running_var + bn.eps) (diffusers' Flux2Pipeline)."""
-    z = z if bn is None else patchify(z, config["patch_size"])
-    mean, std, scale = latent_statistics(z, config, bn)
-    return (z - mean) * scale / std
-
-
-def from_diffusion_latents(z_model, config, bn=None):
-    """The inverse of to_diffusion_latents: z = z_model * std / scaling_factor + mean (then unpatchified, for FLUX.2),
-    what the decoder takes."""
-    mean, std, scale = latent_statistics(z_model, config, bn)
-    z = z_model * std / scale + mean
-    return z if bn is None else unpatchify(z, config["patch_size"])
-
-
-def latent_statistics(z, config, bn=None):
-    """(mean, std, scale) of the latent convention, as tensors on z's device and dtype where they are per channel."""
-    if bn is not None:
-        mean, var = (t.to(z).view(1, -1, 1, 1) for t in (bn.running_mean, bn.running_var))
-        return mean, torch.sqrt(var + bn.eps), 1.0
-    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-        return (*(torch.tensor(config[k], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-                  for k in ("latents_mean", "latents_std")), config["scaling_factor"])
-    return config.get("shift_factor") or 0.0, 1.0, config["scaling_factor"]
-
-
-def patchify(z, patch):
-    """(B, C, h, w) -> (B, C ph pw, h / ph, w / pw): each ph x pw patch of a channel becomes ph pw channels (FLUX.2)."""
-    (b, c, h, w), (ph, pw) = z.shape, patch
-    return z.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 1, 3, 5, 2, 4).reshape(b, c * ph * pw, h // ph, w // pw)
-
-
-def unpatchify(z, patch):
-    """The inverse of patchify."""
-    (b, c, h, w), (ph, pw) = z.shape, patch
-    return z.reshape(b, c // (ph * pw), ph, pw, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // (ph * pw), h * ph,
-                                                                                           w * pw)
-
-
-TILE_OVERLAP = 0.25  # diffusers' tile_overlap_factor
-AUTO_TILE_PIXELS = 1024 * 1024  # --tile auto tiles images larger than this (see README for the memory it saves)
-
-
-def tiled(fn, x, size, out_size):
-    """fn on overlapping size x size tiles of x, the outputs (out_size x out_size for a whole tile) blended
-    linearly over their overlap: diffusers' enable_tiling scheme, step for step, so that the result is the
-    same. Tiles start every (1 - TILE_OVERLAP) size; each output fades in from its upper and left neighbours
-    (already blended) over TILE_OVERLAP out_size rows and columns, then keeps its first out_size - that."""
-    step, extent = int(size * (1 - TILE_OVERLAP)), int(out_size * TILE_OVERLAP)
-    rows = [[fn(x[:, :, i:i + size, j:j + size]) for j in range(0, x.shape[3], step)]
-            for i in range(0, x.shape[2], step)]
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            if i > 0:
-                blend(rows[i - 1][j], tile, extent, dim=2)
-            if j > 0:
-                blend(row[j - 1], tile, extent, dim=3)
-    keep = out_size - extent
-    return torch.cat([torch.cat([tile[:, :, :keep, :keep] for tile in row], dim=3) for row in rows], dim=2)
-
-
-def blend(a, b, extent, dim):
-    """In place: b's first `extent` rows (dim 2) or columns (dim 3) = a's last ones * (1 - t) + b's * t, with
-    t = 0, 1/extent, 2/extent, ... (capped at the smaller tile's size)."""
-    extent = min(a.shape[dim], b.shape[dim], extent)
-    t = (torch.arange(extent, dtype=b.dtype, device=b.device) / extent).view(-1, *[1] * (3 - dim))
-    b.narrow(dim, 0, extent).mul_(t).add_(a.narrow(dim, a.shape[dim] - extent, extent) * (1 - t))
-
-
-def tiled_encode(model, x):
-    """The posterior q(z|x) from tiles of the config's sample_size (as diffusers' encode with enable_tiling); from
-    the whole of x when it fits one tile."""
-    size = model.config["sample_size"]
-    if max(x.shape[2:]) <= size:
-        return model.encode(x)
-    return DiagonalGaussianDistribution(tiled(lambda t: model.encode(t).parameters, x, size,
-                                              size // model.downsampling_factor))
-
-
-def tiled_decode(model, z):
-    """The image of z decoded in tiles of sample_size / f latent pixels (as diffusers), whole when it fits one."""
-    size = model.config["sample_size"] // model.downsampling_factor
-    return model.decode(z) if max(z.shape[2:]) <= size else tiled(model.decode, z, size, model.config["sample_size"])
-
-# -----------------------------------------------------------------------------
-# reconstruct, encode, decode, convert
-
-
-def inference_setup(args, model):
-    """(device, dtype) for reconstruct/encode/decode, with the model moved there (and compiled with --compile). float16
-    is replaced by float32 where the config says force_upcast (float16 overflows in that model: SDXL's); else the
-    float32 weights are kept in model.float32_weights, for float32_if_it_overflows (weights beyond float16's range
-    are infinite in float16)."""
-    device, dtype = get_device(args.device), DTYPES[args.dtype]
-    if dtype == torch.float16 and model.config["force_upcast"]:
-        print("--dtype fp16: this model's config says force_upcast (float16 overflows in it); running in fp32",
-              file=sys.stderr)
-        dtype = torch.float32
-    model.float32_weights = model.state_dict() if dtype == torch.float16 else None  # the tensors .to() replaces
-    model.to(device=device, dtype=dtype)
-    if args.compile:  # compiled on their first call, again for each new input shape and dtype
-        model.encoder.compile()
-        model.decoder.compile()
-    return device, dtype
-
-
-def float32_if_it_overflows(model, run, what):
-    """run(dtype) with the model in its dtype; where float16 gave NaN or infinite values, the model is moved to float32
-    for the rest of the command and run repeated, with a line that says so, whatever force_upcast says (SDXL-like
-    VAEs overflow in float16: the black images). run takes the dtype to cast its input to."""
-    dtype = next(model.parameters()).dtype
-    out = run(dtype)
-    values = out.parameters if isinstance(out, DiagonalGaussianDistribution) else out  # (a posterior: its moments)
-    if dtype == torch.float16 and not torch.isfinite(values).all():
-        print(f"--dtype fp16: {what} overflowed in float16 (NaN or infinite values); running in fp32 from here",
-              file=sys.stderr)
-        model.float().load_state_dict(model.float32_weights)
-        out = run(torch.float32)
-    return out
-
-
-def use_tiles(args, pixels):
-    return args.tile == "on" or (args.tile == "auto" and pixels > AUTO_TILE_PIXELS)
-
-
-@torch.no_grad()
-def reconstruct(args):
-    model, _ = pretrained(args)
-    f = model.downsampling_factor
-    x = decode_image(args.image, model.config["in_channels"])[None].float() / 127.5 - 1
-    h, w = x.shape[2:]
-    if h < f or w < f or h % f or w % f:
-        raise UserError(f"{args.image} is {h}x{w} (height x width), smaller than this model's downsampling factor "
-                        f"{f}: it needs sides of at least {f}" if h < f or w < f else
-                        f"{args.image} is {h}x{w} (height x width); this model needs sides that are multiples of {f}, "
-                        f"e.g. {h // f * f}x{w // f * f} or {-(-h // f) * f}x{-(-w // f) * f}: crop or pad it")
-    device, dtype = inference_setup(args, model)
-    tile = use_tiles(args, h * w)
-    check_memory(0 if tile else 3 * model.config["block_out_channels"][0] * h * w * dtype.itemsize,
-                 f"{args.image} ({h}x{w}) with --tile off: the first level's activations",
-                 torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    posterior = float32_if_it_overflows(model, lambda d: (tiled_encode if tile else AutoencoderKL.encode)(
-        model, x.to(device=device, dtype=d)), "the encoder")
-    out = finite(float32_if_it_overflows(model, lambda d: (tiled_decode if tile else AutoencoderKL.decode)(
-        model, posterior.mode().to(d)), "the decoder"), "the reconstructed pixels")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    write_image(out[0], args.out)
-    quality = psnr((to_uint8(out).float() / 255).cpu(), to_uint8(x).float() / 255).item()
-    tiles = ", tiled" if tile and max(h, w) > model.config["sample_size"] else ""  # encode() tiles larger images only
-    print(f"latent {list(posterior.mean.shape)} (B, C, H/{f}, W/{f}) | PSNR {quality:.2f} dB | {seconds:.3f} s on "
-          f"{device} ({str(next(model.parameters()).dtype).split('.')[1]}{tiles}) | wrote {args.out}")
-    return quality
-
-
-@torch.no_grad()
-def encode_command(args):
-    """--data -> one safetensors file: `latents` = to_diffusion_latents(z) (z the posterior mean, or a sample with
-    --sample), what a diffusion model trains on, and the posterior's `mean` and `logvar` (unscaled), all float32
-    (N, C, h, w); `labels` when the data has them. The metadata holds the model's config (the scaling and shift
-    used), how the latents were made, and the images' names in order."""
-    check_writable(os.path.dirname(os.path.abspath(args.out)))  # and locked: one encode at a time writes there
-    model, _ = pretrained(args)
-    if model.config["in_channels"] != 3:
-        raise UserError(f"encode reads RGB images; this model takes {model.config['in_channels']} channels")
-    resolution = args.resolution or model.config["sample_size"]
-    check_resolution(resolution, model.config, latents=True)
-    images, labels = load_images(args.data, resolution, args.data_root)
-    c, h = model.config["latent_channels"], resolution // model.downsampling_factor
-    check_memory(len(images) * c * h * h * 4 * 3, f"encoding {len(images):,} images at {resolution}")
-    bn = copy.deepcopy(model.bn)  # FLUX.2's statistics, kept in float32
-    device, _ = inference_setup(args, model)
-    generator, progress, parts = torch.Generator(device).manual_seed(args.seed), Progress("encoding", len(images)), []
-    for batch in QuietLoader(images, batch_size=args.batch_size, num_workers=args.workers):
-        posterior = float32_if_it_overflows(model, lambda d: (
-            tiled_encode if use_tiles(args, resolution ** 2) else AutoencoderKL.encode)(
-            model, to_model_input(batch, device).to(d)), "the encoder")
-        z = finite(posterior.sample(generator) if args.sample else posterior.mode(), "the latents")
-        parts.append([t.float().cpu() for t in (to_diffusion_latents(z.float(), model.config, bn), posterior.mean,
-                                                posterior.logvar)])
-        progress.update(len(batch))
-    tensors = {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(("latents", "mean", "logvar"))}
-    if labels is not None:
-        tensors["labels"] = labels
-    if bn is not None:  # the statistics the latents were standardised with (decode takes them back with them)
-        tensors.update({f"bn.{k}": getattr(bn, k).float() for k in ("running_mean", "running_var")})
-    names = [os.path.relpath(f, args.data) for f in images.files] if isinstance(images, ImageFiles) else None
-    made = f"to_diffusion_latents of the posterior {'sample (seed %d)' % args.seed if args.sample else 'mean'}"
-    save_safetensors(tensors, args.out, metadata={"format": "pt", "config": json.dumps(diffusers_config(model.config)),
-                                                  "latents": made, "resolution": resolution,
-                                                  "names": json.dumps(names)})
-    print(f"encoded {len(images):,} images at {resolution}x{resolution} into {args.out}: latents "
-          f"{list(tensors['latents'].shape)} = {made}")
-
-
-@torch.no_grad()
-def decode_command(args):
-    """A file's `latents` (N, C, h, w), taken back with from_diffusion_latents (with the scaling and shift in the
-    file's metadata when it has them, else the model's) and decoded -> OUT/<name>.png for each (000000.png, ...
-    when the names are missing, leave OUT, or are not one per image)."""
-    latents, config = read_latents(args.latents)
-    model, _ = pretrained(args)
-    bn, channels = copy.deepcopy(model.bn), model.config["latent_channels"]  # FLUX.2's: patchified, in float32
-    channels *= 1 if bn is None else math.prod(model.config["patch_size"])
-    if latents.shape[1] != channels:
-        raise UserError(f"{args.latents}: latents have {latents.shape[1]} channels, this model's {channels}")
-    names, stems, stats = config.pop("names", None), [], config.pop("bn", None)
-    if bn is not None and stats is not None:  # the file's own statistics, as its scaling factor wins for SD's
-        bn.running_mean.copy_(stats["running_mean"])
-        bn.running_var.copy_(stats["running_var"])
-    if isinstance(names, list) and all(isinstance(n, str) for n in names):
-        stems = [os.path.normpath(os.path.splitext(n)[0]) for n in names]
-    if not (len(stems) == len(latents) == len({s.lower() for s in stems}) and all(  # one each, inside --out, that
-            not os.path.isabs(s) and not s.startswith("..") and "\0" not in s  # the file system can name
-            and max(len(os.fsencode(part)) for part in s.split(os.sep)) < 250 for s in stems)):
-        stems = [f"{i:06d}" for i in range(len(latents))]  # (a.png and a.jpg would both become a.png)
-    check_writable(args.out)  # and locked: one decode at a time writes there
-    paths = [os.path.join(args.out, s + ".png") for s in stems]
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} exists ({len(existing)} of the images): pass --overwrite, or another --out")
-    device, _ = inference_setup(args, model)
-    z = from_diffusion_latents(latents, check_config({**model.config, **config}, f"{args.latents}'s metadata"), bn)
-    tile = use_tiles(args, z.shape[2] * z.shape[3] * model.downsampling_factor ** 2)
-    progress = Progress("decoding", len(z))
-    for i in range(0, len(z), args.batch_size):
-        x = finite(float32_if_it_overflows(model, lambda d: (tiled_decode if tile else AutoencoderKL.decode)(
-            model, z[i:i + args.batch_size].to(device, d)), "the decoder"), "the decoded images").float()
-        for image, path in zip(x, paths[i:i + args.batch_size]):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_image(image, path)
-        progress.update(len(x))
-    print(f"decoded {len(z):,} latents into {args.out}")
-
-
-def read_latents(path):
-    """(latents float32, the latent convention and image names in its metadata, and FLUX.2's bn statistics when it
-    has them) of a latents file."""
-    tensors, meta = load_safetensors(path, metadata=True)
-    if "latents" not in tensors or tensors["latents"].ndim != 4 or 0 in tensors["latents"].shape:
-        raise UserError(f"{path} has no 'latents' tensor of shape (N, C, h, w), none 0")
-    try:
-        saved, names = json.loads(meta.get("config", "{}")), json.loads(meta.get("names", "null"))
-    except ValueError:
-        raise UserError(f"{path}: its metadata 'config' or 'names' is not JSON")
-    if not isinstance(saved, dict):
-        raise UserError(f"{path}: its metadata 'config' is not a JSON object")
-    keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
-    convention = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in keys}
-    stats = {k: tensors[f"bn.{k}"].float() for k in ("running_mean", "running_var") if f"bn.{k}" in tensors}
-    if stats and not (len(stats) == 2 and all(t.shape == tensors["latents"].shape[1:2] and torch.isfinite(t).all()
-                                              for t in stats.values()) and (stats["running_var"] >= 0).all()):
-        raise UserError(f"{path}: bn.running_mean and bn.running_var must be one finite number per latent channel "
-                        f"each (the variances >= 0)")
-    latents = finite(tensors["latents"].float(), f"{path}: its latents")
-    return latents, {**convention, "names": names, "bn": stats or None}
-
-
-def finite(t, what):
-    """t, if all its values are finite; else a one-line error (a flat one-colour image is no result)."""
-    if not torch.isfinite(t).all():
-        raise UserError(f"{what} hold NaN or infinite values" + ("; the weights overflow in this precision: try "
-                                                                  "--dtype fp32" if t.dtype != torch.float32 else ""))
-    return t
-
-
-def convert(args):
-    export(pretrained(args)[0], args.export, args.overwrite, args.export_format)
 
 # =============================================================================
 # Shared with vae.py: each file stands alone, so these are written in both; a test keeps them identical.
@@ -2202,16 +1471,15 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def _number(kind, low, inclusive, high=None):
+def _number(kind, low, inclusive, high=math.inf):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not (value >= low if inclusive else value > low) or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+        if not (low <= value if inclusive else low < value) or not value <= high or not math.isfinite(value):
+            limits = f"{'>=' if inclusive else '>'} {low}" + (f" and at most {high}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be {limits}, got {text}")
         return value
     return parse
 
@@ -2222,127 +1490,61 @@ seed = _number(int, 0, True, 2 ** 63 - 1)
 
 
 def get_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False); "
-                        "use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: this PyTorch has no MPS (Apple GPU) backend here; use --device cpu or auto")
+    """--device: auto is cuda, else mps, else the CPU; a device that is not there is a one-line error."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name
+    if not available[name]:
+        raise UserError(f"--device {name}: PyTorch sees no such device here; use --device cpu or auto")
     return torch.device(name)
 
 
-def check_memory(needed, what, have=None):
-    """A one-line error instead of an allocation that runs until the machine gives up: work that certainly needs
-    more bytes than the machine has (`have`, or its RAM)."""
-    have = have or (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf)
-    if needed > have:
-        raise UserError(f"{what} needs at least {needed / 2 ** 30:,.1f} GiB, more than this machine's "
-                        f"{have / 2 ** 30:,.1f} GiB")
+def load_checkpoint(path):
+    """A checkpoint of this program, read with weights_only=True (tensors and plain containers: no code in it runs)."""
+    try:  # (a missing file: an OSError, which main says in one line)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as e:  # what torch.load raises for other files
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): pass a ckpt.pt of {PROGRAM}")
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+        raise UserError(f"{path} is not a {PROGRAM} checkpoint (it lacks one of {', '.join(sorted(CHECKPOINT_KEYS))})")
+    return ckpt
 
 
-def load_pretrained(url, needed_by, otherwise=""):
-    """torchvision's pretrained weights at url, as a state dict. They live in $TORCH_HOME/hub/checkpoints,
-    downloaded there on first use or put there by hand, so the file is checked on every load, not only
-    on download: its sha256 must begin with the hex digits in its name (torchvision names its files so),
-    and it is unpickled with weights_only=True. A file planted under that name is refused unread."""
-    name = os.path.basename(url)
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    path, known = os.path.join(folder, name), name.split("-")[-1].split(".")[0]
+def load_pretrained(url, needed_by):
+    """torchvision's weights at url as a state dict, through torch.hub: downloaded into $TORCH_HOME/hub/checkpoints on
+    first use (its sha256 checked against the digits in its name) or put there by hand, and unpickled with
+    weights_only=True: a file that holds code is refused, never run."""
     try:
-        if not os.path.isfile(path):
-            os.makedirs(folder, exist_ok=True)
-            torch.hub.download_url_to_file(url, path, hash_prefix=known, progress=False)
-        with open(path, "rb") as f:
-            data = f.read()  # hashed and unpickled from memory: the file cannot change between the two
-        found = hashlib.sha256(data).hexdigest()
-        if not found.startswith(known):
-            raise UserError(f"{path} is not torchvision's {name} (its sha256 begins {found[:len(known)]}, not "
-                            f"{known}), so it is not loaded: replace it with the file from {url}")
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, MemoryError, pickle.UnpicklingError) as e:  # no network (URLError: OSError)
-        raise UserError(f"{needed_by} needs torchvision's {name} and could not get it ({type(e).__name__}); "
-                        f"put that file into {folder}{otherwise}")
-
-
-INCEPTION = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True,
+                                                  weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # no network (URLError is an OSError), a bad file
+        raise UserError(f"{needed_by} needs torchvision's {os.path.basename(url)} and could not get it "
+                        f"({type(e).__name__}): put that file into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
 
 
 def load_inception(device):
     """torchvision's ImageNet Inception-v3 without its classifier: images -> 2048-d pool features."""
-    state = load_pretrained(INCEPTION.url, "--fid")  # first: a missing or refused file fails before any work
+    state = load_pretrained(torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.url, "--fid")
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
     net.load_state_dict(state)
     net.fc = nn.Identity()
     return net.eval().to(device)
 
 
-def load_checkpoint(path):
-    """A checkpoint of this program, read with weights_only=True (no code in it runs), or a one-line error."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first, or pass the path of one")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many kinds of errors for a file that is not a checkpoint
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        detail = f"{type(e).__name__}: {reason}" if reason and not reason.isdigit() else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({detail}): pass a ckpt.pt that {PROGRAM} wrote")
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
-        raise UserError(f"{path} is not a {PROGRAM} checkpoint (it lacks one of {', '.join(sorted(CHECKPOINT_KEYS))})")
-    return ckpt
+LOCKS = []  # the descriptors by which this process holds its folders' locks
 
 
-LOCKED = {}  # folder -> the descriptor by which this process holds its lock
-
-
-def check_writable(folder):
-    """Make `folder` if need be, check that a file can be written in it before any long work starts (an OSError, say
-    "Permission denied", is one line from main), and lock it: a second run into the folder while this one works is
-    refused. The system lets the lock go when the process ends (kill -9 too); main lets it go when it returns."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"--out {folder} is a file, not a folder: pass a folder")
+def lock_folder(folder):
+    """Make `folder` if need be and lock it: a second run into it, while this one works, is refused. The system lets
+    the lock go when the process ends (kill -9 too); where it has no locks, the run goes on without."""
     os.makedirs(folder, exist_ok=True)
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:  # "Permission denied" (a read-only folder): name the folder, not the probe's random name
-        raise OSError(e.errno, e.strerror, folder) from None
-    key = os.path.realpath(folder)
-    if fcntl is not None and key not in LOCKED:
-        LOCKED[key] = os.open(folder, os.O_RDONLY)
+    if fcntl is not None:
+        LOCKS.append(os.open(folder, os.O_RDONLY))
         try:
-            fcntl.flock(LOCKED[key], fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:  # BlockingIOError: held; others (Lustre, some NFS mounts): no locks there, run without
-            os.close(LOCKED.pop(key))
+            fcntl.flock(LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:  # BlockingIOError: held; others (Lustre, some NFS mounts): no locks there
+            os.close(LOCKS.pop())
             if isinstance(e, BlockingIOError):
                 raise UserError(f"{folder} is in use by another run right now: wait for it to end, or write elsewhere")
-
-
-class Progress:
-    """Progress of long work on stdout, from its fifth second on (quicker work prints nothing): one line updated
-    in place on a terminal, a line per tenth of the work otherwise."""
-
-    def __init__(self, what, total):
-        self.what, self.total, self.done, self.t0, self.shown = what, total, 0, time.time(), False
-
-    def update(self, n):
-        before, self.done = self.done, self.done + n
-        elapsed = time.time() - self.t0
-        if elapsed < 5 and not self.shown:
-            return
-        rate = self.done / elapsed
-        line = (f"{self.what}: {self.done:,}/{self.total:,} images, {rate:,.1f} images/s, "
-                f"{(self.total - self.done) / rate:,.0f} s left")
-        if sys.stdout.isatty():
-            print("\r" + line, end="\n" if self.done >= self.total else "", flush=True)
-        elif not self.shown or self.done * 10 // self.total > before * 10 // self.total:
-            print(line, flush=True)
-        self.shown = True
-
-
-def interrupt(signum, frame):
-    """SIGTERM (kill, a job scheduler's stop) ends the program the way Ctrl-C does: one line, exit 130."""
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

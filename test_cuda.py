@@ -12,8 +12,9 @@ import torch
 import torchvision
 
 import kl_autoencoder as kl
+import sd_vae as sd
 import vae
-from test_vae import HERE, KL_CONFIGS, data_dir, diffusers_autoencoder, kl_data, relative_error  # noqa: F401 (fixtures)
+from test_vae import HERE, KL_CONFIGS, data_dir, diffusers_autoencoder, kl_data, relative_error, tiny_model  # noqa: F401
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -77,11 +78,11 @@ def test_torchrun_one_process_with_nccl(kl_data, tmp_path):
 def test_reconstruct_in_bf16_on_cuda_matches_fp32_on_cpu(tmp_path):
     torch.manual_seed(0)
     weights = str(tmp_path / "tiny.safetensors")
-    kl.save_safetensors(kl.build("tiny").state_dict(), weights)
+    kl.save_safetensors(tiny_model().state_dict(), weights)
     torchvision.io.write_png(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), str(tmp_path / "in.png"))
     psnr = {}
     for device, dtype in (("cpu", "fp32"), ("cuda", "bf16")):
-        psnr[device] = kl.main(["reconstruct", "--weights", weights, "--preset", "tiny", "--image",
+        psnr[device] = sd.main(["reconstruct", "--weights", weights, "--preset", "tiny", "--image",
                                 str(tmp_path / "in.png"), "--out", str(tmp_path / f"{device}.png"), "--device", device,
                                 "--dtype", dtype])
     assert abs(psnr["cpu"] - psnr["cuda"]) < 0.5  # bf16 keeps 8 bits of mantissa: far below 8-bit image steps
@@ -104,24 +105,24 @@ def test_parity_with_diffusers_on_cuda():
 
 
 def test_encode_and_tiled_decode_on_cuda_in_bf16_match_the_cpu(tmp_path):
-    """encode --dtype bf16 on the GPU against fp32 on the CPU (bf16 rounds to about 3 significant digits, so latents
+    """sd_vae.py encode --dtype bf16 on the GPU against fp32 on the CPU (bf16 rounds to about 3 significant digits, so latents
     agree to a few percent), and a tiled decode on the GPU against the same tiled decode on the CPU."""
     torch.manual_seed(0)
     weights = str(tmp_path / "tiny.safetensors")
-    kl.save_safetensors(kl.build("tiny").state_dict(), weights)
+    kl.save_safetensors(tiny_model().state_dict(), weights)
     (tmp_path / "images").mkdir()
     for i in range(4):
         torchvision.io.write_png(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), str(tmp_path / "images" / f"{i}.png"))
     latents = {}
     for device, dtype in (("cpu", "fp32"), ("cuda", "bf16")):
-        kl.main(["encode", "--weights", weights, "--preset", "tiny", "--data", str(tmp_path / "images"), "--resolution", "64",
+        sd.main(["encode", "--weights", weights, "--preset", "tiny", "--data", str(tmp_path / "images"), "--resolution", "64",
                  "--device", device, "--dtype", dtype, "--out", str(tmp_path / f"{device}.safetensors")])
         latents[device] = kl.load_safetensors(str(tmp_path / f"{device}.safetensors"))["latents"]
     assert relative_error(latents["cuda"], latents["cpu"]) <= 0.05
-    model = kl.AutoencoderKL(**{**kl.complete(kl.PRESETS["tiny"]), "sample_size": 32})
-    kl.load_weights(model, kl.load_safetensors(weights))
+    model = tiny_model(sample_size=32)
+    model.load_state_dict(kl.load_safetensors(weights))
     z = torch.randn(2, 4, 48, 40)
     with torch.no_grad():
-        cpu = kl.tiled_decode(model.eval(), z)
-        cuda = kl.tiled_decode(model.cuda(), z.cuda()).cpu()
+        cpu = sd.tiled_decode(model.eval(), z)
+        cuda = sd.tiled_decode(model.cuda(), z.cuda()).cpu()
     assert relative_error(cuda, cpu) <= 1e-3  # TF32 may be on: 10-bit mantissa
