@@ -28,7 +28,7 @@ active units, aggregate posterior, KL per dimension, mutual information), and th
 vae.py computes it (one matrix product, float64) and element-wise as it did before (float32), with both values.
 
 whole: wall time of two whole processes of 2 epochs each, started alternately --repeats times: vae.py (the DataLoader
-example's 784-400-20 ReLU model, test NLL with K = 100, its pictures) and pytorch/examples' vae/main.py itself (each
+example's 784-400-20 ReLU model, test NLL with K = --eval-samples, its pictures) and pytorch/examples' vae/main.py itself (each
 epoch's test loss and pictures), both on the MNIST of --data-dir (main.py reads ../data: a link there is made).
 
 kl: one training step (forward, backward, Adam) of kl_autoencoder.py's AutoencoderKL against
@@ -257,7 +257,8 @@ def bench_whole(args, device):
         commands = {"pytorch/examples": [sys.executable, os.path.abspath(args.examples_vae), "--epochs", "2"]
                     + ["--no-accel"] * (device.type == "cpu"),
                     "vae.py": [sys.executable, os.path.join(here, "vae.py"), "--epochs", "2", "--hidden", "400",
-                               "--latent-dim", "20", "--activation", "relu", "--eval-samples", "100", "--device",
+                               "--latent-dim", "20", "--activation", "relu", "--eval-samples", str(args.eval_samples),
+                               "--device",
                                str(device), "--data-dir", os.path.abspath(args.data_dir), "--overwrite", "--out",
                                os.path.join(work, "vae")]}
 
@@ -448,6 +449,7 @@ def main():
                    help="torch.compile's mode (reduce-overhead: CUDA graphs of the compiled parts)")
     g.add_argument("--graph", action="store_true", help="also vae.py's whole step, float32, in one CUDA graph")
     g.add_argument("--examples-vae", help="whole: pytorch/examples' vae/main.py")
+    g.add_argument("--eval-samples", type=int, default=100, help="whole: vae.py's K of the test NLL")
     g = p.add_argument_group("kl")
     g.add_argument("--preset", default="tiny", choices=sorted(sd.PRESETS))
     g.add_argument("--batch-size", type=int, default=8)

@@ -48,6 +48,7 @@ vae.py writes too.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import io
@@ -1150,8 +1151,8 @@ def build(config, source, model_class=None, device="cpu"):
 
 def read_config(path, families={"AutoencoderKL": {}}):
     """A diffusers AutoencoderKL config.json (or the folder holding one) -> its keywords, without diffusers' own
-    bookkeeping (the keys starting with "_"); block types without attention at every level are None. families: the
-    classes read, with the defaults a config of theirs is read over (sd_vae.py reads FLUX.2's too)."""
+    bookkeeping (the keys starting with "_"). families: the classes read, with the defaults a config of theirs is read
+    over (sd_vae.py reads FLUX.2's too)."""
     path = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
         with open(path, encoding="utf-8-sig") as f:  # (utf-8-sig: also a file saved with a byte-order mark)
@@ -1160,9 +1161,8 @@ def read_config(path, families={"AutoencoderKL": {}}):
         raise UserError(f"{path} is not a JSON config ({type(e).__name__})")
     if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") not in families:
         raise UserError(f"{path} is not an AutoencoderKL config.json (sd_vae.py reads the other families')")
-    config = {**families[config.get("_class_name", "AutoencoderKL")],
-              **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if not k.startswith("_")}}
-    return {**config, **{k: None for k, plain in BLOCK_TYPES.items() if set(config.get(k) or [plain]) == {plain}}}
+    return {**families[config.get("_class_name", "AutoencoderKL")],
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if not k.startswith("_")}}
 
 
 def architecture(args, presets=PRESETS, read=read_config):
@@ -1514,8 +1514,9 @@ def load_pretrained(url, needed_by):
     first use (its sha256 checked against the digits in its name) or put there by hand, and unpickled with
     weights_only=True: a file that holds code is refused, never run."""
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True,
-                                                  weights_only=True)
+        with contextlib.redirect_stderr(sys.stdout):  # (torch 2.6 says "Downloading ..." on stderr, later ones stdout)
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True,
+                                                      weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # no network (URLError is an OSError), a bad file
         raise UserError(f"{needed_by} needs torchvision's {os.path.basename(url)} and could not get it "
                         f"({type(e).__name__}): put that file into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")

@@ -487,10 +487,13 @@ def test_encode_and_decode_commands_round_trip(tiny_weights, tmp_path, capsys):
         decoded = torchvision.io.read_image(str(tmp_path / "decoded" / "sub" / f"{i}.png")).int()
         assert (decoded - torchvision.io.read_image(str(tmp_path / f"rec{i}.png")).int()).abs().max() <= 1
     # --sample: another z, the same posterior
-    sd.main(["encode", *common, "--data", str(tmp_path / "images"), "--resolution", "32", "--sample", "--out", str(tmp_path / "s.safetensors")])
+    sd.main(["encode", *common, "--data", str(tmp_path / "images"), "--resolution", "32", "--batch-size", "2", "--sample",
+             "--out", str(tmp_path / "s.safetensors")])
     sampled = kl.load_safetensors(str(tmp_path / "s.safetensors"))
     assert torch.allclose(sampled["mean"], saved["mean"], atol=1e-6)
-    eps = torch.randn(saved["mean"].shape, generator=torch.Generator().manual_seed(0))  # --seed 0, one batch of 3
+    g = torch.Generator().manual_seed(0)  # --seed 0, batches of 2 and 1
+    eps = torch.cat([torch.randn(2, *saved["mean"].shape[1:], generator=g), torch.randn(1, *saved["mean"].shape[1:],
+                                                                                         generator=g)])
     z = saved["mean"] + torch.exp(0.5 * saved["logvar"]) * eps
     assert torch.allclose(sampled["latents"], z * 0.18215, atol=1e-5) and not torch.allclose(z, saved["mean"], atol=0.1)
 
@@ -563,6 +566,10 @@ def test_fp16_is_upcast_where_the_config_says_so(tiny_weights, tmp_path, capsys)
     plain = write_json(tmp_path / "plain" / "config.json", {**kl.PRESETS["tiny"], "force_upcast": False})
     sd.main([*args, "--config", plain, "--dtype", "fp16", "--out", str(tmp_path / "c.png")])
     assert "float16" in capsys.readouterr().out
+    flux2 = read(write_json(tmp_path / "flux2" / "config.json", FLUX2_CONFIG))  # FLUX.2's has no force_upcast: upcast,
+    kl.export(flux2, str(tmp_path / "flux2" / "diffusion_pytorch_model.safetensors"))  # as diffusers' pipelines do
+    sd.main([*args[:1], "--weights", str(tmp_path / "flux2"), *args[3:], "--dtype", "fp16", "--out", str(tmp_path / "d.png")])
+    assert "force_upcast" in capsys.readouterr().err
 
 
 def test_compile_compiles_the_encoder_and_the_decoder_themselves(tiny_weights, tmp_path, monkeypatch):

@@ -375,6 +375,7 @@ def test_vae_part_one_copied_out_of_the_file_runs_its_docstring_example(data_dir
     exec(docstring_example(vae, module.__name__), {})
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in printed[:2]] == ["1", "2"]  # the two epochs' numbers
+    assert printed[2].startswith("test NLL (K=100): 64/64 images")  # its progress
     record = eval(printed[-1], {"nan": math.nan, "inf": math.inf})
     assert record["kind"] == "eval" and record["eval_samples"] == 100 and math.isfinite(record["test_nll"])
 
@@ -464,6 +465,19 @@ def test_adam_on_the_batch_mean_with_eps_over_b_steps_as_adam_on_the_sum_with_ep
     assert vae.parse_args(["--preset", "iwae"]).adam_eps == 1e-4 / 20
 
 
+def test_the_command_line_is_config_and_its_defaults_are_the_default_run():
+    """Every field of Config is an option of the same name whose default is the field's (a command line without
+    options runs Config()): README's default run, the 784-512-512-32 ELU MLP, batch 128, Adam 1e-3 with cosine decay
+    for 100 epochs, the ELBO, and the test NLL with K = 1000."""
+    cfg, defaults = vae.parse_args([]), vae.Config()
+    assert all(getattr(cfg, f.name) == (list(f.default) if f.name == "hidden" else f.default)
+               for f in dataclasses.fields(vae.Config))
+    assert (defaults.arch, defaults.hidden, defaults.latent_dim, defaults.activation, defaults.likelihood) == \
+        ("mlp", (512, 512), 32, "elu", "bernoulli")
+    assert (defaults.batch_size, defaults.lr, defaults.lr_schedule, defaults.epochs, defaults.beta, defaults.capacity,
+            defaults.train_samples, defaults.eval_samples) == (128, 1e-3, "cosine", 100, 1.0, None, 1, 1000)
+
+
 def test_preset_iwae_and_its_schedule():
     cfg = vae.parse_args(["--preset", "iwae"])
     assert (cfg.hidden, cfg.latent_dim, cfg.activation, cfg.batch_size, cfg.epochs, cfg.adam_eps, cfg.eval_samples) \
@@ -538,10 +552,13 @@ def test_importance_weighted_bound_is_above_the_elbo_and_grows_with_k():
             assert diff.mean() > 4 * se
 
 
-def test_chunked_nll_combines_chunks_exactly(monkeypatch):
-    """K = 150 in chunks of 100 and 50 (and on the CPU each chunk decoded in pieces of 64) must give -L_150 of the
-    very log-weights it drew: log (1/K) sum_k w_k over all 150, not an average of the chunks' bounds. The
-    log-weights are recorded as they are drawn and recombined here independently."""
+@pytest.mark.parametrize("k, rows, pieces", [(1250, 1000, [832, 168, 250, 832]), (150, 1000, [138, 12, 138])],
+                         ids=["chunks", "images"])
+def test_chunked_nll_combines_chunks_exactly(monkeypatch, k, rows, pieces):
+    """K = 1250 in chunks of 1000 and 250 samples, one image at a time, or K = 150 for 6 images at a time (and on the
+    CPU decoded in pieces of about 832 rows: 832 samples of one image, 138 of 6) must give -L_K of the very
+    log-weights it drew: log (1/K) sum_k w_k over all K, not an average of the chunks' bounds. The log-weights are
+    recorded as they are drawn and recombined here independently."""
     torch.manual_seed(0)
     model = vae.VAE(hidden=[64], latent_dim=4)
     x = vae.prepare_test_set(torch.tensor(fake_digits(30, 3), dtype=torch.float32).view(30, 784) / 255, "bernoulli")
@@ -553,19 +570,19 @@ def test_chunked_nll_combines_chunks_exactly(monkeypatch):
         drawn.append((xs, z, out))
         return out
     monkeypatch.setattr(model, "log_likelihood", recorded)
-    nll = vae.test_nll(model, x, 150, rows=100)  # chunks of 100 and 50 samples, one image at a time
-    assert [len(z) for _, z, _ in drawn[:4]] == [64, 36, 50, 64]  # pieces of the chunks
+    nll = vae.test_nll(model, x, k, rows=rows)
+    assert [len(z) for _, z, _ in drawn[:len(pieces)]] == pieces  # pieces of the chunks
     total, pending = 0.0, []
     with torch.no_grad():
         for call in drawn:
             pending.append(call)
-            if sum(len(z) for _, z, _ in pending) < 150:
+            if sum(len(z) for _, z, _ in pending) < k:
                 continue
             xs, z, log_px_z = pending[0][0], torch.cat([c[1] for c in pending]), torch.cat([c[2] for c in pending])
             mu, logvar = model.encode(xs)
             log_q = torch.distributions.Normal(mu, (0.5 * logvar).exp()).log_prob(z).sum(-1)
             log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
-            total -= (torch.logsumexp(log_px_z + log_p - log_q, 0) - math.log(150)).double().sum().item()
+            total -= (torch.logsumexp(log_px_z + log_p - log_q, 0) - math.log(k)).double().sum().item()
             pending = []
     assert not pending and nll == pytest.approx(total / len(x), rel=1e-6)
 
@@ -1059,6 +1076,8 @@ def test_kl_part_one_copied_out_of_the_file_runs_its_docstring_example(tmp_path,
     record = eval(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["images"] == 500 and record["step"] == 100 and record["psnr"] > 15  # (the untrained model: about 11)
     assert sorted(os.listdir(tmp_path / "runs" / "part-one")) == ["ckpt.pt", "metrics.jsonl", "reconstructions.png"]
+    ckpt = torch.load(tmp_path / "runs" / "part-one" / "ckpt.pt", weights_only=True)
+    assert "disc" not in ckpt and "opt_d" not in ckpt  # without the adversarial term, no discriminator
     images = torch.from_numpy(smooth_images(12, 16)).permute(0, 3, 1, 2)
     with pytest.raises(ValueError, match="perceptual"):  # a perceptual weight with no network is not ignored
         module.train(module.Config(perceptual_weight=1.0), {}, images[:8], images[8:])
@@ -1269,7 +1288,8 @@ def test_kl_held_out_split_is_stratified_seeded_and_apart_from_training(frozen, 
     x, x_rec, _ = frozen_terms(frozen.model, np.broadcast_to(levels[:, None, None, None], (40, 16, 16, 3)).astype(np.uint8))
     per_image = (x - x_rec).abs().mean(dim=(1, 2, 3))
     training = [i for i in range(40) if i not in val]
-    assert records[0]["rec"] == pytest.approx(per_image[training].mean().item(), rel=1e-5)
+    # (one batch of 32 there, of 40 here: torch 2.6's CPU convolutions differ by 1.2e-5 between such batch shapes)
+    assert records[0]["rec"] == pytest.approx(per_image[training].mean().item(), rel=1e-4)
     kl.main(["eval", "--weights", frozen.weights, "--preset", "tiny", "--data", path, "--val-size", "8", "--resolution", "16",
              "--seed", "1", "--device", "cpu", "--out", str(tmp_path / "seed1")])
     other = held_out(tmp_path / "seed1")
@@ -1444,7 +1464,8 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(fr
         assert [r["step"] for r in a] == [r["step"] for r in b] == steps, kind
         for ra, rb in zip(a, b):
             for key in ("loss", "rec", "nll", "kl", "logvar") if kind == "train" else ("psnr", "ssim", "kl"):
-                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (kind, ra["step"], key)
+                # (sums over other batch shapes: the evaluation after 3 Adam steps 1.4e-4 apart on torch 2.6)
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4 if kind == "train" else 1e-3, abs=1e-6), (kind, key)
     assert len(kl_records(two, "train")) == 4 and len(kl_records(two, "eval")) == 2  # rank 0 alone wrote them
 
 
@@ -1480,6 +1501,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(poisoned_from
     kl_error(capsys, "nan", "last good")
     assert (torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] if saved else
             os.path.exists(os.path.join(out, "ckpt.pt"))) == (saved or False)
+
+
+def test_an_ema_that_a_resumed_run_adds_starts_at_the_checkpoints_weights(kl_data, tmp_path):
+    """A run that kept no EMA, resumed with --ema 0.5: the EMA starts at the checkpoint's weights (not the fresh model's)
+    and takes the step after them, e = 0.5 w_2 + 0.5 w_3."""
+    args = ["train", "--data", kl_data, *KL_TINY, "--disc-weight", "0", "--out", str(tmp_path / "run")]
+    kl.main([*args, "--steps", "2"])
+    w2 = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    kl.main([*args, "--steps", "3", "--resume", "--ema", "0.5"])
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    for name, w3 in ckpt["model"].items():
+        if w3.is_floating_point():
+            assert torch.allclose(ckpt["ema"][name], 0.5 * w2[name] + 0.5 * w3, rtol=0, atol=1e-7), name
 
 
 def test_kl_training_evaluates_the_ema_weights_when_it_keeps_them(kl_data, tmp_path):
@@ -1927,7 +1961,8 @@ def test_kl_writes_are_atomic(tmp_path, monkeypatch):
 def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     """A folder of the files the table of user mistakes names ({d}/name), with a vae.py run ({vaerun}) and a
     kl_autoencoder.py run ({d}/klrun) in it, a diffusers folder ({d}/wfolder), a folder another process holds locked
-    as a run does ({d}/locked), and MNIST and an .npz of images beside it ({mnist}, {kldata})."""
+    (shared: a run's own lock must be exclusive to be refused) ({d}/locked), and MNIST and an .npz of images beside it
+    ({mnist}, {kldata})."""
     d = tmp_path_factory.mktemp("inputs")
     for name, (h, w) in {"in32.png": (32, 32), "in31x32.png": (31, 32)}.items():
         write_test_image(d / name, h, w)
@@ -1941,6 +1976,7 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
         torchvision.io.write_png(torch.full((3, 32, 32), 10 * i, dtype=torch.uint8), str(d / "broken" / f"{i:02d}.png"))
     (d / "broken" / "13.png").write_bytes(b"\x89PNG broken")
     shutil.copy(tiny_weights, d / "tiny.safetensors")
+    os.symlink(d / "tiny.safetensors", d / "link.safetensors")  # the same file, by another name
     state = kl.load_safetensors(tiny_weights)
     kl.save_safetensors({k: v for k, v in state.items() if k != "decoder.conv_out.weight"}, str(d / "partial.safetensors"))
     kl.save_safetensors({**state, "decoder.conv_out.weight": state["decoder.conv_out.weight"] * float("nan")},
@@ -1970,7 +2006,7 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     ckpt = torch.load(d / "klrun" / "ckpt.pt", weights_only=True)
     torch.save({**ckpt, "config": {**ckpt["config"], "data": "images_moved_away.npz"}}, d / "moved" / "ckpt.pt")
     locker = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); time.sleep(600)", str(d / "locked")],
+                               "fcntl.flock(fd, fcntl.LOCK_SH); print(flush=True); time.sleep(600)", str(d / "locked")],
                               stdout=subprocess.PIPE)
     locker.stdout.readline()  # it holds the lock
     yield {"d": str(d), "mnist": data_dir, "kldata": kl_data, "vaerun": trained[0]}
@@ -2068,7 +2104,8 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", E + "--export {new}.bin", [".safetensors"]),
     ("kl", "eval --weights {d}/wfolder --data {kldata} --device cpu --out {new} --overwrite --export "
            "{d}/wfolder/../wfolder/diffusion_pytorch_model.safetensors", ["also an input"]),
-    ("kl", T + "--weights {d}/tiny.safetensors --overwrite --export {d}/tiny.safetensors", ["also an input"]),
+    ("kl", T + "--weights {d}/tiny.safetensors --overwrite --steps 1 --export {d}/tiny.safetensors", ["also an input"]),
+    ("kl", T + "--weights {d}/tiny.safetensors --overwrite --steps 1 --export {d}/link.safetensors", ["also an input"]),
     ("kl", "eval --ckpt {d}/copy/ckpt.pt --device cpu --out {d}/klrun", ["holds another run's metrics.jsonl"]),
     ("kl", "eval --ckpt {d}/runs/kl_copy.pt --device cpu", ["holds another run's"]),  # another run's folder
     ("kl", T + "--steps 1 --out {d}/klrun", ["holds another run's", "--resume", "--overwrite"]),

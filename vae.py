@@ -34,6 +34,7 @@ helpers kl_autoencoder.py writes too.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -366,10 +367,10 @@ def test_nll(model, x_test, k, rows=2 ** 16):
     combined exactly: log (1/K) sum_k w_k = logsumexp_c(L_{K_c} + log K_c) - log K over chunks c. Prints progress."""
     model.eval()
     chunk, done, t0 = min(k, rows), 0, time.time()
-    total = torch.zeros((), dtype=torch.float64, device=x_test.device)
+    total, cpu = torch.zeros((), dtype=torch.float64, device=x_test.device), x_test.device.type == "cpu"
 
-    def log_likelihood(x, z):  # on the CPU 64 samples at a time: small buffers that stay in the cache (2x faster)
-        return torch.cat([model.log_likelihood(x, part) for part in z.split(64 if z.device.type == "cpu" else len(z))])
+    def log_likelihood(x, z):  # on the CPU ~832 rows (samples x images) at a time: buffers that stay in the cache
+        return torch.cat([model.log_likelihood(x, part) for part in z.split(max(1, 832 // z.shape[1]) if cpu else k)])
     for x in x_test.split(max(1, rows // chunk)):
         mu, logvar = model.encode(x)
         sizes = [min(chunk, k - start) for start in range(0, k, chunk)]
@@ -765,8 +766,9 @@ def load_pretrained(url, needed_by):
     first use (its sha256 checked against the digits in its name) or put there by hand, and unpickled with
     weights_only=True: a file that holds code is refused, never run."""
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True,
-                                                  weights_only=True)
+        with contextlib.redirect_stderr(sys.stdout):  # (torch 2.6 says "Downloading ..." on stderr, later ones stdout)
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True,
+                                                      weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # no network (URLError is an OSError), a bad file
         raise UserError(f"{needed_by} needs torchvision's {os.path.basename(url)} and could not get it "
                         f"({type(e).__name__}): put that file into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
