@@ -958,13 +958,14 @@ def load_images(spec, resolution, root):
             folder = os.path.join(root, dataset.base_folder, "img_align_celeba")
             return ImageFiles([os.path.join(folder, f) for f in dataset.filename], resolution), None
         images, labels = np.asarray(dataset.data), np.asarray(dataset.targets)  # N x H x W (x C)
-    else:
+    elif spec.endswith(".npz"):
         try:
             with np.load(spec) as f:
                 images, labels = f["images"], f.get("labels")
         except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # no images; not an npz (a pickle?)
-            raise UserError(f"--data {spec}: not a folder, an .npz file of 'images', or one of "
-                            f"{', '.join(TORCHVISION_DATASETS)} ({type(e).__name__})")
+            raise UserError(f"--data {spec} is not a readable .npz file of 'images' ({type(e).__name__})")
+    else:
+        raise UserError(f"--data {spec}: not a folder, an .npz file, or one of {', '.join(TORCHVISION_DATASETS)}")
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[3:] > (4,) or 0 in images.shape or \
             labels is not None and (labels.shape != images.shape[:1] or labels.dtype.kind not in "biu"):
         raise UserError(f"{spec}: 'images' must be uint8 N x H x W x C (C = 1 to 4, none 0), and 'labels' one integer "
@@ -1043,7 +1044,9 @@ def load_safetensors(path, metadata=False):
     [begin, end]} (and an optional "__metadata__"), then the tensors' bytes, offsets counted from the header's end.
     The header is checked before a tensor is built: JSON of that length, known dtypes, shapes of whole numbers, each
     tensor's bytes its shape times its item size, and the byte ranges tiling the data, each starting where one ends."""
-    blob = bytearray(pathlib.Path(path).read_bytes())
+    with open(path, "rb") as f:  # (read into one buffer: a 7 GB checkpoint is not held twice)
+        blob = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(blob)
     start = 8 + int.from_bytes(blob[:8], "little")
     try:
         header = json.loads(blob[8:start]) if 8 <= start <= len(blob) else None
@@ -1159,8 +1162,9 @@ def read_config(path, families={"AutoencoderKL": {}}):
             config = json.load(f)
     except (ValueError, RecursionError) as e:
         raise UserError(f"{path} is not a JSON config ({type(e).__name__})")
-    if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") not in families:
-        raise UserError(f"{path} is not an AutoencoderKL config.json (sd_vae.py reads the other families')")
+    if not isinstance(config, dict) or str(config.get("_class_name", "AutoencoderKL")) not in families:
+        raise UserError(f"{path} is not a config.json of {' or '.join(families)}" + " (sd_vae.py reads other families')"
+                        * (len(families) == 1))
     return {**families[config.get("_class_name", "AutoencoderKL")],
             **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if not k.startswith("_")}}
 
@@ -1227,15 +1231,15 @@ def parse_args(argv=None):
     return settle(p.parse_args(argv))
 
 
-def add_train_and_eval(sub, presets=PRESETS):
-    """The train and eval commands and their options (sd_vae.py adds them to its own, with its presets)."""
+def add_train_and_eval(sub, presets=PRESETS, files="a .safetensors file in diffusers' names"):
+    """The train and eval commands and their options (sd_vae.py adds them to its own, with its presets and files)."""
     t, e = (sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter) for name, text in (
         ("train", "train an autoencoder (one process, or one per GPU with torchrun)"),
         ("eval", "evaluate a checkpoint or weights on held-out images")))
-    add_model_options(t, train=True, presets=presets)
+    add_model_options(t, train=True, presets=presets, files=files)
     add_config_options(t.add_argument_group("the run (Config: LDM's recipe, the loop; and the data)"), TrainConfig)
     t.set_defaults(steps=None)  # settle: 10,000 unless --epochs
-    add_model_options(e, presets=presets)
+    add_model_options(e, presets=presets, files=files)
     add_config_options(e.add_argument_group("data and run (default: the checkpoint's)"), TrainConfig,
                        names=(*DATA_OPTIONS, "precision", "device"), blank=True)
     e.add_argument("--out", help="where reconstructions.png and metrics.jsonl go (default: the checkpoint's folder)")
@@ -1246,12 +1250,14 @@ def add_train_and_eval(sub, presets=PRESETS):
         q.add_argument("--overwrite", action="store_true", help="replace another run's files in OUT, and --export's")
 
 
-def add_model_options(q, train=False, presets=PRESETS):
-    """The model: --weights or --ckpt (train: --weights to fine-tune, and sizes), --preset or --config."""
+def add_model_options(q, train=False, presets=PRESETS, files="a .safetensors file in diffusers' names",
+                      ema="a --ckpt's"):
+    """The model: --weights or --ckpt (train: --weights to fine-tune, and sizes), --preset or --config (sd_vae.py
+    passes its presets and the files it reads)."""
     g = q.add_argument_group("the model")
     s = g if train else g.add_mutually_exclusive_group(required=True)
-    s.add_argument("--weights", help="a diffusers folder (with its config.json), or a .safetensors file in diffusers' "
-                                     "names" + (": fine-tune them" if train else ""))
+    s.add_argument("--weights", help=f"a diffusers folder (with its config.json), or {files}" + (": fine-tune them"
+                                                                                                 if train else ""))
     if train:
         for name in ("--block-out-channels", "--layers-per-block", "--latent-channels"):
             g.add_argument(name, type=positive_int, nargs="+" if name == "--block-out-channels" else None,
@@ -1259,8 +1265,9 @@ def add_model_options(q, train=False, presets=PRESETS):
         g.add_argument("--lpips-weights", help="the LPIPS project's v0.1 vgg.pth: calibrated channel weights")
     else:
         s.add_argument("--ckpt", help="a checkpoint written by train (its model's config is in it)")
-        g.add_argument("--ema", action="store_true", help="a --ckpt's EMA weights")
-    g.add_argument("--preset", choices=sorted(presets), help="the architecture (default sd)")
+        g.add_argument("--ema", action="store_true", help=f"the EMA weights: {ema}")
+    g.add_argument("--preset", choices=sorted(presets), help="the architecture (default: a --weights folder's "
+                                                             "config.json, else sd)")
     g.add_argument("--config", help="a diffusers config.json (or its folder)")
 
 
@@ -1295,9 +1302,9 @@ def settle(args, out_files={"reconstruct": (".png", ".jpg", ".jpeg")}):
     inputs = [p for p in (getattr(args, k, None) for k in ("weights", "ckpt", "config", "image", "data")) if p]
     inputs += [os.path.join(p, name) for p in inputs if os.path.isdir(p) for name in os.listdir(p)]
     outputs = [("--out", args.out, out_files[args.command])] if args.command in out_files else []
-    if getattr(args, "export", None) is not None:  # and the config.json beside it
-        outputs += [("--export", args.export, (".safetensors",)), ("--export's", os.path.join(
-            os.path.dirname(args.export), "config.json"), (".json",))]
+    if getattr(args, "export", None) is not None:  # and the config.json beside it, in diffusers' format
+        outputs += [("--export", args.export, (".safetensors",))] + [("--export's", os.path.join(os.path.dirname(
+            args.export), "config.json"), (".json",))] * (getattr(args, "export_format", "diffusers") == "diffusers")
     for flag, path, extensions in outputs:
         same = any(os.path.abspath(path) == os.path.abspath(p) or os.path.exists(path) and os.path.samefile(path, p)
                    for p in inputs if os.path.exists(p))

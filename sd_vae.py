@@ -11,9 +11,10 @@ SD checkpoints too), the latents diffusion models work on, tiles for large image
     python sd_vae.py train --weights flux2/vae --data images/ --resolution 512 --out runs/flux2  # kl_autoencoder.py's
     python sd_vae.py eval --ckpt runs/flux2/ckpt.pt                        # train and eval, with every family's files
 
---weights takes a diffusers folder (its config.json is read), a .safetensors, .ckpt, .pt or .bin file in diffusers' or
-LDM's names, or a whole Stable Diffusion checkpoint (its first_stage_model.* keys); a pickle is read with
-weights_only=True, so a file that would run code is refused. --preset or --config give the architecture of a file.
+--weights takes a diffusers folder (its config.json is read; its .safetensors, or the .bin of older diffusers), a
+.safetensors, .ckpt, .pt or .bin file in diffusers' or LDM's names, or a whole Stable Diffusion checkpoint (its
+first_stage_model.* keys); a pickle is read with weights_only=True, so a file that would run code is refused.
+--preset or --config give the architecture of a file.
 """
 
 import argparse
@@ -64,8 +65,10 @@ class AutoencoderKLFlux2(kl.AutoencoderKL):
                  batch_norm_momentum=0.1, patch_size=(2, 2), **config):
         super().__init__(latent_channels=latent_channels, sample_size=sample_size, **config)
         (ph, pw), c = patch_size, self.config
-        if decoder_block_out_channels and len(decoder_block_out_channels) != len(c["block_out_channels"]):
-            raise ValueError(f"decoder_block_out_channels {decoder_block_out_channels}: one width per level")
+        levels = len(c["block_out_channels"])
+        if min(ph, pw) < 1 or decoder_block_out_channels and len(decoder_block_out_channels) != levels:
+            raise ValueError(f"decoder_block_out_channels {decoder_block_out_channels} (one width per level) or "
+                             f"patch_size {patch_size} (two sides of at least 1)")
         if decoder_block_out_channels:
             self.decoder = kl.Decoder(latent_channels, c["out_channels"], decoder_block_out_channels,
                                       c["layers_per_block"], c["norm_num_groups"], c["act_fn"],
@@ -94,11 +97,13 @@ def check_config(config, source):
     batch norm's eps) a finite number > 0, the shift finite, per-channel statistics finite numbers (stds > 0), one per
     latent channel; else one line."""
     full = kl.build(config, source, model_class(config), device="meta").config
-    positive = [full.get("scaling_factor", 1), full.get("batch_norm_eps", 1), *(full.get("latents_std") or ())]
-    numbers = [*positive, full.get("shift_factor") or 0, *(full.get("latents_mean") or ())]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers) or \
-            min(positive) <= 0 or any(len(full.get(k) or [0] * full["latent_channels"]) != full["latent_channels"]
-                                      for k in ("latents_mean", "latents_std")):
+    mean, std = (full.get(k) or (default,) * full["latent_channels"] for k, default in (("latents_mean", 0),
+                                                                                        ("latents_std", 1)))
+    positive = [full.get("scaling_factor", 1), full.get("batch_norm_eps", 1), *(std if isinstance(std, tuple) else ())]
+    numbers = [*positive, full.get("shift_factor") or 0, *(mean if isinstance(mean, tuple) else ())]
+    if not all(isinstance(v, tuple) and len(v) == full["latent_channels"] for v in (mean, std)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers) or \
+            min(positive) <= 0:
         raise UserError(f"{source}: its latent convention (scaling_factor, shift_factor, latents_mean, latents_std; "
                         f"FLUX.2's batch_norm_eps) is not finite numbers, the scaling, stds and eps > 0, one statistic "
                         f"per latent channel")
@@ -195,8 +200,11 @@ def read_weights(path, model, ema=False):
     """The weights in a file, of any of its names, as the model's state dict (checked by kl.fit_weights): a diffusers
     folder or .safetensors file, or a PyTorch file (.ckpt, .pt, .bin) read with weights_only=True (tensors and plain
     containers: a file that would run code is refused), its "state_dict" when it is a training checkpoint's."""
-    if os.path.isdir(path) or path.endswith(".safetensors"):
-        state = kl.read_weights(path)
+    if os.path.isdir(path):  # a diffusers folder: its .safetensors, else the .bin of older diffusers
+        safetensors = os.path.join(path, "diffusion_pytorch_model.safetensors")
+        path = safetensors if os.path.exists(safetensors) else os.path.join(path, "diffusion_pytorch_model.bin")
+    if path.endswith(".safetensors"):
+        state = kl.load_safetensors(path)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -311,7 +319,7 @@ def pretrained(args):
     """(the autoencoder, in float32 on the CPU, and the checkpoint or None): --weights of any family and names (the
     architecture: --preset, --config, or a diffusers folder's config.json), or a train checkpoint's model."""
     if args.weights:
-        config = check_config(kl.architecture(args, PRESETS, read_config), args.config or args.weights)
+        config = kl.architecture(args, PRESETS, read_config)  # (read_config checks a config.json's convention)
         model = kl.build(config, args.config or args.weights, model_class(config))
         model.load_state_dict(read_weights(args.weights, model, args.ema))
         return model.eval(), None
@@ -421,6 +429,8 @@ def encode_command(args):
     h, w); `labels` when the data has them; FLUX.2's bn statistics. Its metadata: the model's config (the convention
     used), how the latents were made, and the images' names in order."""
     model, _ = pretrained(args)
+    if model.config["in_channels"] != 3:
+        raise UserError(f"encode reads RGB images; this model takes {model.config['in_channels']} channels")
     resolution = args.resolution or model.config["sample_size"]
     f = model.downsampling_factor * (math.lcm(*model.config["patch_size"]) if "patch_size" in model.config else 1)
     if resolution % f:
@@ -431,17 +441,19 @@ def encode_command(args):
     bn = copy.deepcopy(getattr(model, "bn", None))  # FLUX.2's statistics, kept in float32
     device, _ = inference_setup(args, model)
     generator, parts = torch.Generator(device).manual_seed(args.seed), []
-    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers or 0)
+    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
     for i, batch in enumerate(loader):
         posterior = encode(model, kl.to_model_input(batch, device), use_tiles(args, resolution ** 2))
-        z = finite(posterior.sample(generator) if args.sample else posterior.mode(), "the latents")
-        parts.append([t.float().cpu() for t in (to_diffusion_latents(z.float(), model.config, bn), posterior.mean,
-                                                posterior.logvar)])
+        z = posterior.sample(generator) if args.sample else posterior.mode()
+        z_model = finite(to_diffusion_latents(z.float(), model.config, bn), "the latents")  # (bn's negative var: NaN)
+        parts.append([t.float().cpu() for t in (z_model, posterior.mean, posterior.logvar)])
         if (i + 1) * 10 // len(loader) > i * 10 // len(loader):  # a line per tenth of the work
             print(f"encoded {sum(len(p[0]) for p in parts):,}/{len(images):,} images", flush=True)
     tensors = {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(("latents", "mean", "logvar"))}
-    tensors.update({"labels": labels} if labels is not None else {})
-    tensors.update({f"bn.{k}": getattr(bn, k).float() for k in ("running_mean", "running_var")} if bn else {})
+    if labels is not None:
+        tensors["labels"] = labels
+    if bn is not None:  # the statistics the latents were standardised with (decode takes them back with them)
+        tensors.update({f"bn.{k}": getattr(bn, k).float() for k in ("running_mean", "running_var")})
     names = [os.path.relpath(f, args.data) for f in images.files] if isinstance(images, kl.ImageFiles) else None
     made = f"to_diffusion_latents of the posterior {'sample (seed %d)' % args.seed if args.sample else 'mean'}"
     kl.save_safetensors(tensors, args.out, metadata={"format": "pt", "latents": made, "resolution": resolution,
@@ -471,10 +483,9 @@ def decode_command(args):
     except (ValueError, AttributeError):
         raise UserError(f"{args.latents}: its metadata 'config' or 'names' is not the JSON encode writes")
     if bn is not None and "bn.running_mean" in tensors:  # the statistics they were made with (a fine-tune's differ)
-        try:
-            bn.running_mean.copy_(tensors["bn.running_mean"]), bn.running_var.copy_(tensors["bn.running_var"])
-        except (KeyError, RuntimeError):
+        if [tensors.get(f"bn.{k}", torch.zeros(0)).shape for k in ("running_mean", "running_var")] != [(channels,)] * 2:
             raise UserError(f"{args.latents}: its bn.running_mean and bn.running_var are not one number per channel")
+        bn.running_mean.copy_(tensors["bn.running_mean"]), bn.running_var.copy_(tensors["bn.running_var"])
     stems = [os.path.normpath(os.path.splitext(n)[0]) for n in names] if isinstance(names, list) and all(
         isinstance(n, str) for n in names) else []
     if not (len(stems) == len(latents) == len({s.lower() for s in stems}) and all(  # one each, inside --out, that
@@ -516,14 +527,15 @@ def parse_args(argv=None):
     p = kl.Parser(description="Stable Diffusion and FLUX VAE files: reconstruct, encode, decode, convert; "
                               "kl_autoencoder.py's train and eval for them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=kl.Parser)
-    kl.add_train_and_eval(sub, PRESETS)
+    files = "a .safetensors, .ckpt, .pt or .bin file in diffusers' or LDM's names (a whole SD checkpoint too)"
+    kl.add_train_and_eval(sub, PRESETS, files)
     r, n, d, c = (sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
                   for name, text in (("reconstruct", "encode and decode one image"),
                                      ("encode", "images -> latents for diffusion training (one .safetensors)"),
                                      ("decode", "latents (a file of encode, or any with 'latents') -> images"),
                                      ("convert", "a weights file to diffusers' format, or LDM's")))
     for q in (r, n, d, c):
-        kl.add_model_options(q, presets=PRESETS)
+        kl.add_model_options(q, presets=PRESETS, files=files, ema="a --ckpt's, or a file's model_ema.* (LDM's)")
         q.add_argument("--overwrite", action="store_true", help="replace existing output files")
         q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     for q in (r, n, d):
@@ -551,7 +563,7 @@ def parse_args(argv=None):
     c.add_argument("--export-format", default="diffusers", choices=["diffusers", "ldm"],
                    help="diffusers: config.json beside FILE; ldm: one file in CompVis/LDM names (ComfyUI, A1111)")
     args = kl.settle(p.parse_args(argv), {"reconstruct": (".png", ".jpg", ".jpeg"), "encode": (".safetensors",)})
-    if args.command == "encode" and args.workers is None:
+    if args.command == "encode":
         args.workers = kl.settled_workers(args)
     return args
 

@@ -198,11 +198,17 @@ def test_the_flux2_preset_is_autoencoderklflux2s_published_config(tmp_path):
 
 
 def test_a_diffusers_folder_or_its_file_brings_its_own_config(tmp_path, capsys):
+    """A diffusers folder, or its diffusion_pytorch_model file, is read with the config.json beside it; so is the folder
+    of older diffusers, whose weights are a pickled diffusion_pytorch_model.bin."""
     torch.manual_seed(0)
-    kl.export(built({**SD_CONFIGS["flux-like"], "block_out_channels": (32, 64)}),
-              str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    model = built({**SD_CONFIGS["flux-like"], "block_out_channels": (32, 64)})
+    kl.export(model, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "old").mkdir()
+    os.rename(tmp_path / "vae" / "config.json", tmp_path / "old" / "config.json")
+    torch.save(model.state_dict(), str(tmp_path / "old" / "diffusion_pytorch_model.bin"))
+    kl.export(model, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
     write_test_image(tmp_path / "in.png", 16, 16)
-    for weights in ("vae", os.path.join("vae", "diffusion_pytorch_model.safetensors")):
+    for weights in ("vae", os.path.join("vae", "diffusion_pytorch_model.safetensors"), "old"):
         sd.main(["reconstruct", "--weights", str(tmp_path / weights), "--image", str(tmp_path / "in.png"), "--out",
                  str(tmp_path / "o.png"), "--device", "cpu", "--overwrite"])
         assert "latent [1, 16, 8, 8]" in capsys.readouterr().out  # 16 channels, f = 2: the folder's config, not sd's
@@ -317,14 +323,14 @@ def test_ldm_export_loads_in_diffusers_from_single_file_and_back_here(tmp_path):
     write_json(tmp_path / "cfg" / "config.json", config)
     kl.export(read(tmp_path / "cfg"), str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))  # its random weights
     kl.save_safetensors(ref.float().state_dict(), str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
-    sd.main(["convert", "--weights", str(tmp_path / "vae"), "--export-format", "ldm", "--export",
-             str(tmp_path / "vae_ldm.safetensors")])
-    assert "decoder.up.0.block.0.conv1.weight" in kl.load_safetensors(str(tmp_path / "vae_ldm.safetensors"))
-    theirs = diffusers.AutoencoderKL.from_single_file(str(tmp_path / "vae_ldm.safetensors"), config=str(tmp_path / "cfg"),
+    sd.main(["convert", "--weights", str(tmp_path / "vae"), "--export-format", "ldm", "--export",  # (into the folder:
+             str(tmp_path / "vae" / "vae_ldm.safetensors")])  # one file, no config.json over the folder's)
+    assert "decoder.up.0.block.0.conv1.weight" in kl.load_safetensors(str(tmp_path / "vae" / "vae_ldm.safetensors"))
+    theirs = diffusers.AutoencoderKL.from_single_file(str(tmp_path / "vae" / "vae_ldm.safetensors"), config=str(tmp_path / "cfg"),
                                                       local_files_only=True)
     assert all(torch.equal(theirs.state_dict()[k], v.float()) for k, v in ref.state_dict().items())
     again = read(tmp_path / "cfg")
-    again.load_state_dict(sd.read_weights(str(tmp_path / "vae_ldm.safetensors"), again))
+    again.load_state_dict(sd.read_weights(str(tmp_path / "vae" / "vae_ldm.safetensors"), again))
     assert all(torch.equal(again.state_dict()[k], v.float()) for k, v in ref.state_dict().items())
 
 
@@ -548,6 +554,13 @@ def test_flux2_encode_and_decode_commands_round_trip(tiny_weights, tmp_path, cap
                         str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
     sd.main(["decode", *common, "--latents", str(tmp_path / "lat.safetensors"), "--out", str(tmp_path / "dec2")])
     assert torch.equal(torchvision.io.read_image(str(tmp_path / "dec2" / "a.png")).int(), decoded)
+    kl.save_safetensors({**saved, "bn.running_mean": saved["bn.running_mean"][:1]}, str(tmp_path / "one.safetensors"))
+    assert sd_main(["decode", *common, "--latents", str(tmp_path / "one.safetensors"), "--out", str(tmp_path / "d1")]) == 2
+    sd_error(capsys, "bn.running_mean and bn.running_var are not one number per channel")
+    kl.save_safetensors({**state, "bn.running_var": -state["bn.running_var"]},  # variances < 0: NaN latents, refused
+                        str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert sd_main(["encode", *common, "--data", str(tmp_path / "images"), "--out", str(tmp_path / "n.safetensors")]) == 2
+    sd_error(capsys, "the latents hold NaN")
     assert sd_main(["encode", *common, "--data", str(tmp_path / "images"), "--resolution", "30", "--out",
                     str(tmp_path / "x.safetensors")]) == 2
     sd_error(capsys, "--resolution 30", "multiple of 4")
@@ -702,8 +715,10 @@ def sd_inputs(tmp_path_factory, tiny_weights):
         kl.save_safetensors(latents, str(d / f"{name}.safetensors"), metadata=meta)
     (d / "decoded").mkdir()
     (d / "decoded" / "000000.png").write_bytes(b"mine")
+    kl.export(tiny_model(in_channels=1), str(d / "grey" / "diffusion_pytorch_model.safetensors"))
     config = json.loads(json.dumps(kl.diffusers_config(tiny_model())))
     for name, change in {"scale0": {"scaling_factor": 0}, "mean3": {"latents_mean": [1, 2, 3], "latents_std": [1] * 4},
+                         "meannum": {"latents_mean": 0.5, "latents_std": [1] * 4},
                          "flux2bad": {"_class_name": "AutoencoderKLFlux2", "patch_size": [2]}}.items():
         write_json(d / f"c_{name}.json", {**config, **change})
     return {"d": str(d)}
@@ -738,6 +753,9 @@ SD_MISTAKES = [  # (command, words its message must hold): {new} is a fresh path
      ["c_scale0.json", "latent convention"]),
     ("decode --weights {d}/tiny.safetensors --device cpu --config {d}/c_mean3.json --latents {d}/lat.safetensors --out {new}",
      ["c_mean3.json", "one statistic per latent channel"]),
+    ("decode --weights {d}/tiny.safetensors --device cpu --config {d}/c_meannum.json --latents {d}/lat.safetensors --out {new}",
+     ["c_meannum.json", "latent convention"]),
+    ("encode --weights {d}/grey --device cpu --data {d}/imgs --out {new}.safetensors", ["RGB", "1 channels"]),
     ("convert --weights {d}/tiny.safetensors --preset tiny --export {d}/tiny.safetensors", ["also an input"]),
     ("convert " + W + "--export ''", ["--export  is not a .safetensors file"]),
 ]

@@ -1882,6 +1882,23 @@ def test_corrupted_safetensors_never_crash_the_reader(tmp_path_factory, data):
     assert sum(t.numel() * t.element_size() for t in tensors.values()) <= len(blob)
 
 
+def test_a_diffusers_config_json_builds_the_model_it_names(tmp_path):
+    """read_config takes a diffusers AutoencoderKL config.json (or its folder; also one saved with a byte-order mark,
+    as some Windows editors do) and leaves out diffusers' bookkeeping; what builds no AutoencoderKL is one line."""
+    config = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "block_out_channels": [32, 64],
+              "layers_per_block": 1, "latent_channels": 4, "use_quant_conv": False, "use_post_quant_conv": False}
+    write_json(tmp_path / "config.json", config)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(config).encode())
+    read = kl.read_config(str(tmp_path))
+    assert read == kl.read_config(str(tmp_path / "bom.json")) and "_class_name" not in read
+    model = kl.build(read, "c")
+    assert model.quant_conv is None and model(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+    for bad, words in [({"act_fn": "tanh"}, "KeyError"), ({"attention_head_dim": 8}, "attention_head_dim"),
+                       ({"_class_name": "UNet2DModel"}, "not a config.json of AutoencoderKL")]:
+        with pytest.raises(kl.UserError, match=words):
+            kl.build(kl.read_config(write_json(tmp_path / "bad.json", {**config, **bad})), "bad.json")
+
+
 def test_fit_weights_names_what_does_not_fit():
     state = tiny_model().state_dict()
     with pytest.raises(kl.UserError, match=r"1 missing, e.g. decoder.conv_out.bias"):
@@ -1986,6 +2003,7 @@ def inputs(tmp_path_factory, data_dir, kl_data, tiny_weights, trained):
     (d / "text_ckpt.pt").write_text("hello, I am a text file\n" * 10)
     (d / "garbage.pt").write_bytes(b"not a checkpoint at all")
     (d / "bad.npz").write_bytes(b"not a zip file, and not a pickle either")
+    np.save(d / "array.npy", np.zeros((2, 8, 8, 3), np.uint8))
     images = smooth_images(8, 16)
     np.savez(d / "labels3.npz", images=images, labels=np.arange(3))
     np.savez(d / "empty.npz", images=images[:0])
@@ -2075,13 +2093,14 @@ MISTAKES = [  # (program, command, words its message must hold, "!word" one it m
     ("kl", R + "--ckpt {d}/text_ckpt.pt", ["not a readable checkpoint"]),
     ("kl", R + "--ckpt {vaerun}/ckpt.pt", ["not a kl_autoencoder.py checkpoint"]),
     *[("kl", R + "--weights {d}/tiny.safetensors --config {d}/c_%s.json" % name, words) for name, words in {
-        "notjson": ["c_notjson.json", "not a JSON config"], "unet": ["not an AutoencoderKL config.json"],
+        "notjson": ["c_notjson.json", "not a JSON config"], "unet": ["not a config.json of AutoencoderKL"],
         "str": ["describes no model", "TypeError"], "groups7": ["describes no model", "num_groups"],
         "actlist": ["describes no model"], "empty": ["describes no model"],
         "unknown": ["describes no model", "attention_head_dim"]}.items()],
     ("kl", T + "--data {d}/nowhere.npz", ["No such file", "nowhere.npz"]),
     ("kl", T + "--data {d}/in32.png", ["in32.png", "not a folder, an .npz file"]),
-    ("kl", T + "--data {d}/bad.npz", ["bad.npz", "not a folder, an .npz file"]),
+    ("kl", T + "--data {d}/bad.npz", ["bad.npz", "not a readable .npz file"]),
+    ("kl", T + "--data {d}/array.npy", ["array.npy", "not a folder, an .npz file"]),
     ("kl", T + "--data {d}/labels3.npz", ["'labels' one integer per image", "(3,)"]),
     ("kl", T + "--data {d}/empty.npz", ["'images' must be", "(0, 16, 16, 3)"]),
     ("kl", T + "--data {d}/bmps", ["no images", ".webp", "!.bmp"]),

@@ -416,8 +416,8 @@ def mutual_information(mu, logvar, rows=256):
     I = mean_n [log q(z_n|x_n) - log q(z_n)], one z_n ~ q(z|x_n) per row, log q(z_n) = logsumexp_m log q(z_n|x_m) -
     log N exactly: unbiased for the empirical p(x); for the true one biased low, never above log N (9.2 nats for 10,000
     images), which it nears when posteriors barely overlap. All N x N log-densities are one matrix product, float64
-    (float32 cancels badly for narrow posteriors), `rows` at a time: summed over dimensions, log N(z_n; mu_m, var_m) =
-    [z_n^2, z_n, 1] . [-1 / (2 var_m), mu_m / var_m, c_m], c_m = -1/2 (log 2 pi + logvar_m + mu_m^2 / var_m)."""
+    (float32 cancels badly for narrow posteriors), `rows` at a time: log N(z_n; mu_m, var_m) = sum_j [z_nj^2, z_nj, 1]
+    . [-1 / (2 var_mj), mu_mj / var_mj, c_mj], c_mj = -1/2 (log 2 pi + logvar_mj + mu_mj^2 / var_mj)."""
     z, mu, logvar = reparameterize(mu, logvar).double(), mu.double(), logvar.double()
     inv_var = torch.exp(-logvar)
     z_terms = torch.cat([z.pow(2), z, torch.ones_like(z[:, :1])], dim=1)
@@ -505,8 +505,8 @@ def load_mnist(data_dir, device):
 def inception_features(net, images, batch_size=200):
     """FID's features: images (N, 784) in [0, 1] -> (N, 2048) float64, grey repeated to RGB, resized bilinearly to
     299 x 299 and normalised with ImageNet's mean and std (torchvision's Inception-v3 weights expect it)."""
-    resized = [F.interpolate(x.view(-1, 1, 28, 28).expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear")
-               for x in images.split(batch_size)]
+    resized = (F.interpolate(x.view(-1, 1, 28, 28).expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear")
+               for x in images.split(batch_size))  # one batch at a time: 10,000 images at 299 x 299 are 10.7 GB
     return torch.cat([net(TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])).double() for x in resized])
 
 # -----------------------------------------------------------------------------
